@@ -1,0 +1,36 @@
+"""Config plumbing: where ``conf/`` is, the ``repo_root`` resolver, and up-front validation."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = Path(os.environ.get("ODM_SR_CONF", REPO_ROOT / "conf"))
+
+
+def register_resolvers() -> None:
+    """``${repo_root:}`` → the repository root (configs build every default path from it)."""
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail before any work starts on values no method can use (one clear error each)."""
+    from .quant import build_method, make_bits
+
+    make_bits(cfg.bits)
+    scale = int(cfg.model.scale)
+    if scale not in (2, 3, 4):
+        raise ValueError(f"model.scale={scale}: expected 2, 3 or 4")
+    build_method(cfg.method, cfg.bits)  # validates the method's own options
+    for key in ("batch_size", "lr_patch", "iters_per_epoch"):
+        if int(cfg.data[key]) <= 0:
+            raise ValueError(f"data.{key}={cfg.data[key]}: expected a positive integer")
+    if float(cfg.optim.lr) <= 0:
+        raise ValueError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
+
+
+register_resolvers()

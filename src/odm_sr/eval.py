@@ -1,0 +1,67 @@
+"""`odm-sr-eval`: PSNR/SSIM per benchmark set (METHODS.md §1.3) of a checkpoint, beside bicubic.
+
+    odm-sr-eval ckpt=logs/train/runs/<run>/checkpoints/last.ckpt data=sr291
+prints a markdown table and writes ``eval.json`` to the run's output dir (``output_json=``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from .checkpoint import load_trained
+from .config import CONFIG_DIR, register_resolvers
+from .data import SRDataModule
+from .evaluation import bicubic_upscale, evaluate_loader
+from .inference import forward_chopped
+from .lit_module import metrics_table
+
+register_resolvers()
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate ``cfg.ckpt`` (and bicubic) on ``cfg.data.test``; returns {row: {set: (psnr, ssim)}}."""
+    net = None
+    scale = int(cfg.scale)
+    if cfg.get("ckpt"):
+        net, train_cfg = load_trained(cfg.ckpt)
+        scale = int(net.scale)
+        row_name = str(train_cfg.run_name)
+    dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
+                      batch_size=1, data_root=str(cfg.data.data_root))
+    dm.setup("test")
+    loaders = dm.test_dataloader()
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    rows: dict[str, dict] = {}
+    if cfg.eval.get("bicubic_row", True) or net is None:
+        rows["bicubic"] = {s: evaluate_loader(bicubic_upscale(scale), ld, scale) for s, ld in zip(dm.set_names, loaders)}
+    if net is not None:
+        rng = float(getattr(net, "pixel_range", 1.0))
+
+        def upscale(lr):
+            return forward_chopped(lambda x: net(x * rng) / rng, lr, scale=scale, tile=cfg.eval.get("tile"),
+                                   overlap=int(cfg.eval.get("tile_overlap", 16)))
+
+        with torch.no_grad():
+            rows[row_name] = {s: evaluate_loader(upscale, ld, scale) for s, ld in zip(dm.set_names, loaders)}
+    return rows
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    rows = evaluate(cfg)
+    sets = list(cfg.data.test)
+    print("\n" + metrics_table(rows, sets) + "\n")
+    out = Path(cfg.output_json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({r: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per.items()}
+                               for r, per in rows.items()}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The LightningModule: orchestrates a (quantized) SR backbone and its method with manual optimisation.
+
+The math lives elsewhere: losses and gradient combination in ``odm_sr.quant.<method>``, metrics in
+``odm_sr.metrics``. Each training step is ``method.training_losses`` → ``method.backward`` (ODM's cooperative
+update writes ``.grad`` itself) → optimizer step → per-iteration lr schedule (METHODS.md §5.7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from .inference import forward_chopped
+from .metrics import MetricAccumulator, evaluate_pair, to_uint8
+from .quant.base import QuantMethod
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss is NaN or infinite: the run stops, keeping the last good checkpoint."""
+
+
+class SRLitModule(L.LightningModule):
+    """Trains ``net`` with ``method``; validates/tests per benchmark set with MATLAB-convention PSNR/SSIM.
+
+    Inputs from the data module are in [0, 1]; they are scaled to the backbone's ``pixel_range`` (255 for
+    EDSR/RDN, 1 for SwinIR/HAT) and losses are computed in that native range (``data.loss_range=native``).
+    """
+
+    def __init__(self, net: nn.Module, method: QuantMethod, optim: dict, teacher: nn.Module | None = None,
+                 eval_cfg: dict | None = None, calibration_batches: int = 0, hparams: dict | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = net
+        self.method = method
+        self.optim_cfg = dict(optim)
+        self.eval_cfg = dict(eval_cfg or {})
+        self.calibration_batches = calibration_batches
+        # the teacher is frozen and rebuilt from the FP weights: keep it out of the state dict
+        self._teacher = [teacher] if teacher is not None else []
+        self.register_buffer("calibrated", torch.tensor(calibration_batches <= 0))
+        self._metrics: dict[str, MetricAccumulator] = {}
+        self.set_names: dict[str, list[str]] = {"val": [], "test": []}
+        if hparams:
+            self.save_hyperparameters(hparams)
+
+    # -- helpers --------------------------------------------------------------------------------------
+    @property
+    def pixel_range(self) -> float:
+        return float(getattr(self.net, "pixel_range", 1.0))
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    def forward(self, lr01: Tensor) -> Tensor:
+        """SR of an LR batch in [0, 1]; returns the SR in [0, 1] (unclamped)."""
+        return self.net(lr01 * self.pixel_range) / self.pixel_range
+
+    def upscale(self, lr01: Tensor) -> Tensor:
+        """Inference path used by validation/test/upscale: tiled when ``eval.tile`` is set."""
+        tile = self.eval_cfg.get("tile")
+        return forward_chopped(self.forward, lr01, scale=int(self.net.scale), tile=tile,
+                               overlap=int(self.eval_cfg.get("tile_overlap", 16)))
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        groups = self.method.param_groups(self.net, float(cfg.get("lr", 1e-4)))
+        opt = torch.optim.Adam(groups, lr=float(cfg.get("lr", 1e-4)), betas=tuple(cfg.get("betas", (0.9, 0.999))),
+                               eps=float(cfg.get("eps", 1e-8)), weight_decay=float(cfg.get("weight_decay", 0.0)))
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.get("milestones", [])),
+                                                     gamma=float(cfg.get("gamma", 0.5)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        if not bool(self.calibrated):
+            self.method.calibrate(self.net, self._calibration_batches(), teacher=self.teacher)
+            self.calibrated.fill_(True)
+
+    def _calibration_batches(self) -> Iterator[Tensor]:
+        loader = self.trainer.datamodule.train_dataloader()
+        for i, batch in enumerate(loader):
+            if i >= self.calibration_batches:
+                break
+            yield batch["lr"].to(self.device) * self.pixel_range
+
+    # -- training -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        lr, hr = batch["lr"] * self.pixel_range, batch["hr"] * self.pixel_range
+        out = self.method.training_losses(self.net, lr, hr, self.global_step_count, teacher=self.teacher)
+        if out is None:  # e.g. DDTB's calibration epoch: no optimizer step, the schedule still advances
+            sched.step()
+            self._step_count += 1
+            return None
+        loss = sum(out.terms.values())
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {self.global_step_count} ({terms}); stopping. The last good "
+                f"checkpoint is kept; lower the learning rate or check the data, then resume from it.")
+        logs = self.method.backward(out, self.net, self.manual_backward)
+        clip = float(self.optim_cfg.get("grad_clip", 0.0))
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        self._step_count += 1
+        self._log_train(loss, out.terms, {**out.logs, **logs}, opt)
+        return None
+
+    @property
+    def global_step_count(self) -> int:
+        """Iterations done, including steps without an optimizer step (Lightning's global_step skips those)."""
+        return int(self._step_count)
+
+    _step_count = 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["odm_sr_step_count"] = int(self._step_count)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._step_count = int(checkpoint.get("odm_sr_step_count", 0))
+
+    def _log_train(self, loss: Tensor, terms: dict, logs: dict, opt) -> None:
+        values = {"train/loss": float(loss)}
+        values.update({f"train/loss_{k}": float(v) for k, v in terms.items()})
+        values.update({f"train/{k}": float(v) for k, v in logs.items()})
+        for group in opt.optimizer.param_groups if hasattr(opt, "optimizer") else opt.param_groups:
+            values[f"lr/{group.get('name', 'group')}"] = float(group["lr"])
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50)))
+        if self._step_count % every == 0:
+            values.update({f"quant/{k}": float(v) for k, v in self.method.log_stats(self.net).items()})
+        self.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
+        self.log("loss", float(loss), prog_bar=True, on_step=True, logger=False, batch_size=1)
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def _eval_step(self, stage: str, batch: dict, dataloader_idx: int) -> None:
+        names = self.set_names.get(stage) or []
+        set_name = names[dataloader_idx] if dataloader_idx < len(names) else f"set{dataloader_idx}"
+        sr = self.upscale(batch["lr"])
+        acc = self._metrics.setdefault(f"{stage}/{set_name}", MetricAccumulator())
+        scale = int(self.net.scale)
+        for i in range(sr.shape[0]):
+            hr_u8 = to_uint8(batch["hr"][i], 1.0)
+            sr_u8 = to_uint8(sr[i], 1.0)
+            psnr, ssim = evaluate_pair(sr_u8, hr_u8, scale)
+            acc.update(psnr, ssim)
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def _flush(self, stage: str) -> None:
+        values = {}
+        for key, acc in list(self._metrics.items()):
+            if key.startswith(stage + "/") and acc.count:
+                values[f"{key}/psnr"] = acc.psnr
+                values[f"{key}/ssim"] = acc.ssim
+                del self._metrics[key]
+        self.last_metrics = {**getattr(self, "last_metrics", {}), **values}
+        if values:
+            self.log_dict(values, add_dataloader_idx=False, batch_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        self._flush("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._flush("test")
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], set_names: list[str]) -> str:
+    """Markdown table: one row per entry of ``rows`` ({row: {set: (psnr, ssim)}}), PSNR/SSIM per set."""
+    header = "| method | " + " | ".join(set_names) + " |"
+    sep = "|---|" + "---|" * len(set_names)
+    lines = [header, sep]
+    for row, per_set in rows.items():
+        cells = []
+        for s in set_names:
+            value = per_set.get(s)
+            cells.append("–" if value is None or any(map(math.isnan, value)) else f"{value[0]:.2f}/{value[1]:.4f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

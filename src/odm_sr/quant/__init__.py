@@ -1,0 +1,35 @@
+"""Quantization core: quantizer math, quantized layers, placement rules, calibration, and one file per method."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import Bits, FullPrecision, QuantMethod, StepOutput, to_dict
+
+VALID_BITS = (2, 3, 4, 8, 32)
+
+
+def make_bits(bits_cfg: Any) -> Bits:
+    """Bits from a config with keys w, a (and sc); each must be one of 2, 3, 4, 8, 32."""
+    cfg = to_dict(bits_cfg)
+    values = {k: int(cfg.get(k, 32)) for k in ("w", "a", "sc")}
+    for key, value in values.items():
+        if value not in VALID_BITS:
+            raise ValueError(f"bits.{key}={value}: expected one of {VALID_BITS}")
+    return Bits(**values)
+
+
+def build_method(method_cfg: Any, bits_cfg: Any = None) -> QuantMethod:
+    """Instantiate the method class named by ``method_cfg.target`` (e.g. ``odm_sr.quant.odm.ODM``)."""
+    cfg = to_dict(method_cfg)
+    target = cfg.get("target", "odm_sr.quant.base.FullPrecision")
+    module_name, _, class_name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"method.target={target!r} cannot be imported: {err}") from err
+    return cls(cfg, make_bits(bits_cfg))
+
+
+__all__ = ["Bits", "FullPrecision", "QuantMethod", "StepOutput", "VALID_BITS", "build_method", "make_bits"]

@@ -1,0 +1,121 @@
+"""The interface every quantization method implements, and the full-precision method.
+
+The LightningModule (``odm_sr.lit_module``) only orchestrates: it calls, in order,
+``quantize`` (once, model surgery), ``calibrate`` (once, before the first step), ``param_groups`` (optimizer),
+then per step ``training_losses`` and ``backward``. A method is one file in ``quant/`` plus one YAML in
+``conf/method/`` whose ``target`` names its class; adding a method touches nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class StepOutput:
+    """What a method's training step produced: the SR output, the loss terms to minimise (already weighted,
+    summed for the backward unless the method overrides ``backward``) and extra scalars to log."""
+
+    sr: Tensor
+    terms: dict[str, Tensor]
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Bits:
+    """Bit-widths: weights, activations and (full quantization) skip-connection operands. 32 = float."""
+
+    w: int = 32
+    a: int = 32
+    sc: int = 32
+
+    @property
+    def is_float(self) -> bool:
+        return self.w >= 32 and self.a >= 32
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict from a DictConfig / dict / None (methods read plain values only)."""
+    if cfg is None:
+        return {}
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(cfg)
+
+
+class QuantMethod:
+    """Base class: full-precision training with an L1 reconstruction loss."""
+
+    name = "fp"
+    needs_teacher = False  # True: the LightningModule keeps a frozen FP copy and passes it as ``teacher``
+    supported_backbones: tuple[str, ...] = ("edsr", "rdn", "swinir", "hat")
+
+    def __init__(self, cfg: Any = None, bits: Bits | None = None):
+        self.cfg = to_dict(cfg)
+        self.bits = bits or Bits()
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def quantize(self, model: nn.Module) -> nn.Module:
+        """Swap the placement's layers for quantized ones (in place) and return the model."""
+        return model
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Tensor], teacher: nn.Module | None = None) -> None:
+        """Initialise data-driven quantizer state from LR batches (in the model's pixel range)."""
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """Optimizer parameter groups; each has a ``name`` (logged with its lr)."""
+        return [{"name": "net", "params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    # -- training -------------------------------------------------------------------------------------
+    def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
+                        teacher: nn.Module | None = None) -> StepOutput | None:
+        """Forward and losses for one step. ``None`` means: no optimizer step at this step (calibration)."""
+        sr = model(lr)
+        return StepOutput(sr=sr, terms={"rec": F.l1_loss(sr, hr)})
+
+    def backward(self, out: StepOutput, model: nn.Module, backward_fn: Callable[[Tensor], None]) -> dict[str, float]:
+        """Fill ``.grad``; the default backpropagates the sum of the loss terms."""
+        backward_fn(sum(out.terms.values()))
+        return {}
+
+    def log_stats(self, model: nn.Module) -> dict[str, float]:
+        """Per-layer quantizer state to log (bounds, γ_w, ...)."""
+        return {}
+
+    def check_backbone(self, model: nn.Module) -> None:
+        from .placement import backbone_family
+
+        family = backbone_family(model)
+        if family not in self.supported_backbones:
+            raise ValueError(f"method {self.name!r} does not support backbone {family!r}; "
+                             f"supported: {', '.join(self.supported_backbones)}")
+
+
+class FullPrecision(QuantMethod):
+    """Plain FP training (``method=fp``)."""
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy (the FP teacher for SKT)."""
+    import copy
+
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
