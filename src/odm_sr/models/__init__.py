@@ -1,0 +1,29 @@
+"""SR backbones (plain `nn.Module`s with official module names) and their checkpoint loader.
+
+Every model has `name`, `scale` and `pixel_range` (255.0 for EDSR/RDN, 1.0 for SwinIR/HAT): forward
+takes and returns images in [0, pixel_range].
+"""
+
+from odm_sr.models.build import MODEL_NAMES, SUPPORTED_SCALES, build_model
+from odm_sr.models.checkpoint import extract_state_dict, guess_scale, is_quantizer_key, load_pretrained
+from odm_sr.models.edsr import EDSR, MeanShift
+from odm_sr.models.hat import HAT
+from odm_sr.models.rdn import RDN
+from odm_sr.models.swinir import SwinIR
+from odm_sr.models.windows import pad_to_multiple
+
+__all__ = [
+    "EDSR",
+    "HAT",
+    "MODEL_NAMES",
+    "RDN",
+    "SUPPORTED_SCALES",
+    "MeanShift",
+    "SwinIR",
+    "build_model",
+    "extract_state_dict",
+    "guess_scale",
+    "is_quantizer_key",
+    "load_pretrained",
+    "pad_to_multiple",
+]

@@ -1,0 +1,136 @@
+"""Load FP weights (official checkpoints or our own) into a backbone, strictly, with clear errors.
+
+Accepted inputs (a path, or an already loaded object):
+- a plain state dict (EDSR-PyTorch `.pt`, DDTB RDN);
+- a BasicSR/KAIR wrapper `{'params_ema': sd}` and/or `{'params': sd}` (SwinIR, HAT): `params_ema` wins;
+- a Lightning checkpoint `{'state_dict': sd}`: the keys under `net.` are kept, with the prefix removed
+  (other sub-modules of the LightningModule, e.g. a teacher, are dropped);
+- a uniform `module.` prefix (DataParallel) is removed.
+
+Quantizer keys are ignored on both sides (see `is_quantizer_key`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+# A module whose name is `quant`/`quantizer`, ends in `_quant`/`_quantizer` or starts with `quant_`.
+_QUANTIZER_MODULE = re.compile(r"^(quant|quantizer)$|_(quant|quantizer)$|^quant_")
+_WRAPPER_KEYS = ("params_ema", "params", "state_dict")
+_LIGHTNING_PREFIX = "net."
+_SHOWN = 5
+
+
+def is_quantizer_key(key: str) -> bool:
+    """True when a module on the key's path is a quantizer, e.g. `body.0.body.0.act_quant.lower`,
+    `layers.0.conv.weight_quantizer.scale`, `quant.alpha`, `head.0.quant_act1.alpha`.
+
+    Only module names count (not the final tensor name), so official keys never match.
+    """
+    return any(_QUANTIZER_MODULE.search(part) for part in key.split(".")[:-1])
+
+
+def extract_state_dict(checkpoint: Any, source: str = "<in-memory>") -> dict[str, torch.Tensor]:
+    """Unwrap `checkpoint` (see module docstring) into a flat {key: tensor} dict."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{source}: not a checkpoint (got {type(checkpoint).__name__}, expected a dict)")
+    for wrapper in _WRAPPER_KEYS:
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            state = dict(checkpoint[wrapper])
+            if wrapper == "state_dict" and any(k.startswith(_LIGHTNING_PREFIX) for k in state):
+                state = {k[len(_LIGHTNING_PREFIX):]: v for k, v in state.items()
+                         if k.startswith(_LIGHTNING_PREFIX)}
+            break
+    else:
+        state = dict(checkpoint)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    non_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not state or non_tensors:
+        detail = f"non-tensor entries {non_tensors[:_SHOWN]}" if non_tensors else "no tensors"
+        raise ValueError(f"{source}: not a state dict ({detail}; top-level keys {list(checkpoint)[:_SHOWN]})")
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """torch.load(path, map_location='cpu', weights_only=True), unwrapped; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    return extract_state_dict(checkpoint, source=str(path))
+
+
+def guess_scale(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Upscaling factor implied by the tail of an EDSR/RDN/SwinIR/HAT state dict, or None.
+
+    x4 tails have a second upsampling conv (`tail.0.2`, `UPNet.4`, `upsample.2`); otherwise the first
+    upsampling conv maps C -> r^2 C (SwinIR-light: embed -> 3 r^2).
+    """
+    if any(k in state for k in ("tail.0.2.weight", "UPNet.4.weight", "upsample.2.weight")):
+        return 4
+    if "tail.0.0.weight" in state:
+        out_ch, in_ch = state["tail.0.0.weight"].shape[:2]
+    elif "UPNet.0.weight" in state and "UPNet.2.weight" in state:
+        out_ch, in_ch = state["UPNet.0.weight"].shape[0], state["UPNet.2.weight"].shape[1]
+    elif "upsample.0.weight" in state:
+        out_ch = state["upsample.0.weight"].shape[0]
+        in_ch = 3 if "conv_last.weight" not in state else state["upsample.0.weight"].shape[1]
+    else:
+        return None
+    root = math.isqrt(out_ch // in_ch) if out_ch % in_ch == 0 else 0
+    return root if root > 1 and root * root * in_ch == out_ch else None
+
+
+def _mismatch_report(model: nn.Module, target: dict, state: dict) -> list[str]:
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    wrong_shape = [k for k in target if k in state and target[k].shape != state[k].shape]
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} missing key(s), e.g. {missing[:_SHOWN]}")
+    if unexpected:
+        lines.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:_SHOWN]}")
+    for key in wrong_shape[:_SHOWN]:
+        lines.append(f"shape mismatch for {key}: checkpoint {tuple(state[key].shape)}, "
+                     f"model {tuple(target[key].shape)}")
+    if len(wrong_shape) > _SHOWN:
+        lines.append(f"... {len(wrong_shape) - _SHOWN} more shape mismatch(es)")
+    model_scale = getattr(model, "scale", None)
+    checkpoint_scale = guess_scale(state)
+    if lines and checkpoint_scale is not None and model_scale is not None and checkpoint_scale != model_scale:
+        lines.insert(0, f"checkpoint looks like scale {checkpoint_scale}, model is scale {model_scale}")
+    return lines
+
+
+def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping,
+                    strict: bool = True) -> nn.Module:
+    """Copy weights into `model` (in place) and return it; quantizer keys are ignored on both sides.
+
+    strict=True: the non-quantizer keys of the model and of the checkpoint must be equal, with equal
+    shapes, else ValueError naming the source, the missing/unexpected keys and the shape mismatches.
+    strict=False: loads the keys present in both with equal shapes and ignores the rest.
+    """
+    if isinstance(path_or_state, Mapping):
+        source, state = "<in-memory>", extract_state_dict(path_or_state)
+    else:
+        source, state = str(path_or_state), read_checkpoint(path_or_state)
+    state = {k: v for k, v in state.items() if not is_quantizer_key(k)}
+    target = {k: v for k, v in model.state_dict().items() if not is_quantizer_key(k)}
+    problems = _mismatch_report(model, target, state)
+    if problems and strict:
+        name = getattr(model, "name", type(model).__name__)
+        raise ValueError(f"{source}: does not match model {name!r}:\n  " + "\n  ".join(problems))
+    usable = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return model

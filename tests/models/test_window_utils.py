@@ -1,0 +1,70 @@
+"""Window padding, relative-position indices and attention masks shared by SwinIR and HAT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from odm_sr.models import build_model, pad_to_multiple
+from odm_sr.models.windows import relative_position_index, shifted_window_mask
+
+
+def test_reflect_pad_matches_official_check_image_size() -> None:
+    x = torch.rand(1, 3, 13, 21)
+    expected = F.pad(x, (0, 3, 0, 3), "reflect")  # SwinIR check_image_size / HAT pre_process
+    assert torch.equal(pad_to_multiple(x, 8, "reflect"), expected)
+    assert torch.equal(pad_to_multiple(expected, 8, "reflect"), expected)  # already a multiple
+
+
+@pytest.mark.parametrize("height,width", [(13, 21), (16, 8)])
+def test_mirror_pad_matches_main_test_swinir(height: int, width: int) -> None:
+    window = 8
+    x = torch.rand(1, 3, height, width)
+    h_pad = (height // window + 1) * window - height  # main_test_swinir.py: always pads
+    w_pad = (width // window + 1) * window - width
+    expected = torch.cat([x, torch.flip(x, [2])], 2)[:, :, :height + h_pad, :]
+    expected = torch.cat([expected, torch.flip(expected, [3])], 3)[:, :, :, :width + w_pad]
+    assert torch.equal(pad_to_multiple(x, window, "mirror"), expected)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "mirror"])
+def test_padding_wider_than_the_image(mode: str) -> None:
+    x = torch.rand(1, 3, 3, 1)
+    padded = pad_to_multiple(x, 16, mode)
+    assert padded.shape == (1, 3, 16, 16)
+    assert torch.equal(padded[:, :, :3, :1], x)
+
+
+def test_relative_position_index_ranges() -> None:
+    square = relative_position_index(8)
+    assert square.shape == (64, 64) and int(square.min()) == 0 and int(square.max()) == 15 ** 2 - 1
+    assert torch.all(square.diagonal() == 7 * 15 + 7)  # zero offset sits in the middle of the table
+    overlap = relative_position_index(16, 24)  # HAT's OCA index: negative entries wrap (official)
+    assert overlap.shape == (256, 576) and len(torch.unique(overlap % 39 ** 2)) == 39 ** 2
+
+
+def test_shifted_window_mask_regions() -> None:
+    mask = shifted_window_mask(16, 16, 8, 4)
+    assert mask.shape == (4, 64, 64)
+    assert torch.all(mask[0] == 0)  # the top-left window is not cut by the shift
+    assert set(mask[3].unique().tolist()) == {-100.0, 0.0}
+
+
+def test_stored_mask_and_recomputed_mask_agree() -> None:
+    torch.manual_seed(0)
+    model = build_model("swinir_light", 2, embed_dim=12, depths=(2,), num_heads=(2,), img_size=16).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        stored = model(x)  # input size == img_size: uses the attn_mask buffers
+        for block in model.layers[0].residual_group.blocks:
+            block.input_resolution = (-1, -1)  # force the recomputation path
+        recomputed = model(x)
+    assert torch.equal(stored, recomputed)
+
+
+def test_padding_is_cropped_from_the_output() -> None:
+    model = build_model("swinir_light", 3, embed_dim=12, depths=(2,), num_heads=(2,), img_size=16,
+                        pad_mode="mirror").eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 5, 9)).shape == (1, 3, 15, 27)
