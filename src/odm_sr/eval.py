@@ -10,52 +10,37 @@ import json
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
 from .data import SRDataModule
-from .evaluation import bicubic_upscale, evaluate_loader
-from .inference import forward_chopped
+from .evaluation import bicubic_upscale, evaluate_sets, network_upscale
 from .lit_module import metrics_table
 
 register_resolvers()
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     """Evaluate ``cfg.ckpt`` (and bicubic) on ``cfg.data.test``; returns {row: {set: (psnr, ssim)}}."""
-    net = None
-    scale = int(cfg.scale)
+    net, scale, rows = None, int(cfg.scale), {}
     if cfg.get("ckpt"):
         net, train_cfg = load_trained(cfg.ckpt)
         scale = int(net.scale)
-        row_name = str(train_cfg.run_name)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
-    dm.setup("test")
-    loaders = dm.test_dataloader()
-    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-    rows: dict[str, dict] = {}
     if cfg.eval.get("bicubic_row", True) or net is None:
-        rows["bicubic"] = {s: evaluate_loader(bicubic_upscale(scale), ld, scale) for s, ld in zip(dm.set_names, loaders)}
+        rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm)
     if net is not None:
-        rng = float(getattr(net, "pixel_range", 1.0))
-
-        def upscale(lr):
-            return forward_chopped(lambda x: net(x * rng) / rng, lr, scale=scale, tile=cfg.eval.get("tile"),
-                                   overlap=int(cfg.eval.get("tile_overlap", 16)))
-
-        with torch.no_grad():
-            rows[row_name] = {s: evaluate_loader(upscale, ld, scale) for s, ld in zip(dm.set_names, loaders)}
+        upscale = network_upscale(net, cfg.eval.get("tile"), int(cfg.eval.get("tile_overlap", 16)))
+        rows[str(train_cfg.run_name)] = evaluate_sets(upscale, dm)
     return rows
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     rows = evaluate(cfg)
-    sets = list(cfg.data.test)
-    print("\n" + metrics_table(rows, sets) + "\n")
+    print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
     out = Path(cfg.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({r: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per.items()}

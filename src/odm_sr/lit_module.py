@@ -15,8 +15,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .inference import forward_chopped
-from .metrics import MetricAccumulator, evaluate_pair, to_uint8
+from .evaluation import accumulate, network_upscale
+from .metrics import MetricAccumulator
 from .quant.base import QuantMethod
 
 
@@ -57,15 +57,9 @@ class SRLitModule(L.LightningModule):
     def teacher(self) -> nn.Module | None:
         return self._teacher[0] if self._teacher else None
 
-    def forward(self, lr01: Tensor) -> Tensor:
-        """SR of an LR batch in [0, 1]; returns the SR in [0, 1] (unclamped)."""
-        return self.net(lr01 * self.pixel_range) / self.pixel_range
-
     def upscale(self, lr01: Tensor) -> Tensor:
-        """Inference path used by validation/test/upscale: tiled when ``eval.tile`` is set."""
-        tile = self.eval_cfg.get("tile")
-        return forward_chopped(self.forward, lr01, scale=int(self.net.scale), tile=tile,
-                               overlap=int(self.eval_cfg.get("tile_overlap", 16)))
+        """Inference path of validation/test: tiled when ``eval.tile`` is set."""
+        return network_upscale(self.net, self.eval_cfg.get("tile"), int(self.eval_cfg.get("tile_overlap", 16)))(lr01)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -101,7 +95,7 @@ class SRLitModule(L.LightningModule):
             sched.step()
             self._step_count += 1
             return None
-        loss = sum(out.terms.values())
+        loss = out.loss.detach()
         if not torch.isfinite(loss):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())
             raise NonFiniteLossError(
@@ -147,14 +141,8 @@ class SRLitModule(L.LightningModule):
     def _eval_step(self, stage: str, batch: dict, dataloader_idx: int) -> None:
         names = self.set_names.get(stage) or []
         set_name = names[dataloader_idx] if dataloader_idx < len(names) else f"set{dataloader_idx}"
-        sr = self.upscale(batch["lr"])
         acc = self._metrics.setdefault(f"{stage}/{set_name}", MetricAccumulator())
-        scale = int(self.net.scale)
-        for i in range(sr.shape[0]):
-            hr_u8 = to_uint8(batch["hr"][i], 1.0)
-            sr_u8 = to_uint8(sr[i], 1.0)
-            psnr, ssim = evaluate_pair(sr_u8, hr_u8, scale)
-            acc.update(psnr, ssim)
+        accumulate(acc, self.upscale(batch["lr"]), batch["hr"], int(self.net.scale))
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)

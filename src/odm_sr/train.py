@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import CONFIG_DIR, register_resolvers, validate_config
 from .data import SRDataModule
-from .evaluation import bicubic_metrics
+from .evaluation import bicubic_upscale, evaluate_sets
 from .lit_module import SRLitModule, metrics_table
 from .models import build_model, load_pretrained
 from .quant import build_method
@@ -29,17 +29,21 @@ register_resolvers()
 def build_network(cfg: DictConfig):
     """Backbone (+ FP weights) → teacher copy if the method needs one → quantized network."""
     model_cfg = cfg.model
-    net = build_model(model_cfg.name, int(model_cfg.scale), **OmegaConf.to_container(model_cfg.get("kwargs") or {}))
+    kwargs = OmegaConf.to_container(model_cfg.get("kwargs") or {})
+    net = build_model(model_cfg.name, int(model_cfg.scale), **kwargs)
     method = build_method(cfg.method, cfg.bits)
     method.check_backbone(net)
-    if model_cfg.get("pretrained"):
-        path = Path(str(model_cfg.pretrained))
+    pretrained = model_cfg.get("pretrained")
+    if pretrained:
+        path = Path(str(pretrained))
         if not path.is_file():
             raise FileNotFoundError(f"model.pretrained={path}: no such checkpoint file (train the FP model first, "
                                     f"or point model.pretrained at an official .pt/.pth)")
-        if getattr(method, "init_from_fp", True):
-            load_pretrained(net, path)
+        load_pretrained(net, path)
     teacher = frozen_copy(net) if method.needs_teacher else None
+    if pretrained and not getattr(method, "init_from_fp", True):
+        # PAMS as released: only the teacher gets the FP weights, the student starts from scratch
+        net = build_model(model_cfg.name, int(model_cfg.scale), **kwargs)
     net = method.quantize(net)
     return net, method, teacher
 
@@ -75,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim), teacher=teacher,
                       eval_cfg=OmegaConf.to_container(cfg.eval),
-                      calibration_batches=int(cfg.method.get("calibration_batches", 0) or 0),
+                      calibration_batches=int(getattr(method, "calibration_batches", 0) or 0),
                       hparams={"cfg": OmegaConf.to_container(cfg, resolve=True)})
     lit.set_names = {"val": list(cfg.data.val), "test": list(cfg.data.test)}
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
@@ -88,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test_after_fit", True):
         rows = {cfg.run_name: test_metrics(trainer, lit, datamodule, list(cfg.data.test))}
         if cfg.eval.get("bicubic_row", True):
-            rows = {"bicubic": bicubic_metrics(datamodule, list(cfg.data.test)), **rows}
+            rows = {"bicubic": evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule), **rows}
         results["metrics"] = {row: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per.items()}
                               for row, per in rows.items()}
         print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")

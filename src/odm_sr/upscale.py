@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import load_trained
 from .data.io import read_image, save_image, to_tensor
-from .inference import forward_chopped
+from .evaluation import network_upscale
 
 
 def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int | None = None,
@@ -18,9 +18,8 @@ def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int |
     net, _ = load_trained(ckpt)
     img, _ = read_image(src, mode="RGB")
     lr = to_tensor(img).unsqueeze(0)
-    rng = float(getattr(net, "pixel_range", 1.0))
     with torch.no_grad():
-        sr = forward_chopped(lambda x: net(x * rng) / rng, lr, scale=int(net.scale), tile=tile, overlap=overlap)
+        sr = network_upscale(net, tile, overlap)(lr)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_image(sr[0], dst)

@@ -1,4 +1,4 @@
-"""Quantization core: quantizer math, quantized layers, placement rules, calibration, and one file per method."""
+"""Quantization core: quantizer math, quantized layers, placement rules, calibration, one file per method."""
 
 from __future__ import annotations
 

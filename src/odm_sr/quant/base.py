@@ -19,12 +19,18 @@ from torch import Tensor, nn
 
 @dataclass
 class StepOutput:
-    """What a method's training step produced: the SR output, the loss terms to minimise (already weighted,
-    summed for the backward unless the method overrides ``backward``) and extra scalars to log."""
+    """What a method's training step produced: the SR output, the loss terms (summed for the backward unless
+    the method overrides ``backward``), extra scalars to log, and the objective's value (``objective``; the sum
+    of the terms when None) that is logged as ``train/loss`` and checked for NaN/inf."""
 
     sr: Tensor
     terms: dict[str, Tensor]
     logs: dict[str, float] = field(default_factory=dict)
+    objective: Tensor | None = None
+
+    @property
+    def loss(self) -> Tensor:
+        return self.objective if self.objective is not None else sum(self.terms.values())
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,30 @@ def to_dict(cfg: Any) -> dict:
     return dict(cfg)
 
 
+def merge_config(defaults: dict, cfg: Any, extra_keys: tuple[str, ...] = (), _prefix: str = "") -> dict:
+    """``defaults`` recursively updated by ``cfg`` (nested dicts as in the YAML).
+
+    A key absent from ``defaults`` raises ValueError (a typo must not silently fall back to a default), except
+    top-level ``extra_keys``, which pass through unchecked.
+    """
+    user = to_dict(cfg)
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+    for key, value in user.items():
+        if key not in defaults:
+            if not _prefix and key in extra_keys:
+                merged[key] = value
+                continue
+            known = ", ".join(sorted(defaults))
+            raise ValueError(f"unknown method config key '{_prefix}{key}'; known: {known}")
+        if isinstance(defaults[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"method config {_prefix}{key} must be a mapping, got {value!r}")
+            merged[key] = merge_config(defaults[key], value, _prefix=f"{_prefix}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
 class QuantMethod:
     """Base class: full-precision training with an L1 reconstruction loss."""
 
@@ -70,7 +100,8 @@ class QuantMethod:
         """Swap the placement's layers for quantized ones (in place) and return the model."""
         return model
 
-    def calibrate(self, model: nn.Module, batches: Iterable[Tensor], teacher: nn.Module | None = None) -> None:
+    def calibrate(self, model: nn.Module, batches: Iterable[Tensor],
+                  teacher: nn.Module | None = None) -> None:
         """Initialise data-driven quantizer state from LR batches (in the model's pixel range)."""
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
@@ -84,7 +115,8 @@ class QuantMethod:
         sr = model(lr)
         return StepOutput(sr=sr, terms={"rec": F.l1_loss(sr, hr)})
 
-    def backward(self, out: StepOutput, model: nn.Module, backward_fn: Callable[[Tensor], None]) -> dict[str, float]:
+    def backward(self, out: StepOutput, model: nn.Module,
+                 backward_fn: Callable[[Tensor], None]) -> dict[str, float]:
         """Fill ``.grad``; the default backpropagates the sum of the loss terms."""
         backward_fn(sum(out.terms.values()))
         return {}

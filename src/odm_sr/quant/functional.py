@@ -6,6 +6,8 @@ quantizer module is a thin shell around them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,8 @@ class _UniformQuant(torch.autograd.Function):
     """q(X; l, u) = Int((clip(X, l, u) - l) / s)·s + l with s = (u - l)/n, n = 2^b - 1.
 
     Gradients (METHODS.md §3 table), with v = (clip(X) - l)/s and R = Int(v):
-    ∂q/∂X = 1[l ≤ X ≤ u];  ∂q/∂u = (R - v)/n inside, 1 above, 0 below;  ∂q/∂l = (v - R)/n inside, 1 below, 0 above.
+    ∂q/∂X = 1[l ≤ X ≤ u];  ∂q/∂u = (R - v)/n inside, 1 above, 0 below;
+    ∂q/∂l = (v - R)/n inside, 1 below, 0 above.
     One fused pass instead of the ~10 autograd nodes the composed expression would build.
     """
 
@@ -79,14 +82,34 @@ def symmetric_quantize(x: Tensor, bound: Tensor, bits: int) -> Tensor:
     return _UniformQuant.apply(x, -bound, bound, 2**bits - 1)
 
 
-def percentile(x: Tensor, q: float) -> Tensor:
-    """q-th percentile (0-100) of all elements, linear interpolation as ``torch.quantile``.
+def grad_scale(x: Tensor, factor: float) -> Tensor:
+    """Identity in the forward, gradient multiplied by ``factor``.
 
+    LSQ's step-size gradient scale g = 1/√(N·Q_P) (Esser et al. 2020, §2.2; METHODS.md §4.4)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+def percentile(x: Tensor, q: float | Sequence[float]) -> Tensor:
+    """q-th percentile (0-100) of all elements, linear interpolation as ``torch.quantile``; detached.
+
+    ``q`` may be a sequence: the result is then a 1-D tensor (one sort instead of one per percentile).
+    float64 input stays float64; other dtypes are computed in float32.
     ``torch.quantile`` refuses tensors above 16M elements; there we use ``kthvalue`` on the two neighbours.
     """
-    flat = x.detach().reshape(-1).float()
+    flat = x.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    scalar = isinstance(q, (int, float))
+    qs = [float(q)] if scalar else [float(v) for v in q]
     if flat.numel() <= 16_000_000:
-        return torch.quantile(flat, q / 100.0)
+        out = torch.quantile(flat, torch.tensor(qs, dtype=flat.dtype, device=flat.device) / 100.0)
+    else:
+        out = torch.stack([_kth_percentile(flat, v) for v in qs])
+    return out[0] if scalar else out
+
+
+def _kth_percentile(flat: Tensor, q: float) -> Tensor:
     pos = (flat.numel() - 1) * q / 100.0
     lo, hi = int(pos), min(int(pos) + 1, flat.numel() - 1)
     v_lo = flat.kthvalue(lo + 1).values

@@ -1,0 +1,81 @@
+"""`odm-sr-complexity`: storage and BitOPs (METHODS.md §6) of backbones under quantization methods.
+
+Example: ``odm-sr-complexity --model edsr_baseline --scale 4 --method fp pams daq ddtb odm --bits 2 4``
+prints one markdown row per model, method and bit-width (FP once per model). Each row quantizes a fresh,
+uncalibrated model: DDTB's dynamic gates are then assumed at the method's own dynamic ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from odm_sr.analysis.complexity import RULES, bitops, complexity_table, storage
+from odm_sr.models import MODEL_NAMES, SUPPORTED_SCALES, build_model
+from odm_sr.quant import VALID_BITS, build_method
+
+# CLI name -> (method.target, method config overrides)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fp": ("odm_sr.quant.base.FullPrecision", {}),
+    "pams": ("odm_sr.quant.pams.PAMS", {}),
+    "daq": ("odm_sr.quant.daq.DAQ", {}),
+    "ddtb": ("odm_sr.quant.ddtb.DDTB", {}),
+    "odm": ("odm_sr.quant.odm.ODM", {}),
+    "lsq": ("odm_sr.quant.odm.ODM", {"weight_quantizer": "lsq"}),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="odm-sr-complexity", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=["edsr_baseline"], choices=MODEL_NAMES)
+    parser.add_argument("--scale", type=int, default=4, choices=SUPPORTED_SCALES)
+    parser.add_argument("--method", nargs="+", default=["odm"], choices=sorted(METHODS))
+    parser.add_argument("--bits", nargs="+", type=int, default=[2],
+                        choices=[b for b in VALID_BITS if b < 32], help="W = A bits, one row each")
+    parser.add_argument("--lr-hw", nargs=2, type=int, default=[64, 64], metavar=("H", "W"),
+                        help="LR input size for BitOPs (analysis.bitops.lr_hw)")
+    parser.add_argument("--rule", default="full", choices=RULES, help="analysis.storage.rule")
+    parser.add_argument("--no-ddtb-bn", action="store_true",
+                        help="leave DDTB's gate BN affine out (analysis.storage.ddtb_count_bn=false)")
+    parser.add_argument("--daq-ops-per-elem", type=float, default=4.0,
+                        help="analysis.bitops.daq_ops_per_elem")
+    return parser.parse_args(argv)
+
+
+def complexity_row(model_name: str, scale: int, method_name: str, bits: int, args: argparse.Namespace,
+                   ) -> dict[str, Any]:
+    """Build the model, quantize it with ``method_name`` at W = A = ``bits`` and count."""
+    model = build_model(model_name, scale)
+    target, overrides = METHODS[method_name]
+    method = build_method({"target": target, **overrides}, {"w": bits, "a": bits})
+    method.quantize(model)
+    resolved = getattr(method, "resolved", None)  # DDTB: the dynamic ratio for this backbone
+    ratio = float(resolved()["dynamic_ratio"]) if callable(resolved) else None
+    s = storage(model, args.rule, ddtb_count_bn=not args.no_ddtb_bn, dynamic_ratio=ratio)
+    b = bitops(model, args.lr_hw, daq_ops_per_elem=args.daq_ops_per_elem, dynamic_ratio=ratio)
+    return {"model": f"{model_name} x{scale}", "method": method_name, "bits": str(min(bits, 32)),
+            "storage_k": s["total_k"], "overhead_k": s["overhead_k"], "bitops_g": b["total"] / 1e9,
+            "macs_g": b["macs"] / 1e9}
+
+
+def complexity_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per model, method and bit-width; FP once per model."""
+    rows = []
+    for model_name in args.model:
+        for method_name in dict.fromkeys(args.method):
+            for bits in [32] if method_name == "fp" else dict.fromkeys(args.bits):
+                rows.append(complexity_row(model_name, args.scale, method_name, bits, args))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the markdown table (returns None: console scripts pass the return value to ``sys.exit``)."""
+    args = parse_args(argv)
+    table = complexity_table(complexity_rows(args))
+    print(f"LR input {args.lr_hw[0]}x{args.lr_hw[1]}; storage rule {args.rule}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Image file I/O with Pillow: uint8 HWC arrays in, CHW float tensors out.
+
+``read_image(path, mode)`` returns ``(img, is_gray)``: a uint8 array of shape (H, W, C) and whether the
+file holds a single (gray) channel. ``mode="keep"`` (default) keeps a gray image as C = 1; ``mode="RGB"``
+replicates it to C = 3. File modes:
+
+* ``L`` (and ``1``): kept as one channel; ``LA``: the alpha is dropped, one channel;
+* ``RGB``: as is; ``RGBA``: the alpha channel is **dropped** (not composited on a background), because
+  SR data sets store opaque photographs and compositing would change the pixels;
+* ``P`` (palette): expanded to RGB (its transparency, if any, is dropped);
+* 16-bit grayscale (``I;16``, ``I;16B``, ``I;16L``, or ``I`` from a 16-bit PNG): scaled to 8 bit with
+  round(v * 255 / 65535); an ``I`` image with values outside [0, 65535] raises ``ImageReadError``;
+* ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: converted to RGB; ``F`` (float) and others: ``ImageReadError``.
+
+A missing file raises ``FileNotFoundError``; a file that is not a decodable image, or is truncated,
+raises ``ImageReadError`` (a ``ValueError``) naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "read_image",
+    "image_size",
+    "to_tensor",
+    "to_hwc_uint8",
+    "save_image",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_EXPECTED = "an 8-bit grayscale/RGB(A)/palette or 16-bit grayscale image (png, jpg, bmp, tif)"
+_TO_RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
+_16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class ImageReadError(ValueError):
+    """An image file could not be decoded (corrupt, truncated, or an unsupported pixel format)."""
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and decode ``path`` now, so that a truncated file fails here and not later."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    img = None
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if img is not None:
+            img.close()
+        raise ImageReadError(f"cannot read {path}: expected {_EXPECTED} ({err})") from err
+    return img
+
+
+def _16bit_to_uint8(img: Image.Image, path: Path) -> np.ndarray:
+    values = np.asarray(img).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageReadError(
+            f"cannot read {path}: mode {img.mode} values span [{values.min()}, {values.max()}], "
+            f"expected {_EXPECTED}"
+        )
+    return np.floor(values * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+
+
+def _pixels(img: Image.Image, path: Path) -> np.ndarray:
+    mode = img.mode
+    if mode in ("L", "1", "LA"):
+        return np.asarray(img.convert("L"))
+    if mode == "RGB":
+        return np.asarray(img)
+    if mode == "RGBA":
+        return np.asarray(img)[..., :3]  # alpha dropped on purpose, see module docstring
+    if mode in ("P", "PA"):
+        return np.asarray(img.convert("RGBA"))[..., :3]
+    if mode in _TO_RGB_MODES:
+        return np.asarray(img.convert("RGB"))
+    if mode in _16BIT_MODES:
+        return _16bit_to_uint8(img, path)
+    raise ImageReadError(f"cannot read {path}: unsupported mode {mode!r}, expected {_EXPECTED}")
+
+
+def read_image(path: str | Path, mode: str = "keep") -> tuple[np.ndarray, bool]:
+    """Read an image file as ``(uint8 (H, W, C) array, is_gray)`` (see the module docstring).
+
+    ``mode="keep"``: C = 1 for a grayscale file, 3 for colour; ``mode="RGB"``: always C = 3 (gray replicated).
+    """
+    if mode not in ("keep", "RGB"):
+        raise ValueError(f"read_image mode must be 'keep' or 'RGB', got {mode!r}")
+    path = Path(path)
+    with _open(path) as img:
+        arr = _pixels(img, path)
+    is_gray = arr.ndim == 2
+    if is_gray:
+        arr = arr[:, :, None]
+        if mode == "RGB":
+            arr = np.repeat(arr, 3, axis=2)
+    # a writable, contiguous copy: Pillow's array views are read-only, which torch.from_numpy warns about
+    return np.array(arr, dtype=np.uint8, order="C"), is_gray
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header only (no decoding)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read {path}: expected {_EXPECTED} ({err})") from err
+    return h, w
+
+
+def to_tensor(img: np.ndarray) -> Tensor:
+    """uint8 (H, W, C) array -> float32 (C, H, W) tensor in [0, 1]. A 2-D array is taken as one channel."""
+    if img.dtype != np.uint8:
+        raise TypeError(f"to_tensor expects a uint8 array, got {img.dtype}")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def to_hwc_uint8(img: Tensor | np.ndarray, pixel_range: float = 1.0) -> np.ndarray:
+    """A (C, H, W) float tensor in [0, pixel_range] (rounded, clamped) or uint8 tensor -> uint8 (H, W, C)."""
+    t = torch.as_tensor(img).detach().cpu()
+    if t.dim() != 3:
+        raise ValueError(f"expected a (C, H, W) image, got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8:
+        t = (t.double() * (255.0 / pixel_range)).round().clamp(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(t.permute(1, 2, 0).numpy())
+
+
+def save_image(img: Tensor | np.ndarray, path: str | Path, pixel_range: float = 1.0) -> None:
+    """Save an image (torchvision's argument order): a (C, H, W) tensor, float in [0, pixel_range] (rounded
+    and clamped) or uint8, or a uint8 (H, W, C) array. One channel is saved as 8-bit grayscale, three as
+    RGB; the format follows the file extension; missing parent folders are created.
+    """
+    if isinstance(img, np.ndarray) and img.dtype == np.uint8:
+        arr = img[:, :, None] if img.ndim == 2 else img
+    else:
+        arr = to_hwc_uint8(img, pixel_range)
+    if arr.shape[2] not in (1, 3):
+        raise ValueError(f"save_image expects 1 or 3 channels, got {arr.shape[2]}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # fromarray infers L from a 2-D uint8 array and RGB from (H, W, 3)
+    Image.fromarray(np.ascontiguousarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)).save(path)

@@ -1,0 +1,106 @@
+"""Whole-image inference helpers: tiled ("chopped") forward with bounded memory, and window padding.
+
+``forward_chopped`` splits the LR image into a grid of *core* blocks of side ``tile``; each block is
+run with up to ``overlap`` LR pixels of context on every side (less at the image edge, where the
+context is the image border itself), and only the block's own output region is kept, the context is
+discarded. Every output pixel therefore comes from a tile in which it lies at least ``overlap`` pixels
+from any cut, and for a network whose receptive-field radius is <= ``overlap`` LR pixels (and that pads
+with zeros like ``nn.Conv2d``) the result equals the whole-image forward up to float round-off. Peak
+activation memory is that of one ``(tile + 2 * overlap)``-sided input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["forward_chopped", "pad_to_multiple", "crop_to"]
+
+
+def _starts(length: int, core: int) -> list[int]:
+    return list(range(0, length, core))
+
+
+def forward_chopped(
+    model_fn: Callable[[Tensor], Tensor], lr: Tensor, scale: int, tile: int | None, overlap: int
+) -> Tensor:
+    """Run ``model_fn`` on (N, C, H, W) ``lr`` in overlapping tiles; returns (N, C', scale*H, scale*W).
+
+    ``tile`` is the LR side of the block kept from each run, ``overlap`` the LR context added on each side
+    (so inputs are at most ``tile + 2 * overlap`` on a side). ``None``, or a tile covering the whole
+    image, runs the whole image at once.
+    """
+    if lr.dim() != 4:
+        raise ValueError(f"lr must be (N, C, H, W), got shape {tuple(lr.shape)}")
+    n, _, h, w = lr.shape
+    if tile is None or (h <= tile and w <= tile):
+        return model_fn(lr)
+    if tile <= 0 or overlap < 0:
+        raise ValueError(f"need tile > 0 and overlap >= 0, got tile={tile}, overlap={overlap}")
+    core = tile
+    out: Tensor | None = None
+    for y0 in _starts(h, core):
+        y1 = min(y0 + core, h)
+        for x0 in _starts(w, core):
+            x1 = min(x0 + core, w)
+            # input window: the core plus up to `overlap` context pixels, clipped to the image
+            iy0, iy1 = max(y0 - overlap, 0), min(y1 + overlap, h)
+            ix0, ix1 = max(x0 - overlap, 0), min(x1 + overlap, w)
+            sr_tile = model_fn(lr[:, :, iy0:iy1, ix0:ix1])
+            expected = (scale * (iy1 - iy0), scale * (ix1 - ix0))
+            if tuple(sr_tile.shape[-2:]) != expected:
+                raise ValueError(
+                    f"model_fn output {tuple(sr_tile.shape[-2:])} for a {iy1 - iy0}x{ix1 - ix0} tile is not "
+                    f"scale={scale} times its input"
+                )
+            if out is None:
+                out = sr_tile.new_empty(n, sr_tile.shape[1], scale * h, scale * w)
+            oy, ox = scale * (y0 - iy0), scale * (x0 - ix0)
+            out[:, :, scale * y0 : scale * y1, scale * x0 : scale * x1] = sr_tile[
+                :, :, oy : oy + scale * (y1 - y0), ox : ox + scale * (x1 - x0)
+            ]
+    return out
+
+
+def _symmetric_pad(x: Tensor, pad_h: int, pad_w: int) -> Tensor:
+    """Bottom/right padding by mirrored copies including the edge pixel (SwinIR's flip-and-concatenate)."""
+    h, w = x.shape[-2:]
+    mirror_h = torch.cat([torch.arange(h), torch.arange(h - 1, -1, -1)]).to(x.device)
+    mirror_w = torch.cat([torch.arange(w), torch.arange(w - 1, -1, -1)]).to(x.device)
+    x = x.index_select(-2, mirror_h[torch.arange(h + pad_h, device=x.device) % (2 * h)])
+    return x.index_select(-1, mirror_w[torch.arange(w + pad_w, device=x.device) % (2 * w)])
+
+
+def pad_to_multiple(
+    x: Tensor, multiple: int, mode: str = "reflect", always: bool = False
+) -> tuple[Tensor, tuple[int, int]]:
+    """Pad (N, C, H, W) at the bottom and right so H and W are multiples of ``multiple``.
+
+    ``always=True`` adds a whole extra ``multiple`` where a side already divides, as SwinIR's
+    ``main_test_swinir.py`` does (pad = (H // m + 1) * m - H); HAT pads only where needed (the default).
+
+    ``mode``: ``"symmetric"`` (SwinIR's official mirrored copies, edge pixel repeated), ``"reflect"``
+    (HAT's official ``F.pad(..., 'reflect')``, edge not repeated), ``"replicate"`` or ``"constant"`` (zeros).
+    Returns the padded tensor and the original (H, W); crop the output with
+    ``crop_to(y, scale * H, scale * W)``.
+    """
+    h, w = x.shape[-2:]
+    if always:
+        pad_h, pad_w = (h // multiple + 1) * multiple - h, (w // multiple + 1) * multiple - w
+    else:
+        pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x, (h, w)
+    if mode == "symmetric":
+        return _symmetric_pad(x, pad_h, pad_w), (h, w)
+    if mode not in ("reflect", "replicate", "constant"):
+        raise ValueError(f"unknown pad mode {mode!r}; use symmetric, reflect, replicate or constant")
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)
+
+
+def crop_to(x: Tensor, height: int, width: int) -> Tensor:
+    """Top-left (height, width) crop of a (..., H, W) tensor (undoes ``pad_to_multiple`` after upscaling)."""
+    return x[..., :height, :width]

@@ -1,0 +1,215 @@
+"""Pieces shared by PAMS, DAQ and DDTB: block wrappers and placement for the PAMS/DDTB quantizer pattern
+(METHODS.md §2.3), per-image grouping of quantizer inputs, and config helpers.
+
+The wrappers replace a block in place (same index in its container) and keep the block's children, so every
+official key (`body.{i}.body.{0,2}`, `RDBs.{i}.convs.{c}.conv.0`, `RDBs.{i}.LFF`) is unchanged; the added
+quantizers are named `quant_act*` / `act_quant`, which the checkpoint loader skips.
+
+- EDSR ResBlock (`colorjam/PAMS@737cc09` `model/edsr.py` `PAMS_ResBlock`): out = q3(res_scale·conv2(q2(relu(
+  conv1(q1(x)))))) + q1(x). q1 quantizes the skip copy, q2 is conv2's input quantizer, q3 the scaled residual.
+  Quirk `conv1_raw_input`: conv1 sees x instead of q1(x), as released.
+- RDN (`zysxmu/DDTB@e21403d` `model/rdn.py`, same as PAMS's): the RDB input is quantized and that
+  quantized tensor feeds both the dense layers and the local residual; dense layer c ≥ 1 quantizes its
+  concatenated input and concatenates the quantized tensor; the LFF input, GFF input (GFF.0) and GFF.1
+  input are quantized (quirk `rdn_gff3_fp_input`: GFF.1 keeps an FP input, as released).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .placement import backbone_family, select_layers, swap_layers
+
+EDSR_RULES = ("pams_style", "block_convs")
+RDN_RULES = ("pams_style", "rdb_lff_gff", "rdb_lff", "rdb_conv")
+
+
+class ImageCount:
+    """Number of images in the current forward, recorded by a forward pre-hook on the model root.
+
+    Quantizers of Swin attention layers see windows folded into the batch, (B·nW, N, C); per-image statistics
+    regroup their input with this count (image-major order, as `window_partition` produces).
+    """
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.value = int(args[0].shape[0])
+
+
+@dataclass
+class ActSite:
+    """Where an activation quantizer sits: its module name, input channels, layout and the image counter."""
+
+    name: str
+    channels: int
+    channel_last: bool  # True for nn.Linear inputs (..., C); False for conv inputs (B, C, H, W)
+    images: ImageCount | None = None
+
+
+def group_by_image(x: Tensor, site: ActSite) -> Tensor:
+    """View ``x`` as (images, channels, elements) so that per-image, per-channel statistics reduce dim 2."""
+    if not site.channel_last:
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    count = site.images.value if site.images is not None else None
+    if count is None or x.dim() < 3 or x.shape[0] % count:
+        count = x.shape[0]
+    return x.reshape(count, -1, x.shape[-1]).transpose(1, 2)
+
+
+def ungroup(grouped: Tensor, like: Tensor, site: ActSite) -> Tensor:
+    """Inverse of :func:`group_by_image`."""
+    if site.channel_last:
+        grouped = grouped.transpose(1, 2)
+    return grouped.reshape(like.shape)
+
+
+ActFactory = Callable[[ActSite], nn.Module | None]
+WeightFactory = Callable[[str, nn.Module], nn.Module | None]
+
+
+class QuantResBlock(nn.Module):
+    """EDSR ResBlock with the PAMS pattern; ``body`` and ``res_scale`` are the wrapped block's own."""
+
+    def __init__(self, block: nn.Module, quant_act1: nn.Module | None, quant_act3: nn.Module | None,
+                 conv1_raw_input: bool = False) -> None:
+        super().__init__()
+        self.body = block.body
+        self.res_scale = block.res_scale
+        self.quant_act1 = quant_act1
+        self.quant_act3 = quant_act3
+        self.conv1_raw_input = conv1_raw_input
+
+    def forward(self, x: Tensor) -> Tensor:
+        skip = self.quant_act1(x) if self.quant_act1 is not None else x
+        res = self.body(x if self.conv1_raw_input else skip).mul(self.res_scale)
+        if self.quant_act3 is not None:
+            res = self.quant_act3(res)
+        return res + skip
+
+
+class QuantDenseLayer(nn.Module):
+    """RDB dense layer c ≥ 1: x_q = act_quant(x); cat(x_q, relu(conv(x_q)))."""
+
+    def __init__(self, layer: nn.Module, act_quant: nn.Module | None) -> None:
+        super().__init__()
+        self.conv = layer.conv
+        self.act_quant = act_quant
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return torch.cat((x, self.conv(x)), 1)
+
+
+class QuantRDB(nn.Module):
+    """RDB: x_q = act_quant(x); LFF(dense layers(x_q)) + x_q (LFF quantizes its own input)."""
+
+    def __init__(self, block: nn.Module, act_quant: nn.Module | None) -> None:
+        super().__init__()
+        self.convs = block.convs
+        self.LFF = block.LFF
+        self.act_quant = act_quant
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return self.LFF(self.convs(x)) + x
+
+
+def _make(make_act: ActFactory | None, site: ActSite) -> nn.Module | None:
+    return make_act(site) if make_act is not None else None
+
+
+def _swap(model: nn.Module, names: list[str], make_act: ActFactory | None, make_weight: WeightFactory | None,
+          images: ImageCount, act_on: Callable[[str], bool] = lambda name: True) -> None:
+    """Swap the named convs/linears; those with ``act_on(name)`` also get an input quantizer."""
+
+    def factory(name: str, layer: nn.Module):
+        linear = isinstance(layer, nn.Linear)
+        channels = layer.in_features if linear else layer.in_channels
+        site = ActSite(f"{name}.act_quant", channels, linear, images)
+        act = _make(make_act, site) if act_on(name) else None
+        return act, (make_weight(f"{name}.weight_quant", layer) if make_weight is not None else None)
+
+    swap_layers(model, names, factory)
+
+
+def _edsr_pams_style(model: nn.Module, make_act, make_weight, images, conv1_raw_input: bool) -> None:
+    blocks = [(name, m) for name, m in model.body.named_children() if hasattr(m, "res_scale")]
+    convs = [f"body.{name}.body.{i}" for name, _ in blocks for i in (0, 2)]
+    _swap(model, convs, make_act, make_weight, images, act_on=lambda name: name.endswith(".2"))
+    for name, block in blocks:
+        channels = block.body[0].in_channels
+        q1 = _make(make_act, ActSite(f"body.{name}.quant_act1", channels, False, images))
+        q3 = _make(make_act, ActSite(f"body.{name}.quant_act3", channels, False, images))
+        model.body._modules[name] = QuantResBlock(block, q1, q3, conv1_raw_input)
+
+
+def _rdn_pams_style(model: nn.Module, make_act, make_weight, images, gff3_fp_input: bool) -> None:
+    rdb = [n for n, m in model.RDBs.named_modules()
+           if isinstance(m, nn.Conv2d) and n.endswith((".conv.0", "LFF"))]
+    convs = [f"RDBs.{n}" for n in rdb] + ["GFF.0", "GFF.1"]
+    fp_input = {"GFF.1"} if gff3_fp_input else set()
+    _swap(model, convs, make_act, make_weight, images,
+          act_on=lambda name: not name.endswith(".conv.0") and name not in fp_input)
+    for i, block in enumerate(model.RDBs):
+        for c, layer in enumerate(block.convs):
+            if c > 0:
+                site = ActSite(f"RDBs.{i}.convs.{c}.act_quant", layer.conv[0].in_channels, False, images)
+                block.convs._modules[str(c)] = QuantDenseLayer(layer, _make(make_act, site))
+        site = ActSite(f"RDBs.{i}.act_quant", block.convs[0].conv[0].in_channels, False, images)
+        model.RDBs._modules[str(i)] = QuantRDB(block, _make(make_act, site))
+
+
+def apply_placement(model: nn.Module, placement: dict, make_act: ActFactory | None,
+                    make_weight: WeightFactory | None, conv1_raw_input: bool = False,
+                    gff3_fp_input: bool = False) -> nn.Module:
+    """Quantize ``model`` in place: ``placement.edsr`` / ``placement.rdn`` = ``pams_style`` uses the wrappers
+    above; any other rule (and SwinIR/HAT, ``transformer_same_layers``) puts W + A on the layers that
+    ``placement.select_layers`` names. ``make_act`` / ``make_weight`` = None leave that side in FP."""
+    family = backbone_family(model)
+    rule = placement.get(family)
+    allowed = {"edsr": EDSR_RULES, "rdn": RDN_RULES}.get(family)
+    if allowed is not None and rule not in allowed:
+        raise ValueError(f"placement.{family}={rule!r}: expected one of {allowed}")
+    if family in ("swinir", "hat") and not placement.get("transformer_same_layers", True):
+        raise ValueError("placement.transformer_same_layers=false is not implemented: PAMS, DAQ and DDTB "
+                         "use the ODM transformer layers (METHODS.md §2.3)")
+    if placement.get("quant_attn_matmul", False):
+        raise NotImplementedError("placement.quant_attn_matmul=true (2DQuant's q/k/v and softmax "
+                                  "quantizers) is not implemented for PAMS, DAQ and DDTB")
+    images = ImageCount()
+    if family == "edsr" and rule == "pams_style":
+        _edsr_pams_style(model, make_act, make_weight, images, conv1_raw_input)
+    elif family == "rdn" and rule == "pams_style":
+        _rdn_pams_style(model, make_act, make_weight, images, gff3_fp_input)
+    else:
+        _swap(model, select_layers(model, placement), make_act, make_weight, images)
+    model.register_forward_pre_hook(images)
+    return model
+
+
+# -- config helpers shared by PAMS, DAQ and DDTB ------------------------------------------------------
+EXTRA_KEYS = ("target", "name", "calibration_batches")  # read by the entry points, not by the method
+
+
+def read_quirks(cfg: dict, known: tuple[str, ...]) -> dict[str, bool]:
+    """``quirks.<name>`` switches (all false), ``official: true`` turns them all on."""
+    quirks = dict(cfg.get("quirks") or {})
+    official = bool(cfg.get("official", False))
+    return {name: official or bool(quirks.get(name, False)) for name in known}
+
+
+def positive(cfg: dict, key: str, kind: type = float) -> Any:
+    """``cfg[key]`` as ``kind``, which must be > 0."""
+    value = kind(cfg[key])
+    if value <= 0:
+        raise ValueError(f"{key}={value}: expected a positive {kind.__name__}")
+    return value

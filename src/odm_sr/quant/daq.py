@@ -1,0 +1,187 @@
+"""DAQ (Hong et al., WACV 2022): distribution-aware, per-image and per-channel dynamic quantization.
+
+Source: `Cheeun/DAQ-pytorch@28c56e4` `src/model/quantize.py` (`Quantization`, `Conv2d_Q`); METHODS.md §3
+(mid-rise) and §4.2. Nothing is learnable; every quantizer uses the identity STE (∂q/∂x = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Bits, QuantMethod, merge_config
+from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, read_quirks, ungroup
+
+DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps")
+# Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
+GAUSSIAN_STEPS = {1: 2.0, 2: 1.596, 3: 0.996, 4: 0.586, 5: 0.335, 6: 0.188, 7: 0.104, 8: 0.057, 9: 0.031}
+DAQ_DEFAULTS = {
+    "official": False,
+    "quirks": dict.fromkeys(DAQ_QUIRKS, False),
+    "sigma_bits": "auto",  # 4 for EDSR-baseline, 8 otherwise; 32 = σ not quantized
+    "stats_scope": "image",
+    "placement": {"edsr": "block_convs", "rdn": "rdb_conv", "transformer_same_layers": True,
+                  "hat_quantize_cab": False, "quant_attn_matmul": False},
+}
+# `--finetune`: fixed factors for every bit-width (quirk `finetune_fixed_steps`)
+FINETUNE_STEP, FINETUNE_SIGMA_STEP = 1.596, 0.057
+
+
+class _IdentitySTE(torch.autograd.Function):
+    """Forward: the quantized values ``q`` exactly; backward: ∂/∂x = 1 (``q.detach() + x − x.detach()`` as
+    released, without its float round-off on the levels)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor) -> Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out, None
+
+
+def step_factor(bits: int) -> float:
+    """t_b from the table; raises for bit-widths outside 1..9."""
+    if bits not in GAUSSIAN_STEPS:
+        raise ValueError(f"DAQ has step factors for 1..9 bits, got {bits}")
+    return GAUSSIAN_STEPS[bits]
+
+
+def midrise(x: Tensor, step: Tensor, bits: int, clamp: bool = True) -> Tensor:
+    """Mid-rise levels (k − ½)·Δ: (Int(x/Δ + ½) − ½)·Δ, clamped to ±(2^(b−1) − ½)Δ; 0 where Δ ≤ 0.
+
+    No gradient handling here: callers wrap the result in the identity STE.
+    """
+    positive = step > 0
+    safe = torch.where(positive, step, torch.ones_like(step))
+    y = (torch.round(x / safe + 0.5) - 0.5) * safe
+    if clamp:
+        thr = (2 ** (bits - 1) - 0.5) * safe
+        y = torch.minimum(torch.maximum(y, -thr), thr)
+    return torch.where(positive, y, torch.zeros_like(y))
+
+
+def quantize_sigma(sigma: Tensor, bits: int, factor: float) -> Tensor:
+    """Quantize the per-channel σ of each image (``sigma`` (B, C, 1)) at ``bits``: centred on its mean over
+    channels, mid-rise with step factor·std over channels (unbiased), clamped to ±(2^(b−1) − ½)·step."""
+    mean = sigma.mean(1, keepdim=True)
+    step = factor * sigma.std(1, keepdim=True)
+    return midrise(sigma - mean, step, bits) + mean
+
+
+def relu_stats(grouped: Tensor) -> tuple[Tensor, Tensor]:
+    """Post-ReLU μ, σ per (image, channel) over the non-zero entries, each sum divided by (count + 1)."""
+    count = (grouped > 0).sum(2, keepdim=True) + 1
+    mu = grouped.sum(2, keepdim=True) / count
+    second = grouped.pow(2).sum(2, keepdim=True) / count
+    return mu, (second - mu.pow(2)).clamp_min(0).sqrt()
+
+
+class DaqActQuant(nn.Module):
+    """Per-image, per-channel activation quantizer with detached runtime μ_c, σ_c and Δ_c = t_b·σ_c.
+
+    - Post-ReLU input (tensor minimum == 0): x → Int(x/Δ)·Δ on {0, Δ, …, (2^b − 1)Δ} (the upper clamp is
+      dropped under ``unbounded``), with μ, σ from :func:`relu_stats`.
+    - Otherwise: μ_c + midrise(x − μ_c) clamped to ±(2^(b−1) − ½)Δ, with μ_c and σ_c (unbiased std) over the
+      image's positions (all tokens of all windows for transformer layers).
+    - σ is quantized per image at ``sigma_bits`` (32: not quantized). A channel whose Δ is ≤ 0 (σ_c = 0)
+      outputs its offset: 0 after ReLU, μ_c in the signed branch, as released.
+    """
+
+    def __init__(self, bits: int, site: ActSite, sigma_bits: int = 32, unbounded: bool = False,
+                 fixed_steps: bool = False) -> None:
+        super().__init__()
+        self.bits, self.site, self.sigma_bits, self.unbounded = bits, site, sigma_bits, unbounded
+        self.factor = FINETUNE_STEP if fixed_steps else step_factor(bits)
+        self.sigma_factor = FINETUNE_SIGMA_STEP if fixed_steps else (
+            step_factor(sigma_bits) if sigma_bits < 32 else 0.0)
+
+    @torch.no_grad()
+    def quantized(self, x: Tensor) -> Tensor:
+        """The forward values (no gradient)."""
+        grouped = group_by_image(x, self.site)
+        relu = bool(x.min() == 0)
+        if relu:
+            mu, sigma = relu_stats(grouped)
+        else:
+            mu, sigma = grouped.mean(2, keepdim=True), grouped.std(2, keepdim=True)
+        if self.sigma_bits < 32:
+            sigma = quantize_sigma(sigma, self.sigma_bits, self.sigma_factor)
+        step = self.factor * sigma
+        if relu:  # released form: midrise(x − thr) + thr, thr = (2^(b−1) − ½)Δ, i.e. multiples of Δ
+            thr = (2 ** (self.bits - 1) - 0.5) * step.clamp_min(0)
+            out = midrise(grouped - thr, step, self.bits, clamp=not self.unbounded) + thr
+        else:
+            out = midrise(grouped - mu, step, self.bits) + mu
+        return ungroup(out, x, self.site)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _IdentitySTE.apply(x, self.quantized(x))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, sigma_bits={self.sigma_bits}, unbounded={self.unbounded}"
+
+
+class DaqWeightQuant(nn.Module):
+    """Per-layer zero-centred mid-rise weights, Δ = t_b·std(W) (unbiased), ±(2^(b−1) − ½)Δ, identity STE."""
+
+    def __init__(self, bits: int, fixed_steps: bool = False) -> None:
+        super().__init__()
+        self.bits = bits
+        self.factor = FINETUNE_STEP if fixed_steps else step_factor(bits)
+
+    def forward(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            q = midrise(w, self.factor * w.std(), self.bits)
+        return _IdentitySTE.apply(w, q)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+def auto_sigma_bits(model: nn.Module) -> int:
+    """4 for EDSR-baseline (64 features, 16 blocks), 8 otherwise (the released test scripts' ``qq``)."""
+    if getattr(model, "name", "") == "edsr_baseline":
+        return 4
+    if getattr(model, "name", "").startswith("edsr"):
+        blocks = [m for m in model.body if hasattr(m, "res_scale")]
+        if len(blocks) == 16 and model.head[0].out_channels == 64:
+            return 4
+    return 8
+
+
+class DAQ(QuantMethod):
+    """DAQ: W + A on the placement's layers, L1 only (base ``training_losses``), nothing learnable."""
+
+    name = "daq"
+
+    def __init__(self, cfg: Any = None, bits: Bits | None = None):
+        super().__init__(cfg, bits)
+        self.cfg = c = merge_config(DAQ_DEFAULTS, cfg, EXTRA_KEYS)
+        self.quirks = read_quirks(c, DAQ_QUIRKS)
+        sigma_bits = c["sigma_bits"]
+        valid = (*GAUSSIAN_STEPS, 32)
+        if sigma_bits != "auto" and (isinstance(sigma_bits, bool) or sigma_bits not in valid):
+            raise ValueError(f"sigma_bits={sigma_bits!r}: expected 'auto', 1..9 or 32 (not quantized)")
+        self.sigma_bits = sigma_bits
+        if c["stats_scope"] == "window":
+            raise NotImplementedError("stats_scope='window' (statistics per attention window) is not "
+                                      "implemented; use 'image' (per image and channel over all tokens)")
+        if c["stats_scope"] != "image":
+            raise ValueError(f"stats_scope={c['stats_scope']!r}: expected 'image' or 'window'")
+        for b in (self.bits.w, self.bits.a):
+            if b < 32:
+                step_factor(b)
+        self.placement = c["placement"]
+
+    def quantize(self, model: nn.Module) -> nn.Module:
+        self.check_backbone(model)
+        sigma_bits = auto_sigma_bits(model) if self.sigma_bits == "auto" else int(self.sigma_bits)
+        fixed = self.quirks["finetune_fixed_steps"]
+        unbounded = self.quirks["unbounded_relu_branch"]
+        make_act = None if self.bits.a >= 32 else (
+            lambda site: DaqActQuant(self.bits.a, site, sigma_bits, unbounded, fixed))
+        make_weight = None if self.bits.w >= 32 else (lambda name, layer: DaqWeightQuant(self.bits.w, fixed))
+        return apply_placement(model, self.placement, make_act, make_weight)

@@ -1,0 +1,318 @@
+"""DDTB (Zhong et al., ECCV 2022): learnable asymmetric activation bounds with dynamic per-image gates.
+
+Source: `zysxmu/DDTB@e21403d` `model/quant_ops.py` (`quant_weight_asym99`, `quant_weight_asym`,
+`quant_activation`, `DDTB_quant_act_asym_dynamic_quantized`), `model/edsr.py`, `model/rdn.py`,
+`main_limitrange_incremental.py`; METHODS.md §3 (zero-anchored grid) and §4.3.
+
+Schedule (epochs of ``iters_per_epoch`` steps, 0-based): epochs [0, calib_epochs) run the student in FP, eval
+mode, without optimizer steps, recording each activation quantizer's per-batch input max/min; then the top
+``dynamic_ratio`` by var(max) + var(min) become dynamic. The next ``reg_epochs`` run the gates unused with
+L_reg = mean over dynamic quantizers of MSE(g, 0); afterwards the gates scale the bounds and L_reg is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Bits, QuantMethod, StepOutput, merge_config
+from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks, ungroup
+from .functional import percentile, round_ste
+from .pams import max_abs_weight_quantize
+from .placement import backbone_family
+from .skt import check_skt_config, distillation_losses
+
+DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",
+               "conv1_raw_input")
+GATE_BITS, GATE_HIDDEN = 2, 32
+DDTB_DEFAULTS = {
+    "official": False,
+    "quirks": dict.fromkeys(DDTB_QUIRKS, False),
+    "skt": {"weight": 1000.0, "feature": "pre_reconstruction"},
+    "stages": {"calib_epochs": 1, "reg_epochs": 4},  # FP calibration epoch, then gates run unused + L_reg
+    "dynamic_ratio": "auto",  # EDSR 0.3, RDN 0.5, transformers 0.3
+    "init_percentile": "auto",  # M: EDSR 99, RDN 95, transformers 99
+    "weight_clip": "auto",  # EDSR/transformers percentile [p1, p99], RDN minmax
+    "gate_pool": "image",
+    "iters_per_epoch": 1000,
+    "qparam_lr": 1e-2,  # absolute lr of the alpha_lower / alpha_upper group
+    "placement": {"edsr": "pams_style", "rdn": "pams_style", "transformer_same_layers": True,
+                  "hat_quantize_cab": False, "quant_attn_matmul": False},
+}
+
+
+def zero_anchored_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -> Tensor:
+    """q = Int(σ·clip(X, l, u))/σ, σ = (2^b − 1)/(u − l): the grid k/σ through zero (`DDTB_quant_act_*`).
+
+    Gradients (autograd through the STE round, as released), with v = σ·clip(X), R = Int(v), n = 2^b − 1:
+    ∂q/∂X = 1[l ≤ X ≤ u]; ∂q/∂u = 1[X > u] + (R − v)/n; ∂q/∂l = 1[X < l] + (v − R)/n.
+    (Inside the range this is METHODS.md §3's table; outside, unlike there, the (R − v)/n term of the clipped
+    value remains, because the grid is anchored at zero rather than at l.)
+    """
+    sigma = (2 ** bits - 1) / (upper - lower)
+    clipped = torch.minimum(torch.maximum(x, lower), upper)
+    return round_ste(sigma * clipped) / sigma
+
+
+class DdtbWeightQuant(nn.Module):
+    """Weights clipped to [p1, p99] (``clip='percentile'``, EDSR) or [min, max] (``'minmax'``, RDN),
+    recomputed each forward and detached, then the zero-anchored grid; ∂q/∂W = 1 inside the clip range."""
+
+    def __init__(self, bits: int, clip: str = "percentile") -> None:
+        super().__init__()
+        self.bits, self.clip = bits, clip
+        self.enabled = True
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        if self.clip == "percentile":
+            lower, upper = percentile(w, (1.0, 99.0))
+        else:
+            lower, upper = w.detach().min(), w.detach().max()
+        return zero_anchored_quantize(w, lower.to(w.dtype), upper.to(w.dtype), self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, clip={self.clip}"
+
+
+def gate_act_quantize(x: Tensor, bits: int, detach: bool) -> Tensor:
+    """The gate's internal quantizer (`quant_activation`): zero-anchored grid on the tensor's [min, max].
+
+    Released, it quantizes ``x.detach()`` so nothing before it learns (``detach=True``); otherwise STE.
+    """
+    lo, hi = x.detach().min(), x.detach().max()
+    sigma = (2 ** bits - 1) / (hi - lo).clamp_min(1e-8)
+    q = torch.round(sigma * x.detach()) / sigma
+    return q if detach else x + (q - x).detach()
+
+
+class DynamicGate(nn.Module):
+    """g = conv2(q(ReLU(BN(conv1(q(GAP(x.detach()))))))), ternary 1×1 convs C→32→2, 2-bit q (no biases)."""
+
+    def __init__(self, channels: int, detach_inner: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, GATE_HIDDEN, 1, bias=False)
+        self.bn = nn.BatchNorm2d(GATE_HIDDEN)
+        self.conv2 = nn.Conv2d(GATE_HIDDEN, 2, 1, bias=False)
+        self.detach_inner = detach_inner
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """``pooled`` (B, C) → logits g (B, 2): column 0 scales u, column 1 scales l."""
+        h = gate_act_quantize(pooled[:, :, None, None], GATE_BITS, detach=True)  # input is detached anyway
+        h = F.relu(self.bn(F.conv2d(h, max_abs_weight_quantize(self.conv1.weight, GATE_BITS))))
+        h = gate_act_quantize(h, GATE_BITS, detach=self.detach_inner)
+        return F.conv2d(h, max_abs_weight_quantize(self.conv2.weight, GATE_BITS)).flatten(1)
+
+
+class DdtbActQuant(nn.Module):
+    """Learnable bounds ``alpha_lower`` = l, ``alpha_upper`` = u on the zero-anchored grid, optionally gated.
+
+    - ``enabled=False`` (calibration epoch): identity; with ``recording`` it appends max(x), min(x).
+    - First quantized training forward: l, u ← the (100 − M)-th / M-th batch percentiles if ``calibrate``,
+      else they keep their ±10 init (quirk ``bounds_pm10_above_2bit`` at 3+ bits).
+    - Dynamic (``is_dynamic``): the gate runs on GAP(x.detach()) per image and its logits are kept in
+      ``gate_logits`` (for L_reg); with ``use_gate`` the bounds become σ_u·u, σ_l·l with
+      (σ_u, σ_l) = 2·sigmoid(g).
+    """
+
+    def __init__(self, bits: int, site: ActSite, percentile_m: float = 99.0, calibrate: bool = True,
+                 gate_frozen_first_conv: bool = False) -> None:
+        super().__init__()
+        self.bits, self.site, self.percentile_m, self.calibrate = bits, site, percentile_m, calibrate
+        self.alpha_lower = nn.Parameter(torch.tensor(-10.0))
+        self.alpha_upper = nn.Parameter(torch.tensor(10.0))
+        self.gate = DynamicGate(site.channels, detach_inner=gate_frozen_first_conv)
+        # Python flags (a tensor flag would force a device sync per forward), saved via the extra state
+        self.initialized, self.is_dynamic, self.use_gate = False, False, False
+        self.enabled, self.recording = True, False
+        self.max_history: list[float] = []
+        self.min_history: list[float] = []
+        self.gate_logits: Tensor | None = None
+
+    @torch.no_grad()
+    def _init_bounds(self, x: Tensor) -> None:
+        if self.calibrate:
+            lower, upper = percentile(x, (100.0 - self.percentile_m, self.percentile_m))
+            upper = torch.maximum(upper, lower + 1e-6)  # a constant input would give u == l
+            self.alpha_lower.copy_(lower)
+            self.alpha_upper.copy_(upper)
+        self.initialized = True
+
+    def get_extra_state(self) -> dict[str, bool]:
+        return {"initialized": self.initialized, "is_dynamic": self.is_dynamic, "use_gate": self.use_gate}
+
+    def set_extra_state(self, state: dict[str, bool]) -> None:
+        keys = ("initialized", "is_dynamic", "use_gate")
+        self.initialized, self.is_dynamic, self.use_gate = (bool(state[k]) for k in keys)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            if self.recording:
+                self.max_history.append(float(x.max()))
+                self.min_history.append(float(x.min()))
+            return x
+        if self.training and not self.initialized:
+            self._init_bounds(x)
+        lower, upper = self.alpha_lower, self.alpha_upper
+        if not self.is_dynamic or not (self.training or self.use_gate):
+            return zero_anchored_quantize(x, lower, upper, self.bits)
+        grouped = group_by_image(x, self.site)
+        logits = self.gate(grouped.detach().mean(2))
+        self.gate_logits = logits
+        if not self.use_gate:
+            return zero_anchored_quantize(x, lower, upper, self.bits)
+        scale = 2.0 * torch.sigmoid(logits)
+        per_image = (scale[:, 1, None, None] * lower, scale[:, 0, None, None] * upper)
+        return ungroup(zero_anchored_quantize(grouped, *per_image, self.bits), x, self.site)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, percentile_m={self.percentile_m}, calibrate={self.calibrate}"
+
+
+def select_dynamic(quantizers: dict[str, DdtbActQuant], ratio: float) -> list[str]:
+    """Mark the top ⌊ratio·N⌋ quantizers by var(max) + var(min) of their recorded inputs as dynamic
+    (population variance, `np.var`); clears the records and returns the chosen names."""
+    scores = {}
+    for name, q in quantizers.items():
+        if q.max_history:
+            scores[name] = float(torch.tensor(q.max_history, dtype=torch.float64).var(unbiased=False)
+                                 + torch.tensor(q.min_history, dtype=torch.float64).var(unbiased=False))
+        q.max_history, q.min_history = [], []
+    chosen = sorted(scores, key=scores.get, reverse=True)[: int(len(scores) * ratio)]
+    for name, q in quantizers.items():
+        q.is_dynamic = name in chosen
+    return chosen
+
+
+class DDTB(QuantMethod):
+    """DDTB: PAMS placement with DDTB quantizers; loss L1 + ``skt.weight``·L_SKT + L_reg (METHODS.md §4.3)."""
+
+    name = "ddtb"
+    needs_teacher = True
+
+    def __init__(self, cfg: Any = None, bits: Bits | None = None):
+        super().__init__(cfg, bits)
+        self.cfg = c = merge_config(DDTB_DEFAULTS, cfg, EXTRA_KEYS)
+        self.quirks = read_quirks(c, DDTB_QUIRKS)
+        self.skt_weight, _ = check_skt_config(c["skt"])
+        self.iters_per_epoch = positive(c, "iters_per_epoch", int)
+        self.qparam_lr = positive(c, "qparam_lr")
+        self.calib_epochs, self.reg_epochs = int(c["stages"]["calib_epochs"]), int(c["stages"]["reg_epochs"])
+        if self.calib_epochs < 0 or self.reg_epochs < 0:
+            raise ValueError(f"stages={c['stages']}: calib_epochs and reg_epochs must be >= 0")
+        self.dynamic_ratio, self.init_percentile = c["dynamic_ratio"], c["init_percentile"]
+        if self.dynamic_ratio != "auto" and not 0.0 <= float(self.dynamic_ratio) <= 1.0:
+            raise ValueError(f"dynamic_ratio={self.dynamic_ratio}: expected 'auto' or a number in [0, 1]")
+        if self.init_percentile != "auto" and not 50.0 < float(self.init_percentile) <= 100.0:
+            raise ValueError(f"init_percentile={self.init_percentile}: expected 'auto' or in (50, 100]")
+        self.weight_clip = c["weight_clip"]
+        if self.weight_clip not in ("auto", "percentile", "minmax"):
+            raise ValueError(f"weight_clip={self.weight_clip!r}: expected 'auto', 'percentile' or 'minmax'")
+        if c["gate_pool"] == "window":
+            raise NotImplementedError("gate_pool='window' (one gate per attention window) is not "
+                                      "implemented; use 'image' (GAP over all tokens of the image)")
+        if c["gate_pool"] != "image":
+            raise ValueError(f"gate_pool={c['gate_pool']!r}: expected 'image' or 'window'")
+        self.placement = c["placement"]
+        self.family = "edsr"
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def resolved(self) -> dict[str, Any]:
+        """The 'auto' settings for the quantized backbone: EDSR (and transformers) 0.3 / p99 / percentile
+        weights; RDN 0.5 / p95 / min-max weights."""
+        rdn = self.family == "rdn"
+        auto = {"dynamic_ratio": 0.5 if rdn else 0.3, "init_percentile": 95.0 if rdn else 99.0,
+                "weight_clip": "minmax" if rdn else "percentile"}
+        return {k: auto[k] if getattr(self, k) == "auto" else getattr(self, k) for k in auto}
+
+    def quantize(self, model: nn.Module) -> nn.Module:
+        self.check_backbone(model)
+        self.family = backbone_family(model)
+        auto = self.resolved()
+        calibrate = not (self.quirks["bounds_pm10_above_2bit"] and self.bits.a > 2)
+        make_act = None if self.bits.a >= 32 else (
+            lambda site: DdtbActQuant(self.bits.a, site, float(auto["init_percentile"]), calibrate,
+                                      self.quirks["gate_frozen_first_conv"]))
+        make_weight = None if self.bits.w >= 32 else (
+            lambda name, layer: DdtbWeightQuant(self.bits.w, auto["weight_clip"]))
+        return apply_placement(model, self.placement, make_act, make_weight,
+                               conv1_raw_input=self.quirks["conv1_raw_input"])
+
+    def calibrate(self, model: nn.Module, batches, teacher: nn.Module | None = None) -> None:
+        """Only with ``stages.calib_epochs=0``: record on ``batches`` and choose the dynamic ones now."""
+        if self.calib_epochs == 0:
+            for lr in batches:
+                self._calibration_forward(model, lr)
+            self._finish_calibration(model)
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        bounds = [p for m in self.act_quantizers(model).values() for p in (m.alpha_lower, m.alpha_upper)]
+        ids = {id(p) for p in bounds}
+        net = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"name": "net", "params": net, "lr": lr}]
+        if bounds:
+            groups.append({"name": "alpha", "params": bounds, "lr": self.qparam_lr})
+        return groups
+
+    # -- training -------------------------------------------------------------------------------------
+    @staticmethod
+    def act_quantizers(model: nn.Module) -> dict[str, DdtbActQuant]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, DdtbActQuant)}
+
+    def _set_quantized(self, model: nn.Module, on: bool, recording: bool = False) -> None:
+        keep_weights = self.quirks["rdn_calib_quantized_weights"] and self.family == "rdn"
+        for m in model.modules():
+            if isinstance(m, DdtbActQuant):
+                m.enabled, m.recording = on, recording
+            elif isinstance(m, DdtbWeightQuant):
+                m.enabled = on or keep_weights
+
+    def _calibration_forward(self, model: nn.Module, lr: Tensor) -> None:
+        """The student in FP and eval mode, recording each activation quantizer's input max/min."""
+        was_training = model.training
+        self._set_quantized(model, False, recording=True)
+        model.eval()
+        with torch.no_grad():
+            model(lr)
+        model.train(was_training)
+        self._set_quantized(model, False, recording=False)
+
+    def _finish_calibration(self, model: nn.Module) -> list[str]:
+        chosen = select_dynamic(self.act_quantizers(model), float(self.resolved()["dynamic_ratio"]))
+        self._set_quantized(model, True)
+        return chosen
+
+    def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
+                        teacher: nn.Module | None = None) -> StepOutput | None:
+        epoch = step // self.iters_per_epoch
+        if epoch < self.calib_epochs:
+            self._calibration_forward(model, lr)
+            return None
+        quants = self.act_quantizers(model)
+        if any(q.max_history for q in quants.values()):
+            self._finish_calibration(model)
+        self._set_quantized(model, True)
+        use_gate = epoch >= self.calib_epochs + self.reg_epochs
+        for q in quants.values():
+            q.use_gate = use_gate
+            q.gate_logits = None
+        sr, terms = distillation_losses(model, teacher, lr, hr, self.skt_weight)
+        logits = [q.gate_logits for q in quants.values() if q.gate_logits is not None]
+        if logits and not use_gate:
+            terms["reg"] = torch.stack([g.pow(2).mean() for g in logits]).mean()
+        for q in quants.values():
+            q.gate_logits = None
+        n_dynamic = sum(q.is_dynamic for q in quants.values())
+        return StepOutput(sr=sr, terms=terms, logs={"dynamic_quantizers": float(n_dynamic),
+                                                    "gates_used": float(use_gate)})
+
+    def log_stats(self, model: nn.Module) -> dict[str, float]:
+        stats = {}
+        for name, q in self.act_quantizers(model).items():
+            stats[f"lower/{name}"] = float(q.alpha_lower.detach())
+            stats[f"upper/{name}"] = float(q.alpha_upper.detach())
+        return stats

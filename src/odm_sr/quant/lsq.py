@@ -1,0 +1,61 @@
+"""LSQ weight quantizer, the alternative to ODM's weight clipping correction (METHODS.md §4.4, Table S7).
+
+Used by ``ODM`` with ``weight_quantizer=lsq``; everything else (activation ranges, mismatch loss, cooperative
+update) is unchanged. Source: Esser et al., "Learned Step Size Quantization", ICLR 2020, §2.1–2.2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .functional import grad_scale, percentile, round_ste, symmetric_quantize
+
+GRIDS = ("lsq_integer", "odm_symmetric")
+
+
+class LsqWeightQuantizer(nn.Module):
+    """One learnable step per layer.
+
+    ``grid=lsq_integer`` (published LSQ): W_q = s·Int(clip(W/s, −Q_N, Q_P)), Q_N = 2^(b−1), Q_P = 2^(b−1) − 1,
+    so 2-bit levels are {−2s, −s, 0, s}; ∂W_q/∂s = Int(W/s) − W/s inside, −Q_N below, Q_P above;
+    init s = 2·mean|W|/√Q_P.
+    ``grid=odm_symmetric``: ``scale`` is u_w itself, learned directly on ODM's symmetric no-zero grid
+    (``functional.symmetric_quantize``), init P_99(|W|) over the whole tensor.
+    In both grids the gradient of ``scale`` is multiplied by 1/√(N_W·Q_P) (``grad_scale=True``).
+    """
+
+    def __init__(self, bits: int, weight: Tensor, grid: str = "lsq_integer", use_grad_scale: bool = True):
+        super().__init__()
+        if grid not in GRIDS:
+            raise ValueError(f"lsq.grid={grid!r}: expected one of {GRIDS}")
+        self.bits = int(bits)
+        self.grid = grid
+        self.enabled = True
+        self.q_n = 2 ** (self.bits - 1)
+        self.q_p = 2 ** (self.bits - 1) - 1
+        self.grad_factor = 1.0 / math.sqrt(weight.numel() * self.q_p) if use_grad_scale else 1.0
+        w = weight.detach()
+        if grid == "lsq_integer":
+            init = 2.0 * w.abs().mean() / math.sqrt(self.q_p)
+        else:
+            init = percentile(w.abs(), 99.0)
+        self.scale = nn.Parameter(init.to(w.dtype).clone().reshape(()))
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled or self.bits >= 32:
+            return w
+        s = grad_scale(self.scale, self.grad_factor).to(w.dtype)
+        if self.grid == "lsq_integer":
+            return round_ste(torch.clamp(w / s, -self.q_n, self.q_p)) * s
+        return symmetric_quantize(w, s, self.bits)
+
+    @torch.no_grad()
+    def clip_bound(self) -> Tensor:
+        """The largest representable magnitude: Q_N·s (lsq_integer) or u_w (odm_symmetric)."""
+        return self.scale * self.q_n if self.grid == "lsq_integer" else self.scale.clone()
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, grid={self.grid}"

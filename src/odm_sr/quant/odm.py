@@ -1,0 +1,379 @@
+"""ODM: Hong & Lee, "Overcoming Distribution Mismatch in Quantizing Image Super-Resolution Networks",
+ECCV 2024 (arXiv 2307.13337 v2). Specification: METHODS.md §5; the shared quantizer math is §3.
+
+- Activations: static per-layer asymmetric [l_a, u_a], learnable, initialised by percentile calibration
+  (§5.2).
+- Weights: symmetric [−u_w, u_w] without a zero level, u_w = f(W)·γ_w (weight clipping correction, §5.3), or
+  LSQ (``weight_quantizer=lsq``, §4.4).
+- Mismatch loss L_M = Σ_i ‖X_i − sg[q(X_i)]‖₂ (§5.4), applied to the conv/linear parameters θ through the
+  cooperative update θ.grad = λ_R g_R + λ_M w(cos(g_R, g_M)) g_M (§5.5, §5.7); quantizer parameters and the
+  rest get g_R only.
+
+The ablation rows of §5.8 are config choices: (a) ``wcc.learn_gamma=false wcc.stat=max_abs mr.mode=off``,
+(b) (a) with ``mr.mode=coop``, (c) ``mr.mode=off``, (d) ``mr.mode=naive``, (e) the defaults.
+
+[fq] Full quantization (``fq.enabled=true``, ``conf/method/odm_fq.yaml``, Table S4, §4.5) is in ``fq.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Bits, QuantMethod, StepOutput, merge_config
+from .calibration import SOURCES, batch_range, calibrate_activation_ranges
+from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
+from .functional import percentile, symmetric_quantize, uniform_quantize
+from .layers import quantized_layers
+from .lsq import GRIDS, LsqWeightQuantizer
+from .mismatch import COS_SCOPES, NORMS, WEIGHT_FNS, MismatchRegistry, active_registry, combine_gradients
+from .placement import select_layers, swap_layers
+
+WEIGHT_STATS = ("p99_abs", "max_abs")
+MR_MODES = ("coop", "naive", "off")
+
+DEFAULTS: dict[str, Any] = {
+    "name": "odm",
+    "target": "odm_sr.quant.odm.ODM",
+    "lambda_r": 1.0,
+    "lambda_m": 1e-5,
+    "qparam_lr_mult": 10.0,
+    "weight_quantizer": "wcc",
+    "quantize_bias": False,
+    "init_from_fp": True,
+    "init": {"j": 99.0, "num_batches": 100, "source": "fp", "interp": "linear"},
+    "wcc": {"stat": "p99_abs", "learn_gamma": True, "detach_stat": True, "lr_mult": 10.0},
+    "lsq": {"grid": "lsq_integer", "lr_mult": 10.0, "grad_scale": True},
+    "mr": {"mode": "coop", "weight_fn": "half_cos", "cos_scope": "global", "norm": "l2",
+           "detach_target": True, "grad_to_qparams": False, "cos_include_unreached": True,
+           "params": "conv_linear_wb"},
+    "placement": {"edsr": "block_convs", "rdn": "rdb_lff_gff", "hat_quantize_cab": False,
+                  "quant_attn_matmul": False, "transformer_same_layers": True},
+    "fq": dict(FQ_DEFAULTS),  # [fq] fully-quantized mode (ODM-FQ, METHODS.md §4.5), off by default; see fq.py
+}
+_EXTRA_KEYS = ("calibration_batches",)  # read by the training entry point; must equal init.num_batches
+
+
+class OdmActQuantizer(nn.Module):
+    """q(X; l_a, u_a) on 2^b levels l_a + k·s_a (METHODS.md §3, §5.1), learnable scalar bounds.
+
+    Inside an active ``MismatchRegistry`` it also reports M_i (§5.4). Until calibrated (``set_range``) the
+    first forward initialises the bounds from its own input's (P_{100−j}, P_j) as a fallback.
+    """
+
+    def __init__(self, bits: int, init_j: float = 99.0):
+        super().__init__()
+        self.bits = int(bits)
+        self.init_j = float(init_j)
+        self.enabled = True
+        self.lower = nn.Parameter(torch.tensor(0.0))
+        self.upper = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False  # host-side copy of ``initialized``: no device sync per forward
+
+    @torch.no_grad()
+    def set_range(self, lower: float, upper: float) -> None:
+        """Set (l_a, u_a); an empty range (e.g. a dead layer) is widened so that the step stays positive."""
+        lower, upper = float(lower), float(upper)
+        self.lower.fill_(lower)
+        self.upper.fill_(max(upper, lower + 1e-6 * max(1.0, abs(lower))))
+        self.initialized.fill_(True)
+        self._ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialized)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled or self.bits >= 32:
+            return x
+        if not self._ready:
+            self.set_range(*batch_range(x, self.init_j).tolist())
+        q = uniform_quantize(x, self.lower, self.upper, self.bits)
+        registry = active_registry()
+        if registry is not None:
+            registry.record(x, q, self.lower, self.upper, self.bits)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class WeightClipQuantizer(nn.Module):
+    """Weight clipping correction (METHODS.md §5.3): W_q = q(W; −u_w, u_w), u_w = f(W)·γ_w.
+
+    f = P_99(|W|) over the whole tensor (``stat=p99_abs``) or max|W| (``max_abs``), recomputed from the
+    current weights every forward and detached (``detach_stat``); γ_w is learnable, init 1 (frozen if not
+    ``learn_gamma``). W gets the STE gradient inside ±u_w and 0 outside; γ_w gets f(W)·∂L/∂u_w.
+    """
+
+    def __init__(self, bits: int, stat: str = "p99_abs", learn_gamma: bool = True, detach_stat: bool = True):
+        super().__init__()
+        if stat not in WEIGHT_STATS:
+            raise ValueError(f"wcc.stat={stat!r}: expected one of {WEIGHT_STATS}")
+        self.bits = int(bits)
+        self.stat = stat
+        self.detach_stat = bool(detach_stat)
+        self.enabled = True
+        self.gamma = nn.Parameter(torch.tensor(1.0), requires_grad=bool(learn_gamma))
+
+    def weight_stat(self, w: Tensor) -> Tensor:
+        """f(W): P_99(|W|) (torch.quantile, linear) or max|W|."""
+        mag = w.detach().abs() if self.detach_stat else w.abs()
+        if self.stat == "max_abs":
+            return mag.amax()
+        if self.detach_stat:
+            return percentile(mag, 99.0).to(w.dtype)
+        return torch.quantile(mag.reshape(-1), 0.99)  # differentiable; weights are far below 16M elements
+
+    def clip_bound(self, w: Tensor) -> Tensor:
+        """u_w = f(W)·γ_w."""
+        return self.weight_stat(w) * self.gamma.to(w.dtype)
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled or self.bits >= 32:
+            return w
+        return symmetric_quantize(w, self.clip_bound(w), self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, stat={self.stat}, learn_gamma={self.gamma.requires_grad}"
+
+
+# -- configuration ----------------------------------------------------------------------------------------
+def _check_choice(cfg: dict, key: str, allowed: Sequence, prefix: str = "") -> None:
+    if cfg[key] not in allowed:
+        raise ValueError(f"{prefix}{key}={cfg[key]!r}: expected one of {tuple(allowed)}")
+
+
+def _check_bool(cfg: dict, key: str, prefix: str = "") -> None:
+    if not isinstance(cfg[key], bool):
+        raise ValueError(f"{prefix}{key}={cfg[key]!r}: expected true or false")
+
+
+def _check_number(cfg: dict, key: str, prefix: str = "", positive: bool = False) -> None:
+    value = cfg[key]
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"{prefix}{key}={value!r}: expected a {kind} number")
+
+
+def odm_config(cfg: Any = None) -> dict:
+    """The method config merged over ``DEFAULTS`` and validated (ValueError names the offending key)."""
+    c = merge_config(DEFAULTS, cfg, extra_keys=_EXTRA_KEYS)
+    for key in ("lambda_r", "lambda_m"):
+        _check_number(c, key)
+    _check_number(c, "qparam_lr_mult", positive=True)
+    _check_choice(c, "weight_quantizer", ("wcc", "lsq"))
+    for key in ("quantize_bias", "init_from_fp"):
+        _check_bool(c, key)
+    if c["quantize_bias"]:
+        raise ValueError("quantize_bias=true is not implemented: ODM keeps biases FP (METHODS.md §5.1)")
+    init, wcc, lsq, mr, placement = c["init"], c["wcc"], c["lsq"], c["mr"], c["placement"]
+    j = init["j"]
+    if isinstance(j, bool) or not isinstance(j, (int, float)) or not 50 < j <= 100:
+        raise ValueError(f"init.j={j!r}: expected 50 < j <= 100 (100 = min/max)")
+    num = init["num_batches"]
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"init.num_batches={num!r}: expected a positive integer")
+    if "calibration_batches" in c and c["calibration_batches"] != init["num_batches"]:
+        raise ValueError(f"calibration_batches={c['calibration_batches']!r} differs from "
+                         f"init.num_batches={init['num_batches']!r}: set both to the same value")
+    _check_choice(init, "source", SOURCES, "init.")
+    _check_choice(init, "interp", ("linear",), "init.")
+    _check_choice(wcc, "stat", WEIGHT_STATS, "wcc.")
+    _check_bool(wcc, "learn_gamma", "wcc.")
+    _check_bool(wcc, "detach_stat", "wcc.")
+    _check_number(wcc, "lr_mult", "wcc.", positive=True)
+    _check_choice(lsq, "grid", GRIDS, "lsq.")
+    _check_number(lsq, "lr_mult", "lsq.", positive=True)
+    _check_bool(lsq, "grad_scale", "lsq.")
+    _check_choice(mr, "mode", MR_MODES, "mr.")
+    _check_choice(mr, "weight_fn", WEIGHT_FNS, "mr.")
+    _check_choice(mr, "cos_scope", COS_SCOPES, "mr.")
+    _check_choice(mr, "norm", NORMS, "mr.")
+    _check_choice(mr, "params", ("conv_linear_wb",), "mr.")
+    for key in ("detach_target", "grad_to_qparams", "cos_include_unreached"):
+        _check_bool(mr, key, "mr.")
+    _check_choice(placement, "edsr", ("block_convs",), "placement.")  # pams_style is PAMS's pattern
+    for key in ("hat_quantize_cab", "transformer_same_layers"):
+        _check_bool(placement, key, "placement.")
+    _check_choice(placement, "quant_attn_matmul", (False,), "placement.")
+    check_fq_config(c["fq"])  # [fq]
+    return c
+
+
+# -- the method ----------------------------------------------------------------------------------------------
+GROUPS = ("theta", "act_qparams", "wcc_gamma", "lsq_scale", "rest")
+
+
+class ODM(QuantMethod):
+    """ODM (METHODS.md §5). Config keys and defaults: ``DEFAULTS``; see ``odm_config``."""
+
+    name = "odm"
+
+    def __init__(self, cfg: Any = None, bits: Bits | None = None):
+        super().__init__(odm_config(cfg), bits)
+        self.init_from_fp = self.cfg["init_from_fp"]
+        self.calibration_batches = self.cfg["init"]["num_batches"]
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def quantize(self, model: nn.Module) -> nn.Module:
+        """W + A on each placed layer (§2.3, ``placement.*``); bits 32 on both leaves the model as it is."""
+        self.check_backbone(model)
+        if self.bits.is_float:
+            return model
+        if self.cfg["fq"]["enabled"]:  # [fq] every conv head to tail + skip operands at bits.sc: fq.py
+            sc, j = self.bits.sc, self.cfg["init"]["j"]
+            make_skip = (lambda: OdmActQuantizer(sc, j)) if sc < 32 else None
+            return quantize_fully(model, self.cfg["fq"], self._make_quantizers, make_skip)
+        return swap_layers(model, select_layers(model, self.cfg["placement"]), self._make_quantizers)
+
+    def _make_quantizers(self, name: str, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        act = OdmActQuantizer(self.bits.a, self.cfg["init"]["j"]) if self.bits.a < 32 else None
+        if self.bits.w >= 32:
+            return act, None
+        if self.cfg["weight_quantizer"] == "lsq":
+            lsq = self.cfg["lsq"]
+            return act, LsqWeightQuantizer(self.bits.w, layer.weight, lsq["grid"], lsq["grad_scale"])
+        wcc = self.cfg["wcc"]
+        return act, WeightClipQuantizer(self.bits.w, wcc["stat"], wcc["learn_gamma"], wcc["detach_stat"])
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Tensor],
+                  teacher: nn.Module | None = None) -> dict[str, tuple[float, float]]:
+        """Percentile init of every (l_a, u_a) (§5.2, ``init.*``); returns {layer: (l_a, u_a)}."""
+        init = self.cfg["init"]
+        return calibrate_activation_ranges(model, batches, j=init["j"], num_batches=init["num_batches"],
+                                           source=init["source"])
+
+    def partition(self, model: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role: θ = conv/linear weights and biases; φ = l_a/u_a, γ_w, LSQ s; rest."""
+        groups: dict[str, list[nn.Parameter]] = {key: [] for key in GROUPS}
+        seen: set[int] = set()
+
+        def add(key: str, params: Iterable[nn.Parameter]) -> None:
+            for p in params:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    groups[key].append(p)
+
+        roles = ((OdmActQuantizer, "act_qparams"), (WeightClipQuantizer, "wcc_gamma"),
+                 (LsqWeightQuantizer, "lsq_scale"), ((nn.Conv2d, nn.Linear), "theta"))
+        for module in model.modules():
+            key = next((k for cls, k in roles if isinstance(module, cls)), None)
+            if key is not None:
+                add(key, module.parameters(recurse=False))
+        add("rest", model.parameters())
+        return groups
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        """θ and rest at β⁰ (``lr``); l_a/u_a at ``qparam_lr_mult``·β⁰, γ_w at ``wcc.lr_mult``·β⁰,
+        LSQ s at ``lsq.lr_mult``·β⁰ (§5.6, §5.7). Empty groups are left out."""
+        cfg = self.cfg
+        mult = {"theta": 1.0, "act_qparams": cfg["qparam_lr_mult"], "wcc_gamma": cfg["wcc"]["lr_mult"],
+                "lsq_scale": cfg["lsq"]["lr_mult"], "rest": 1.0}
+        return [{"name": key, "params": params, "lr": lr * float(mult[key])}
+                for key, params in self.partition(model).items() if params]
+
+    # -- training -------------------------------------------------------------------------------------------
+    def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
+                        teacher: nn.Module | None = None) -> StepOutput:
+        """terms: 'rec' = λ_R·L1(SR, HR) in the native range and, unless ``mr.mode=off``,
+        'mismatch' = L_M (unweighted; λ_M enters in ``backward``)."""
+        mr = self.cfg["mr"]
+        if mr["mode"] == "off":
+            sr = model(lr)
+            return StepOutput(sr=sr, terms={"rec": self.cfg["lambda_r"] * F.l1_loss(sr, hr)})
+        with MismatchRegistry(mr["norm"], mr["detach_target"], mr["grad_to_qparams"]) as registry:
+            sr = model(lr)
+        rec = self.cfg["lambda_r"] * F.l1_loss(sr, hr)
+        mismatch = registry.total().to(rec.device)
+        return StepOutput(sr=sr, terms={"rec": rec, "mismatch": mismatch},
+                          objective=(rec + self.cfg["lambda_m"] * mismatch).detach())
+
+    def backward(self, out: StepOutput, model: nn.Module,
+                 backward_fn: Callable[[Tensor], None]) -> dict[str, float]:
+        """Write ``.grad`` per §5.7 (accumulating into existing grads, like ``backward``).
+
+        coop/naive: g_R = ∇(λ_R L_R) for θ, φ and rest; g_M = ∇L_M for θ (+ φ if
+        ``mr.grad_to_qparams``), None where L_M does not reach. Autograd only walks L_M's own graph (the
+        layers upstream of the last quantized input), so listing every θ costs nothing and θ_reach is exact.
+        θ.grad = g_R + λ_M·w(c)·g_M, w ≡ 1 for naive; φ.grad = g_R (+ λ_M·g_M, unweighted, if
+        ``grad_to_qparams``); rest.grad = g_R. off: backward_fn(λ_R L_R).
+        """
+        mr, rec = self.cfg["mr"], out.terms["rec"]
+        if mr["mode"] == "off" or "mismatch" not in out.terms:
+            backward_fn(rec)
+            return _to_floats({"loss_rec": rec})
+        mismatch = out.terms["mismatch"]
+        groups = self.partition(model)
+        theta, rest = groups["theta"], groups["rest"]
+        phi = groups["act_qparams"] + groups["wcc_gamma"] + groups["lsq_scale"]
+        g_r = torch.autograd.grad(rec, theta + phi + rest, retain_graph=mismatch.requires_grad,
+                                  allow_unused=True)
+        m_params = theta + (phi if mr["grad_to_qparams"] else [])
+        g_m: Sequence[Tensor | None] = [None] * len(m_params)
+        if mismatch.requires_grad and m_params:
+            g_m = torch.autograd.grad(mismatch, m_params, allow_unused=True)
+        n_t, n_p = len(theta), len(phi)
+        weight_fn = mr["weight_fn"] if mr["mode"] == "coop" else "one"
+        # g_R already carries λ_R (the 'rec' term is λ_R·L_R), hence lambda_r=1
+        theta_grads, stats = combine_gradients(g_r[:n_t], g_m[:n_t], 1.0, self.cfg["lambda_m"], weight_fn,
+                                               mr["cos_scope"], mr["cos_include_unreached"])
+        phi_grads = list(g_r[n_t:n_t + n_p])
+        if mr["grad_to_qparams"]:
+            phi_grads = [_add_scaled(r, m, self.cfg["lambda_m"])
+                         for r, m in zip(phi_grads, g_m[n_t:], strict=True)]
+        _accumulate(theta + phi + rest, list(theta_grads) + phi_grads + list(g_r[n_t + n_p:]))
+        return _to_floats({"loss_rec": rec, "loss_mismatch": mismatch, "cos": stats["cos"],
+                           "weight": stats["weight"], "grad_norm_rec": stats["grad_norm_rec"],
+                           "grad_norm_mismatch": stats["grad_norm_mismatch"],
+                           "sign_conflict": stats["sign_conflict"]})
+
+    @torch.no_grad()
+    def log_stats(self, model: nn.Module) -> dict[str, float]:
+        """Per quantized layer: lower, upper (l_a, u_a); gamma and u_w (WCC) or scale and u_w (LSQ)."""
+        values: dict[str, Tensor] = {}
+        for name, layer in quantized_layers(model).items():
+            act, weight_q = layer.act_quant, layer.weight_quant
+            if isinstance(act, OdmActQuantizer):
+                values[f"{name}/lower"], values[f"{name}/upper"] = act.lower, act.upper
+            if isinstance(weight_q, WeightClipQuantizer):
+                values[f"{name}/gamma"] = weight_q.gamma
+                values[f"{name}/u_w"] = weight_q.clip_bound(layer.weight)
+            elif isinstance(weight_q, LsqWeightQuantizer):
+                values[f"{name}/scale"] = weight_q.scale
+                values[f"{name}/u_w"] = weight_q.clip_bound()
+        return _to_floats(values)
+
+
+def _add_scaled(r: Tensor | None, m: Tensor | None, scale: float) -> Tensor | None:
+    if m is None:
+        return r
+    return scale * m if r is None else r + scale * m
+
+
+def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+    """p.grad += g (p.grad = g when empty); None leaves p.grad untouched."""
+    for p, g in zip(params, grads, strict=True):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g.detach()
+        else:
+            p.grad.add_(g.detach())
+
+
+def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
+    """Detached 0-d tensors to floats with a single device sync."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().reshape(()).float() for v in values.values()])
+    return dict(zip(values, stacked.tolist(), strict=True))
+
+
+__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config"]

@@ -1,0 +1,198 @@
+"""PAMS (Li et al., ECCV 2020): learnable symmetric activation clip α, max-abs weights, SKT distillation.
+
+Source: `colorjam/PAMS@737cc09` `model/quant_ops.py` (`quant_weight`, `pams_quant_act`), `model/edsr.py`,
+`main.py`; METHODS.md §3 (symmetric with zero) and §4.1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Bits, QuantMethod, StepOutput, merge_config
+from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks
+from .functional import round_ste
+from .skt import check_skt_config, distillation_losses
+
+PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input")
+PAMS_DEFAULTS = {
+    "official": False,
+    "quirks": dict.fromkeys(PAMS_QUIRKS, False),
+    "skt": {"weight": 1000.0, "feature": "pre_reconstruction"},
+    "alpha_init": 10.0,  # α before the first tracked batch (only eval before training sees it)
+    "ema_decay": 0.9997,
+    "ema_epochs": 1,  # epochs in which α tracks the data instead of clipping
+    "iters_per_epoch": 1000,
+    "qparam_lr": 1e-2,  # absolute lr of the α group
+    "placement": {"edsr": "pams_style", "rdn": "pams_style", "transformer_same_layers": True,
+                  "hat_quantize_cab": False, "quant_attn_matmul": False},
+}
+
+
+class _SymmetricZeroQuant(torch.autograd.Function):
+    """q = Int(clip(X, −α, α)·Q/α)·α/Q, Q = 2^(b−1) − 1 (2^b − 1 levels, zero included).
+
+    With v = X·Q/α and R = Int(v): ∂q/∂X = 1[|X| ≤ α]; ∂q/∂α = (R − v)/Q inside, sign(X) outside
+    (METHODS.md §3, what autograd gives through the released clip + STE round).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, q_max: float) -> Tensor:
+        clipped = torch.minimum(torch.maximum(x, -alpha), alpha)
+        v = clipped * q_max / alpha
+        r = torch.round(v)
+        ctx.save_for_backward(x, alpha, r - v)
+        ctx.q_max = q_max
+        return r * alpha / q_max
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, alpha, r_minus_v = ctx.saved_tensors
+        inside = x.abs() <= alpha
+        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            local = torch.where(inside, r_minus_v / ctx.q_max, torch.sign(x))
+            grad_alpha = (grad_out * local).sum().reshape(alpha.shape)
+        return grad_x, grad_alpha, None
+
+
+def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
+    """PAMS activation quantization on [−α, α] with a zero level (learnable α)."""
+    return _SymmetricZeroQuant.apply(x, alpha, float(2 ** (bits - 1) - 1))
+
+
+def max_abs_weight_quantize(w: Tensor, bits: int) -> Tensor:
+    """PAMS weights: Int(W·Q/m)·m/Q, m = max|W| (detached) + 1e-8, STE without clipping (|W| ≤ m anyway).
+
+    2 bits (Q = 1) gives the ternary {−m, 0, m}. `quant_ops.quant_weight`.
+    """
+    q_max = float(2 ** (bits - 1) - 1)
+    m = w.detach().abs().max() + 1e-8
+    return round_ste(w * (q_max / m)) * (m / q_max)
+
+
+class PamsWeightQuant(nn.Module):
+    """Max-abs symmetric weight quantizer (nothing learnable)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, w: Tensor) -> Tensor:
+        return max_abs_weight_quantize(w, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class PamsActQuant(nn.Module):
+    """Activation quantizer with one learnable α (`pams_quant_act`).
+
+    While ``tracking`` (epoch 1) and training, nothing is clipped and α is set from the batch statistic
+    s = mean over images of max|x|: the first batch sets it, later batches update an EMA with ``decay``
+    (``last_batch=True``: every batch overwrites it, as released). Otherwise α clips and is learned.
+    """
+
+    def __init__(self, bits: int, site: ActSite, alpha_init: float = 10.0, decay: float = 0.9997,
+                 last_batch: bool = False) -> None:
+        super().__init__()
+        self.bits, self.site, self.decay, self.last_batch = bits, site, decay, last_batch
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.register_buffer("running_max", torch.tensor(0.0))
+        self.seen = False  # a batch statistic has been recorded (saved via the extra state)
+        self.tracking = True
+
+    @torch.no_grad()
+    def _track(self, x: Tensor) -> None:
+        grouped = group_by_image(x.detach(), self.site)
+        stat = grouped.abs().flatten(1).amax(1).mean()
+        if self.last_batch or not self.seen:
+            self.running_max.copy_(stat)
+        else:
+            self.running_max.mul_(self.decay).add_((1.0 - self.decay) * stat)
+        self.seen = True
+        self.alpha.copy_(self.running_max)
+
+    def get_extra_state(self) -> dict[str, bool]:
+        return {"seen": self.seen}
+
+    def set_extra_state(self, state: dict[str, bool]) -> None:
+        self.seen = bool(state["seen"])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.tracking:
+            self._track(x)
+            q_max = float(2 ** (self.bits - 1) - 1)
+            alpha = self.alpha.detach().clamp_min(1e-8)
+            return round_ste(x * q_max / alpha) * alpha / q_max  # no clipping in the tracking epoch
+        return pams_act_quantize(x, self.alpha, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, decay={self.decay}, last_batch={self.last_batch}"
+
+
+class PAMS(QuantMethod):
+    """PAMS: W + A quantization with learnable α, L1 + ``skt.weight``·L_SKT (METHODS.md §4.1)."""
+
+    name = "pams"
+    needs_teacher = True
+
+    def __init__(self, cfg: Any = None, bits: Bits | None = None):
+        super().__init__(cfg, bits)
+        self.cfg = c = merge_config(PAMS_DEFAULTS, cfg, EXTRA_KEYS)
+        self.quirks = read_quirks(c, PAMS_QUIRKS)
+        self.skt_weight, _ = check_skt_config(c["skt"])
+        self.alpha_init = positive(c, "alpha_init")
+        self.ema_decay = float(c["ema_decay"])
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay}: expected 0 <= decay < 1")
+        self.ema_epochs = int(c["ema_epochs"])
+        if self.ema_epochs < 0:
+            raise ValueError(f"ema_epochs={self.ema_epochs}: expected >= 0")
+        self.iters_per_epoch = positive(c, "iters_per_epoch", int)
+        self.qparam_lr = positive(c, "qparam_lr")
+        self.placement = c["placement"]
+
+    @property
+    def init_from_fp(self) -> bool:
+        """False under ``quirks.random_student_init``: the loader then leaves the student randomly initialised
+        (only the teacher gets the FP weights, `colorjam/PAMS#15`)."""
+        return not self.quirks["random_student_init"]
+
+    def quantize(self, model: nn.Module) -> nn.Module:
+        self.check_backbone(model)
+        make_act = None if self.bits.a >= 32 else (
+            lambda site: PamsActQuant(self.bits.a, site, self.alpha_init, self.ema_decay,
+                                      self.quirks["alpha_last_batch"]))
+        make_weight = None if self.bits.w >= 32 else (lambda name, layer: PamsWeightQuant(self.bits.w))
+        return apply_placement(model, self.placement, make_act, make_weight,
+                               conv1_raw_input=self.quirks["conv1_raw_input"],
+                               gff3_fp_input=self.quirks["rdn_gff3_fp_input"])
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
+        alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuant)]
+        ids = {id(p) for p in alphas}
+        net = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"name": "net", "params": net, "lr": lr}]
+        if alphas:
+            groups.append({"name": "alpha", "params": alphas, "lr": self.qparam_lr})
+        return groups
+
+    def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
+                        teacher: nn.Module | None = None) -> StepOutput:
+        tracking = step // self.iters_per_epoch < self.ema_epochs
+        for m in model.modules():
+            if isinstance(m, PamsActQuant):
+                m.tracking = tracking
+        sr, terms = distillation_losses(model, teacher, lr, hr, self.skt_weight)
+        return StepOutput(sr=sr, terms=terms, logs={"alpha_tracking": float(tracking)})
+
+    def log_stats(self, model: nn.Module) -> dict[str, float]:
+        quants = {n: m for n, m in model.named_modules() if isinstance(m, PamsActQuant)}
+        stats = {f"alpha/{n}": float(m.alpha.detach()) for n, m in quants.items()}
+        if quants:
+            stats["alpha/mean"] = sum(stats.values()) / len(quants)
+        return stats

@@ -1,0 +1,91 @@
+"""Structured knowledge transfer (SKT), the attention-transfer loss shared by PAMS and DDTB (METHODS.md §4.1).
+
+AT(F) = L2-normalise(flatten(mean_c F²)) per sample; L_SKT = mean((AT_s − AT_t)²), as `at` / `at_loss` in
+`colorjam/PAMS@737cc09` and `zysxmu/DDTB@e21403d` `utils/common.py`. F is the input of the reconstruction
+part (`skt.feature=pre_reconstruction`): the EDSR tail input (body output + global skip), the RDN UPNet input
+(GFF output + SFENet1), and on SwinIR/HAT `conv_after_body(...) + x`, the input of `conv_before_upsample`
+(pixelshuffle upsamplers) or of `upsample` (SwinIR-light's pixelshuffledirect).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .placement import backbone_family
+
+SKT_FEATURES = ("pre_reconstruction",)
+
+
+def attention_map(feature: Tensor) -> Tensor:
+    """AT(F): mean over channels of F², flattened per sample, L2-normalised (``F.normalize``, eps 1e-12)."""
+    return F.normalize(feature.pow(2).mean(1).reshape(feature.shape[0], -1), dim=1)
+
+
+def skt_loss(f_student: Tensor, f_teacher: Tensor) -> Tensor:
+    """mean((AT(F_s) − AT(F_t))²); the teacher side is detached, so it never receives a gradient."""
+    return (attention_map(f_student) - attention_map(f_teacher.detach())).pow(2).mean()
+
+
+def reconstruction_input_module(model: nn.Module) -> nn.Module:
+    """The module whose input is the SKT feature F (the reconstruction input) of ``model``."""
+    family = backbone_family(model)
+    if family == "edsr":
+        return model.tail
+    if family == "rdn":
+        return model.UPNet
+    if hasattr(model, "conv_before_upsample"):  # SwinIR-classical, HAT
+        return model.conv_before_upsample
+    if hasattr(model, "upsample"):  # SwinIR-light (pixelshuffledirect)
+        return model.upsample
+    raise ValueError(f"no reconstruction input known for {type(model).__name__} ({family})")
+
+
+class _Captured:
+    """Holds the tensor a forward pre-hook saw (``value``)."""
+
+    value: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+
+@contextmanager
+def capture_reconstruction_input(model: nn.Module) -> Iterator[_Captured]:
+    """``with capture_reconstruction_input(model) as feat: model(x)`` leaves F in ``feat.value``."""
+    captured = _Captured()
+    handle = reconstruction_input_module(model).register_forward_pre_hook(captured)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def check_skt_config(skt: dict) -> tuple[float, str]:
+    """Validate ``skt.weight`` (≥ 0) and ``skt.feature``; returns (weight, feature)."""
+    weight, feature = float(skt["weight"]), skt["feature"]
+    if weight < 0:
+        raise ValueError(f"skt.weight={weight}: expected a non-negative number")
+    if feature not in SKT_FEATURES:
+        raise ValueError(f"skt.feature={feature!r}: expected one of {SKT_FEATURES}")
+    return weight, feature
+
+
+def distillation_losses(model: nn.Module, teacher: nn.Module | None, lr: Tensor, hr: Tensor,
+                        weight: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Student forward with the PAMS/DDTB losses: ``rec`` = L1(SR, HR) and ``skt`` = weight · L_SKT.
+
+    The teacher (frozen FP copy, eval mode) runs without gradients. Returns (sr, terms).
+    """
+    if teacher is None:
+        raise ValueError("this method needs the FP teacher (needs_teacher=True) for its SKT loss; got None")
+    with torch.no_grad(), capture_reconstruction_input(teacher) as feat_t:
+        teacher(lr)
+    with capture_reconstruction_input(model) as feat_s:
+        sr = model(lr)
+    terms = {"rec": F.l1_loss(sr, hr), "skt": weight * skt_loss(feat_s.value, feat_t.value)}
+    return sr, terms

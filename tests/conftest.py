@@ -1,0 +1,19 @@
+"""Shared fixtures. Keep this file small: add a fixture here only when several test folders use it."""
+
+from pathlib import Path
+
+import pytest
+
+from odm_sr.data.registry import DATA_ENV_VAR, default_data_root
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real data root (``default_data_root()``); skips the test where it is absent."""
+    root = default_data_root()
+    if root is None or not (root / "benchmark").is_dir():
+        pytest.skip(
+            f"real data not found (looked at ${DATA_ENV_VAR}, then <repo>/../shared/data; "
+            f"got {root}): these tests need benchmark/Set5 etc."
+        )
+    return root

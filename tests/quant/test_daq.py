@@ -1,0 +1,194 @@
+"""DAQ (METHODS.md §3, §4.2): mid-rise levels, per-image/per-channel statistics against numpy, σ_c = 0,
+identity STE, transformer layout, the method on a small EDSR."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from odm_sr.models import build_model
+from odm_sr.quant.base import Bits
+from odm_sr.quant.blocks import ActSite, ImageCount
+from odm_sr.quant.daq import DAQ, GAUSSIAN_STEPS, DaqActQuant, DaqWeightQuant, auto_sigma_bits
+from odm_sr.quant.layers import quantized_layers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+CONV = ActSite("q", 3, False)
+T = {2: 1.596, 3: 0.996, 4: 0.586, 8: 0.057}
+
+
+def np_midrise(v, step, bits):
+    thr = (2 ** (bits - 1) - 0.5) * step
+    return np.clip((np.round(v / step + 0.5) - 0.5) * step, -thr, thr)
+
+
+def heavy_tailed() -> torch.Tensor:
+    """Symmetric (mean 0) values: many ±1 and a dense ramp to ±10, so every level of 2–4 bits is hit."""
+    return torch.cat([torch.ones(5000), -torch.ones(5000), torch.linspace(-10, 10, 201)])
+
+
+def test_step_table():
+    assert [GAUSSIAN_STEPS[b] for b in range(1, 10)] == [2.0, 1.596, 0.996, 0.586, 0.335, 0.188, 0.104, 0.057,
+                                                          0.031]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_weight_midrise_levels(bits):
+    w = heavy_tailed().requires_grad_(True)
+    step = T[bits] * w.detach().std()
+    q = DaqWeightQuant(bits)(w)
+    k = torch.arange(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1) + 1)
+    assert torch.allclose(q.detach().unique(), (k - 0.5) * step, atol=1e-5)  # 2^b levels, no zero
+    q.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # identity STE, also where clamped
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_signed_activation_levels(bits):
+    # one image, one channel: μ = 0 by symmetry, σ = its std; output on (k − ½)Δ around μ
+    x = heavy_tailed().reshape(1, 1, 1, -1)
+    quant = DaqActQuant(bits, ActSite("q", 1, False))
+    step = T[bits] * x.std()
+    k = torch.arange(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1) + 1)
+    assert torch.allclose(quant(x).unique(), (k - 0.5) * step, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("unbounded", [False, True])
+def test_post_relu_levels_are_multiples_of_step(bits, unbounded):
+    x = torch.cat([torch.zeros(50), torch.linspace(0.01, 4, 400), torch.tensor([60.0])]).reshape(1, 1, 1, -1)
+    quant = DaqActQuant(bits, ActSite("q", 1, False), unbounded=unbounded)
+    out = quant(x)
+    nonzero = x[x > 0]
+    count = nonzero.numel() + 1
+    mu = nonzero.sum() / count
+    step = T[bits] * (nonzero.pow(2).sum() / count - mu ** 2).sqrt()
+    multiples = out / step
+    assert torch.allclose(multiples, multiples.round(), atol=1e-4)
+    top = (2 ** bits - 1) * step
+    assert top < 60.0  # the outlier is beyond the top level
+    if unbounded:
+        assert out.max().item() == pytest.approx((60.0 / step).round().item() * step.item(), rel=1e-5)
+    else:
+        assert out.max().item() == pytest.approx(top.item(), rel=1e-5) and out.min() == 0
+
+
+def numpy_reference(x, bits, sigma_bits):
+    """Independent per-image, per-channel DAQ forward (signed branch) in numpy."""
+    mu = x.mean(axis=(2, 3), keepdims=True)
+    sigma = x.std(axis=(2, 3), ddof=1, keepdims=True)
+    if sigma_bits < 32:
+        m = sigma.mean(axis=1, keepdims=True)
+        s_step = T[sigma_bits] * sigma.std(axis=1, ddof=1, keepdims=True)
+        sigma = np_midrise(sigma - m, s_step, sigma_bits) + m
+    return np_midrise(x - mu, T[bits] * sigma, bits) + mu
+
+
+@pytest.mark.parametrize("sigma_bits", [32, 4, 8])
+def test_signed_statistics_match_numpy(sigma_bits):
+    rng = np.random.default_rng(0)
+    scales = np.array([1.0, 3.0, 0.2])[None, :, None, None]
+    x = rng.normal(size=(2, 3, 5, 6)) * scales + rng.normal(size=(2, 3, 1, 1))
+    out = DaqActQuant(3, CONV, sigma_bits=sigma_bits)(torch.tensor(x, dtype=torch.float64))
+    np.testing.assert_allclose(out.numpy(), numpy_reference(x, 3, sigma_bits), rtol=1e-10, atol=1e-10)
+
+
+def test_post_relu_statistics_match_numpy():
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.normal(size=(2, 3, 4, 5)), 0.0)
+    out = DaqActQuant(2, CONV)(torch.tensor(x)).numpy()
+    count = (x > 0).sum(axis=(2, 3), keepdims=True) + 1
+    mu = x.sum(axis=(2, 3), keepdims=True) / count
+    sigma = np.sqrt((x ** 2).sum(axis=(2, 3), keepdims=True) / count - mu ** 2)
+    step = 1.596 * sigma
+    expected = np.clip(np.round(x / step), 0, 3) * step
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_sigma_channels():
+    relu = torch.rand(2, 3, 4, 4)
+    relu[0, 1] = 0.0  # an all-zero channel after ReLU
+    relu[1, 2] = 0.0
+    out = DaqActQuant(2, CONV)(relu)
+    assert torch.equal(out[0, 1], torch.zeros(4, 4)) and torch.equal(out[1, 2], torch.zeros(4, 4))
+    signed = torch.randn(1, 3, 4, 4)
+    signed[0, 0] = -0.7  # constant channel: σ_c = 0, output is its mean (no quantization noise)
+    out = DaqActQuant(2, CONV)(signed)
+    assert torch.allclose(out[0, 0], torch.full((4, 4), -0.7))
+
+
+def test_activation_identity_ste():
+    x = (torch.randn(2, 3, 4, 4) * 5).requires_grad_(True)
+    DaqActQuant(2, CONV)(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_token_layout_uses_per_image_statistics():
+    """(B·nW, N, C) windows regrouped per image give the same result as the conv layout (B, C, H, W)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    conv_out = DaqActQuant(3, CONV, sigma_bits=8)(x)
+    images = ImageCount()
+    images.value = 2
+    tokens = x.flatten(2).transpose(1, 2).reshape(4, 8, 3)  # 2 "windows" per image
+    token_out = DaqActQuant(3, ActSite("q", 3, True, images), sigma_bits=8)(tokens)
+    back = token_out.reshape(2, 16, 3).transpose(1, 2).reshape(2, 3, 4, 4)
+    assert torch.allclose(back, conv_out, atol=1e-6)
+
+
+def test_auto_sigma_bits_and_quirk():
+    assert auto_sigma_bits(build_model("edsr_baseline", 2)) == 4
+    assert auto_sigma_bits(build_model("edsr", 2, n_resblocks=1, n_feats=8)) == 8
+    quant = DaqActQuant(4, CONV, sigma_bits=4, fixed_steps=True)
+    assert (quant.factor, quant.sigma_factor) == (1.596, 0.057)
+    assert DaqWeightQuant(3, fixed_steps=True).factor == 1.596
+
+
+def test_config_validation():
+    assert DAQ({"official": True}, Bits(2, 2)).quirks == {"unbounded_relu_branch": True,
+                                                          "finetune_fixed_steps": True}
+    with pytest.raises(NotImplementedError, match="window"):
+        DAQ({"stats_scope": "window"}, Bits(2, 2))
+    with pytest.raises(ValueError, match="sigma_bits"):
+        DAQ({"sigma_bits": 12}, Bits(2, 2))
+    with pytest.raises(ValueError, match="unknown method config key"):
+        DAQ({"sigma_bit": 4}, Bits(2, 2))
+
+
+def test_method_on_small_edsr_trains():
+    torch.manual_seed(0)
+    model = build_model("edsr", 2, n_resblocks=2, n_feats=8)
+    method = DAQ({}, Bits(2, 2))
+    method.quantize(model)
+    layers = quantized_layers(model)
+    assert sorted(layers) == [f"body.{i}.body.{j}" for i in range(2) for j in (0, 2)]  # block_convs
+    assert all(isinstance(m.act_quant, DaqActQuant) for m in layers.values())
+    opt = torch.optim.Adam(method.param_groups(model, 1e-4))
+    before = model.body[0].body[2].weight.detach().clone()
+    for step in range(3):
+        lr, hr = torch.rand(2, 3, 6, 6) * 255, torch.rand(2, 3, 12, 12) * 255
+        out = method.training_losses(model, lr, hr, step)
+        assert set(out.terms) == {"rec"} and torch.isfinite(out.terms["rec"])
+        opt.zero_grad()
+        out.terms["rec"].backward()
+        opt.step()
+    assert not torch.equal(before, model.body[0].body[2].weight)
+
+
+def test_rdn_default_placement_is_rdb_convs(monkeypatch):
+    from odm_sr.models import rdn
+
+    monkeypatch.setitem(rdn.RDN_CONFIGS, "tiny", (2, 3, 4))
+    model = build_model("rdn", 2, config="tiny", G0=8)
+    DAQ({}, Bits(4, 4)).quantize(model)
+    expected = [f"RDBs.{i}.convs.{c}.conv.0" for i in range(2) for c in range(3)]
+    assert sorted(quantized_layers(model)) == expected

@@ -1,0 +1,123 @@
+"""PSNR/SSIM (MATLAB convention): hand-computed cases and scikit-image references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import rgb2ycbcr
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from odm_sr.metrics import MetricAccumulator, evaluate_pair, psnr, rgb_to_y, ssim, to_uint8
+
+
+def _random_pair(seed=0, shape=(3, 40, 52), noise=12.0):
+    g = torch.Generator().manual_seed(seed)
+    hr = torch.randint(0, 256, shape, generator=g, dtype=torch.int64)
+    # smooth the truth a little so SSIM is not near zero
+    hr = torch.nn.functional.avg_pool2d(hr[None].double(), 3, 1, 1)[0].round().to(torch.uint8)
+    sr = (hr.double() + noise * torch.randn(shape, generator=g, dtype=torch.float64)).round().clamp(0, 255)
+    return sr.to(torch.uint8), hr
+
+
+def test_to_uint8_scales_rounds_and_clamps():
+    x = torch.tensor([-0.2, 0.0, 0.4 / 255, 1.4 / 255, 100.6 / 255, 1.0, 1.3])
+    assert to_uint8(x).tolist() == [0, 0, 0, 1, 101, 255, 255]
+    assert to_uint8(torch.tensor([12.4, 12.6, 300.0]), pixel_range=255).tolist() == [12, 13, 255]
+    assert to_uint8(np.array([0.5])).dtype == torch.uint8
+    sr, hr = _random_pair()
+    assert psnr(sr[None], hr[None], 2) == psnr(sr, hr, 2)
+
+
+def test_rgb_to_y_matches_matlab_formula_and_skimage():
+    img = torch.tensor([[[0, 255, 10]], [[0, 255, 200]], [[0, 255, 30]]], dtype=torch.uint8)  # (3, 1, 3)
+    y = rgb_to_y(img)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y[0, :2], torch.tensor([16.0, 235.0], dtype=torch.float64))
+    expected = 16 + (65.481 * 10 + 128.553 * 200 + 24.966 * 30) / 255
+    assert y[0, 2].item() == pytest.approx(expected, abs=1e-12)
+    sr, _ = _random_pair()
+    ref = rgb2ycbcr(sr.permute(1, 2, 0).numpy())[..., 0]  # skimage: same BT.601 16-235 formula
+    np.testing.assert_allclose(rgb_to_y(sr).numpy(), ref, atol=1e-9)
+
+
+def test_psnr_matches_skimage_on_y_channel():
+    sr, hr = _random_pair()
+    border = 3
+    ys, yh = rgb_to_y(sr).numpy(), rgb_to_y(hr).numpy()
+    ref = peak_signal_noise_ratio(yh[3:-3, 3:-3], ys[3:-3, 3:-3], data_range=255)
+    assert psnr(sr, hr, border) == pytest.approx(ref, abs=1e-10)
+
+
+def test_ssim_matches_skimage_gaussian_valid_region():
+    sr, hr = _random_pair(seed=1)
+    border = 2
+    ys, yh = (rgb_to_y(t)[border:-border, border:-border].numpy() for t in (sr, hr))
+    _, smap = structural_similarity(
+        yh, ys, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, full=True
+    )
+    # skimage pads (mode 'reflect'); dropping 5 px (the 11x11 window radius) leaves Wang's valid region
+    ref = smap[5:-5, 5:-5].mean()
+    assert ssim(sr, hr, border) == pytest.approx(ref, abs=1e-10)
+    # and the padded mean differs, so the valid-region convention matters
+    assert abs(smap.mean() - ref) > 1e-6
+
+
+def test_hand_computed_constant_images():
+    # gray (1-channel) images are compared directly, no Y transform
+    hr = torch.full((1, 20, 20), 100, dtype=torch.uint8)
+    sr = torch.full((1, 20, 20), 105, dtype=torch.uint8)
+    assert psnr(sr, hr, border=2) == pytest.approx(10 * math.log10(255**2 / 25))
+    # constant images: sigma = 0, so SSIM = (2ab + C1) / (a^2 + b^2 + C1), C1 = (0.01 * 255)^2
+    c1 = (0.01 * 255) ** 2
+    assert ssim(sr, hr, border=2) == pytest.approx((2 * 100 * 105 + c1) / (100**2 + 105**2 + c1), abs=1e-12)
+    # RGB black vs white: Y = 16 vs 235
+    black = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    white = torch.full((3, 16, 16), 255, dtype=torch.uint8)
+    assert psnr(white, black, border=1) == pytest.approx(20 * math.log10(255 / 219))
+    assert psnr(hr, hr, border=0) == math.inf
+    assert ssim(hr, hr, border=0) == pytest.approx(1.0)
+
+
+def test_gray_truth_with_rgb_output_uses_rounded_channel_mean():
+    hr = torch.full((1, 14, 14), 11, dtype=torch.uint8)
+    sr = torch.stack([torch.full((14, 14), v, dtype=torch.uint8) for v in (10, 11, 13)])  # mean 11.33 -> 11
+    assert psnr(sr, hr, border=1) == math.inf
+    sr2 = torch.stack([torch.full((14, 14), v, dtype=torch.uint8) for v in (10, 12, 13)])  # mean 11.67 -> 12
+    assert psnr(sr2, hr, border=1) == pytest.approx(10 * math.log10(255**2))
+
+
+def test_border_is_cropped():
+    hr = torch.zeros(1, 20, 20, dtype=torch.uint8)
+    sr = hr.clone()
+    sr[0, :2] = 200  # only inside a border of 2
+    assert psnr(sr, hr, border=2) == math.inf
+    assert psnr(sr, hr, border=1) < 30
+
+
+def test_input_validation():
+    sr, hr = _random_pair()
+    with pytest.raises(TypeError, match="to_uint8"):
+        psnr(sr.float(), hr, 2)
+    with pytest.raises(ValueError, match="differ"):
+        psnr(sr[:, :-1], hr, 2)
+    with pytest.raises(ValueError, match="SSIM needs"):
+        ssim(sr[:, :12, :12], hr[:, :12, :12], 2)
+
+
+def test_evaluate_pair_and_accumulator_average_per_image():
+    acc = MetricAccumulator("SetA")
+    assert acc.count == 0 and math.isnan(acc.psnr)
+    pairs = [_random_pair(seed=s, noise=n) for s, n in ((0, 4.0), (1, 20.0))]
+    values = [acc.update_images(sr, hr, scale=2, image_name=f"im{i}") for i, (sr, hr) in enumerate(pairs)]
+    assert values[0] == evaluate_pair(*pairs[0], scale=2)
+    assert acc.count == 2
+    # mean of per-image PSNR, not PSNR of the pooled MSE
+    assert acc.psnr == pytest.approx((values[0][0] + values[1][0]) / 2)
+    assert acc.ssim == pytest.approx((values[0][1] + values[1][1]) / 2)
+    assert acc.compute() == {"psnr": acc.psnr, "ssim": acc.ssim, "count": 2}
+    assert [r[0] for r in acc.per_image] == ["im0", "im1"]
+    acc.update(*values[1])
+    assert acc.count == 3
+    acc.reset()
+    assert acc.count == 0
