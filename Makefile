@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval upscale test test-fast lint clean
+.PHONY: help install train clean-main eval upscale test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -16,8 +16,16 @@ install: ## create .venv and install odm-sr (editable) with the pinned versions 
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,sweep]'
 	@$(PY) -c "import odm_sr, torch, lightning; print('odm-sr installed: torch', torch.__version__, 'lightning', lightning.__version__)"
 
-train: ## the main job: train the small EDSR x4 on the embedded sample images, test it, print the table (ARGS=overrides)
-	$(VENV)/bin/odm-sr-train experiment=main $(ARGS)
+MAIN_DIR ?= logs/main
+
+train: ## the main job: FP small EDSR x4 on the embedded sample images (reused once trained), then 2-bit ODM QAT; prints the table
+	@if [ -f $(MAIN_DIR)/fp/results.json ]; then echo "reusing the FP model of $(MAIN_DIR)/fp (make clean-main retrains it)"; \
+	else $(VENV)/bin/odm-sr-train experiment=main_fp hydra.run.dir=$(MAIN_DIR)/fp; fi
+	$(VENV)/bin/odm-sr-train experiment=main_odm model.pretrained=$(MAIN_DIR)/fp/checkpoints/last.ckpt \
+		hydra.run.dir=$(MAIN_DIR)/odm_w2a2 $(ARGS)
+
+clean-main: ## forget the main job's cached FP model
+	rm -rf $(MAIN_DIR)
 
 eval: ## evaluate a checkpoint: make eval ARGS="ckpt=<path> data=sr291"
 	$(VENV)/bin/odm-sr-eval $(ARGS)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -27,7 +30,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
     """The trained (quantized) network of an odm-sr checkpoint and the config it was trained with."""
-    from .train import build_network
+    from .builders import build_network
 
     ckpt = read_checkpoint(path)
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
@@ -39,3 +42,28 @@ def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
         raise ValueError(f"checkpoint {path}: does not match the network its config builds "
                          f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
     return net.eval(), cfg
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that never leaves a half-written checkpoint that looks valid: it writes
+    ``.<name>.tmp`` beside the target, fsyncs it and renames it over the target (``os.replace`` is atomic on
+    POSIX). Loading uses ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume checkpoint {path}: no such file")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +26,8 @@ def validate_config(cfg: DictConfig) -> None:
     scale = int(cfg.model.scale)
     if scale not in (2, 3, 4):
         raise ValueError(f"model.scale={scale}: expected 2, 3 or 4")
-    build_method(cfg.method, cfg.bits)  # validates the method's own options
+    method = build_method(cfg.method, cfg.bits)  # validates the method's own options
+    method.check_backbone(SimpleNamespace(name=str(cfg.model.name)))
     for key in ("batch_size", "lr_patch", "iters_per_epoch"):
         if int(cfg.data[key]) <= 0:
             raise ValueError(f"data.{key}={cfg.data[key]}: expected a positive integer")

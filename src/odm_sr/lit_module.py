@@ -120,14 +120,18 @@ class SRLitModule(L.LightningModule):
     _step_count = 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the torch RNG (drop-path, DataLoader base seeds) so that a resumed run continues bit for bit
         checkpoint["odm_sr_step_count"] = int(self._step_count)
+        checkpoint["odm_sr_torch_rng"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._step_count = int(checkpoint.get("odm_sr_step_count", 0))
+        if "odm_sr_torch_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["odm_sr_torch_rng"])
 
     def _log_train(self, loss: Tensor, terms: dict, logs: dict, opt) -> None:
         values = {"train/loss": float(loss)}
-        values.update({f"train/loss_{k}": float(v) for k, v in terms.items()})
+        values.update({f"train/loss_{k}": float(v.detach()) for k, v in terms.items()})
         values.update({f"train/{k}": float(v) for k, v in logs.items()})
         for group in opt.optimizer.param_groups if hasattr(opt, "optimizer") else opt.param_groups:
             values[f"lr/{group.get('name', 'group')}"] = float(group["lr"])

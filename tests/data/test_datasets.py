@@ -156,11 +156,22 @@ def test_patch_larger_than_image_names_the_file(tmp_path):
 def test_epoch_sampler_uniform_and_reproducible():
     sampler = EpochSampler(num_images=5, num_samples=4000, seed=3)
     first, second = list(sampler), list(sampler)
-    assert len(first) == len(sampler) == 4000 and first != second
-    counts = Counter(first)
+    assert len(first) == len(sampler) == 4000
+    images = [i % 5 for i in first]
+    assert images != [i % 5 for i in second]
+    counts = Counter(images)
     assert set(counts) == set(range(5)) and min(counts.values()) > 700
+    # every sample of every epoch gets its own id (index // num_images), which seeds its crop and flips
+    assert [i // 5 for i in first] == list(range(4000)) and [i // 5 for i in second] == list(range(4000, 8000))
     sampler.set_epoch(0)
     assert list(sampler) == first
+
+
+def test_seeded_patches_depend_only_on_the_sample_id():
+    train = build_dataset("sample", "train", scale=4, lr_patch=12, iters_per_epoch=2, batch_size=3, seed=7)
+    a, b = train[3 + 8 * 11], train[3 + 8 * 11]
+    assert torch.equal(a["lr"], b["lr"]) and torch.equal(a["hr"], b["hr"])
+    assert not torch.equal(train[3 + 8 * 12]["lr"], a["lr"])  # same image, another sample: another patch
 
 
 def test_sample_set_split_and_training_items():

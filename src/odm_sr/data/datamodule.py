@@ -11,7 +11,37 @@ from torch.utils.data import DataLoader, Dataset
 from odm_sr.data.patches import EpochSampler, PatchDataset
 from odm_sr.data.registry import build_dataset
 
-__all__ = ["SRDataModule"]
+__all__ = ["ResumableLoader", "SRDataModule"]
+
+
+class ResumableLoader(DataLoader):
+    """Training loader that resumes mid-epoch: its state (saved in Lightning checkpoints, which call
+    ``state_dict``/``load_state_dict`` on loaders that have them) is the number of batches served in the
+    current epoch; after a restore the first epoch skips those batches' samples without loading them."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        if skip >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
+            skip = 0
+        if hasattr(self.sampler, "skip"):
+            self.sampler.skip = skip * self.batch_size
+        else:
+            skip = 0
+        self._served = skip
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches_served": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = int(state.get("batches_served", 0))
 
 
 class SRDataModule(L.LightningDataModule):
@@ -62,6 +92,7 @@ class SRDataModule(L.LightningDataModule):
                 lr_patch=self.lr_patch,
                 iters_per_epoch=self.iters_per_epoch,
                 batch_size=self.batch_size,
+                seed=self.seed,
             )
         if stage in (None, "fit", "validate") and self.val_sets is None:
             self.val_sets = [build_dataset(n, "val", self.scale, self.data_root) for n in self.val_set_names]
@@ -83,12 +114,12 @@ class SRDataModule(L.LightningDataModule):
         if self.train_set is None:
             raise ValueError("SRDataModule(train=None) has no training set")
         sampler = EpochSampler(self.train_set.num_images, len(self.train_set), seed=self.seed)
-        return DataLoader(
+        return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),  # seeds the workers' crop/flip RNG
+            generator=torch.Generator().manual_seed(self.seed),
             **self._loader_kwargs(),
         )
 

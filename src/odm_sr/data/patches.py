@@ -107,6 +107,7 @@ class EpochSampler(Sampler[int]):
             raise ValueError(f"num_images and num_samples must be positive, got {num_images}, {num_samples}")
         self.num_images, self.num_samples, self.seed = num_images, num_samples, seed
         self.epoch = 0
+        self.skip = 0  # samples to leave out at the start of the next pass (mid-epoch resume)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -118,16 +119,24 @@ class EpochSampler(Sampler[int]):
         generator = None
         if self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        first_sample = self.epoch * self.num_samples
         self.epoch += 1
-        yield from torch.randint(0, self.num_images, (self.num_samples,), generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        images = torch.randint(0, self.num_images, (self.num_samples,), generator=generator).tolist()
+        # index = image + num_images * sample id: PatchDataset seeds the crop and flips of each sample from its
+        # id, so an epoch's patches do not depend on workers or on what ran before (exact resume).
+        for position in range(skip, self.num_samples):
+            yield images[position] + self.num_images * (first_sample + position)
 
 
 class PatchDataset(Dataset):
     """Random aligned LR/HR training patches from a whole-image data set.
 
     ``len(self) = iters_per_epoch * batch_size``; index i reads image ``i % num_images`` (use
-    ``EpochSampler`` to pick images uniformly at random). Crop position and augmentation use torch's
-    global RNG, which DataLoader seeds per worker. Grayscale images are replicated to RGB. Items are
+    ``EpochSampler`` to pick images uniformly at random; it encodes a sample id as ``index // num_images``).
+    With a ``seed``, the crop position and augmentation of each sample come from a generator seeded by
+    (seed, sample id), so training data are reproducible across workers and resumes; without one they use
+    torch's global RNG. Grayscale images are replicated to RGB. Items are
     ``{"lr": float (3, p, p) in [0, 1], "hr": float (3, s*p, s*p), "name": str}``.
     """
 
@@ -139,11 +148,12 @@ class PatchDataset(Dataset):
         iters_per_epoch: int = 1000,
         batch_size: int = 16,
         augment: bool = True,
+        seed: int | None = None,
     ) -> None:
         if len(source) == 0:
             raise ValueError("PatchDataset needs at least one image")
         self.source, self.scale, self.lr_patch, self.augment = source, scale, lr_patch, augment
-        self.iters_per_epoch, self.batch_size = iters_per_epoch, batch_size
+        self.iters_per_epoch, self.batch_size, self.seed = iters_per_epoch, batch_size, seed
         for i in range(len(source)):
             h, w = source.lr_size(i)
             if h < lr_patch or w < lr_patch:
@@ -160,10 +170,11 @@ class PatchDataset(Dataset):
         return self.iters_per_epoch * self.batch_size
 
     def __getitem__(self, index: int) -> dict:
-        i = index % self.num_images
+        i, sample_id = index % self.num_images, index // self.num_images
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + sample_id) if self.seed is not None else None
         lr, hr = self.source.load_pair(i)
-        lr, hr = random_aligned_crop(lr, hr, self.lr_patch, self.scale)
+        lr, hr = random_aligned_crop(lr, hr, self.lr_patch, self.scale, generator)
         lr_t, hr_t = to_tensor(to_rgb(lr)), to_tensor(to_rgb(hr))
         if self.augment:
-            lr_t, hr_t = dihedral_augment(lr_t, hr_t)
+            lr_t, hr_t = dihedral_augment(lr_t, hr_t, generator)
         return {"lr": lr_t, "hr": hr_t, "name": self.source.names[i]}

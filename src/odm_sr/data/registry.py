@@ -166,11 +166,13 @@ def build_dataset(
     batch_size: int = 16,
     augment: bool = True,
     index_range: tuple[int, int] | None = None,
+    seed: int | None = None,
 ) -> Dataset:
     """A training ``PatchDataset`` (split 'train', images preloaded) or a whole-image evaluation set."""
     if split == "train":
         source = build_source(name, split, scale, data_root, index_range=index_range, preload=True)
         return PatchDataset(
-            source, scale, lr_patch, iters_per_epoch=iters_per_epoch, batch_size=batch_size, augment=augment
+            source, scale, lr_patch, iters_per_epoch=iters_per_epoch, batch_size=batch_size, augment=augment,
+            seed=seed,
         )
     return build_source(name, split, scale, data_root, index_range=index_range)

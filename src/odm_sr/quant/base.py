@@ -90,10 +90,12 @@ class QuantMethod:
     name = "fp"
     needs_teacher = False  # True: the LightningModule keeps a frozen FP copy and passes it as ``teacher``
     supported_backbones: tuple[str, ...] = ("edsr", "rdn", "swinir", "hat")
+    backbone_note = ""  # why a backbone is unsupported, appended to the error
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None):
         self.cfg = to_dict(cfg)
         self.bits = bits or Bits()
+        self.name = str(self.cfg.get("name", type(self).name))  # the config's name (e.g. odm_fq, lsq)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def quantize(self, model: nn.Module) -> nn.Module:
@@ -131,7 +133,7 @@ class QuantMethod:
         family = backbone_family(model)
         if family not in self.supported_backbones:
             raise ValueError(f"method {self.name!r} does not support backbone {family!r}; "
-                             f"supported: {', '.join(self.supported_backbones)}")
+                             f"supported: {', '.join(self.supported_backbones)}{self.backbone_note}")
 
 
 class FullPrecision(QuantMethod):

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
 from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks, ungroup
-from .functional import percentile, round_ste
+from .functional import dot_to_shape, percentile, split_outside, sum_to_shape
 from .pams import max_abs_weight_quantize
 from .placement import backbone_family
 from .skt import check_skt_config, distillation_losses
@@ -44,6 +44,34 @@ DDTB_DEFAULTS = {
 }
 
 
+class _ZeroAnchoredQuant(torch.autograd.Function):
+    """The fused form of ``round_ste(σ·clip(X, l, u))/σ`` (one temporary, no boolean masks), with the
+    gradients autograd gives through the composed expression; see ``zero_anchored_quantize``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, levels: int) -> Tensor:
+        sigma = levels / (upper - lower)
+        v = torch.maximum(x, lower)
+        v = torch.minimum(v, upper, out=v) if v.shape == x.shape else torch.minimum(v, upper)
+        v.mul_(sigma)
+        r = torch.round(v)
+        ctx.save_for_backward(x, lower, upper, v.sub_(r))  # v − R, also outside (the grid is anchored at 0)
+        ctx.n = float(levels)
+        return r.div_(sigma)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, lower, upper, frac = ctx.saved_tensors
+        need_x, need_l, need_u = ctx.needs_input_grad[:3]
+        grad_in, below, above = split_outside(grad_out, x, lower, upper)
+        grad_l = grad_u = None
+        if need_u:
+            grad_u = sum_to_shape(above, upper) - dot_to_shape(grad_out, frac, upper) / ctx.n
+        if need_l:
+            grad_l = sum_to_shape(below, lower) + dot_to_shape(grad_out, frac, lower) / ctx.n
+        return (grad_in if need_x else None), grad_l, grad_u, None
+
+
 def zero_anchored_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -> Tensor:
     """q = Int(σ·clip(X, l, u))/σ, σ = (2^b − 1)/(u − l): the grid k/σ through zero (`DDTB_quant_act_*`).
 
@@ -52,9 +80,9 @@ def zero_anchored_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -
     (Inside the range this is METHODS.md §3's table; outside, unlike there, the (R − v)/n term of the clipped
     value remains, because the grid is anchored at zero rather than at l.)
     """
-    sigma = (2 ** bits - 1) / (upper - lower)
-    clipped = torch.minimum(torch.maximum(x, lower), upper)
-    return round_ste(sigma * clipped) / sigma
+    lower = torch.as_tensor(lower, dtype=x.dtype, device=x.device)
+    upper = torch.as_tensor(upper, dtype=x.dtype, device=x.device)
+    return _ZeroAnchoredQuant.apply(x, lower, upper, 2**bits - 1)
 
 
 class DdtbWeightQuant(nn.Module):

@@ -117,12 +117,24 @@ def cooperative_weight(cos: Tensor, weight_fn: str = "half_cos") -> Tensor:
     raise ValueError(f"mr.weight_fn={weight_fn!r}: expected one of {WEIGHT_FNS} (or 'one' for naive MR)")
 
 
-def _sq(t: Tensor) -> Tensor:
-    return t.pow(2).sum()
-
-
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum()
+    """Σ a·b in one pass without a temporary (``torch.dot`` of the flattened tensors)."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _sq(t: Tensor) -> Tensor:
+    return _dot(t, t)
+
+
+def _sign_counts(r: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """(#elements where both are non-zero, #elements with opposite signs), as float64 0-d tensors.
+
+    With s = sign(r)·sign(m) ∈ {−1, 0, 1}: both = Σ s², conflict = (Σ s² − Σ s)/2; float passes only (boolean
+    masks are several times slower on CPU), exact because per-tensor sums of ±1 stay far below 2^24.
+    """
+    s = r.sign().mul_(m.sign())
+    both = _dot(s, s).double()
+    return both, (both - s.sum().double()) / 2
 
 
 def _zero_like_stats(grads: Sequence[Tensor | None]) -> Tensor:
@@ -167,10 +179,11 @@ def combine_gradients(g_r: Sequence[Tensor | None], g_m: Sequence[Tensor | None]
         cos_stat = torch.stack([c for c, _ in reached]).mean() if reached else zero
         weight_stat = torch.stack([w for _, w in reached]).mean() if reached else zero
     combined = [_combine_one(r, m, w, lambda_r, lambda_m) for r, m, w in zip(g_r, g_m, weights, strict=True)]
-    both = sum((((r != 0) & (m != 0)).sum() for r, m in pairs), zero)
-    conflict = sum((((r.sign() * m.sign()) < 0).sum() for r, m in pairs), zero)
+    counts = [_sign_counts(r, m) for r, m in pairs]
+    both = sum((b for b, _ in counts), zero.double())
+    conflict = sum((c for _, c in counts), zero.double())
     stats = {"cos": cos_stat, "weight": weight_stat, "grad_norm_rec": torch.sqrt(norm_r_sq),
-             "grad_norm_mismatch": norm_m, "sign_conflict": conflict / both.clamp(min=1)}
+             "grad_norm_mismatch": norm_m, "sign_conflict": (conflict / both.clamp(min=1)).to(zero.dtype)}
     return combined, stats
 
 

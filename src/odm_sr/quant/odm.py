@@ -220,6 +220,9 @@ class ODM(QuantMethod):
         super().__init__(odm_config(cfg), bits)
         self.init_from_fp = self.cfg["init_from_fp"]
         self.calibration_batches = self.cfg["init"]["num_batches"]
+        if self.cfg["fq"]["enabled"] and not self.bits.is_float:
+            self.supported_backbones = ("edsr",)
+            self.backbone_note = " (fully-quantized mode is implemented for EDSR only)"
 
     # -- set-up -------------------------------------------------------------------------------------------
     def quantize(self, model: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
 from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks
-from .functional import round_ste
+from .functional import round_ste, split_outside
 from .skt import check_skt_config, distillation_losses
 
 PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input")
@@ -35,28 +35,28 @@ class _SymmetricZeroQuant(torch.autograd.Function):
     """q = Int(clip(X, −α, α)·Q/α)·α/Q, Q = 2^(b−1) − 1 (2^b − 1 levels, zero included).
 
     With v = X·Q/α and R = Int(v): ∂q/∂X = 1[|X| ≤ α]; ∂q/∂α = (R − v)/Q inside, sign(X) outside
-    (METHODS.md §3, what autograd gives through the released clip + STE round).
+    (METHODS.md §3, what autograd gives through the released clip + STE round). The forward works in place
+    on one temporary; the backward uses ``split_outside`` (no boolean masks) and one dot product.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, q_max: float) -> Tensor:
-        clipped = torch.minimum(torch.maximum(x, -alpha), alpha)
-        v = clipped * q_max / alpha
+        v = torch.maximum(x, -alpha)
+        v = torch.minimum(v, alpha, out=v).mul_(q_max).div_(alpha)
         r = torch.round(v)
-        ctx.save_for_backward(x, alpha, r - v)
+        ctx.save_for_backward(x, alpha, v.sub_(r))  # v − R: in [−1/2, 1/2] inside, 0 outside
         ctx.q_max = q_max
-        return r * alpha / q_max
+        return r.mul_(alpha).div_(q_max)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, alpha, r_minus_v = ctx.saved_tensors
-        inside = x.abs() <= alpha
-        grad_x = grad_out * inside if ctx.needs_input_grad[0] else None
+        x, alpha, frac = ctx.saved_tensors
+        grad_in, below, above = split_outside(grad_out, x, -alpha, alpha)
         grad_alpha = None
         if ctx.needs_input_grad[1]:
-            local = torch.where(inside, r_minus_v / ctx.q_max, torch.sign(x))
-            grad_alpha = (grad_out * local).sum().reshape(alpha.shape)
-        return grad_x, grad_alpha, None
+            inside = torch.dot(grad_in.reshape(-1), frac.reshape(-1)) / ctx.q_max  # Σ g·(v − R)/Q inside
+            grad_alpha = (above.sum() - below.sum() - inside).reshape(alpha.shape)
+        return (grad_in if ctx.needs_input_grad[0] else None), grad_alpha, None
 
 
 def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:

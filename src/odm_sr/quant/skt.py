@@ -75,17 +75,45 @@ def check_skt_config(skt: dict) -> tuple[float, str]:
     return weight, feature
 
 
+class _StopForward(Exception):
+    """Raised by a pre-hook once the teacher's SKT feature is known: its reconstruction part never runs."""
+
+
+def teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
+    """F of the frozen teacher on ``lr``, without gradients, stopping the forward at the reconstruction input.
+
+    The SKT loss needs only F, so the upsampler and last conv (most of EDSR's ×4 FLOPs) are skipped.
+    """
+    captured = _Captured()
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        captured(module, args)
+        raise _StopForward
+
+    handle = reconstruction_input_module(teacher).register_forward_pre_hook(stop)
+    try:
+        with torch.no_grad():
+            teacher(lr)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if captured.value is None:
+        raise RuntimeError(f"the teacher's reconstruction input was not reached ({type(teacher).__name__})")
+    return captured.value
+
+
 def distillation_losses(model: nn.Module, teacher: nn.Module | None, lr: Tensor, hr: Tensor,
                         weight: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Student forward with the PAMS/DDTB losses: ``rec`` = L1(SR, HR) and ``skt`` = weight · L_SKT.
 
-    The teacher (frozen FP copy, eval mode) runs without gradients. Returns (sr, terms).
+    The teacher (frozen FP copy, eval mode) runs without gradients and only up to F (``teacher_feature``).
+    Returns (sr, terms).
     """
     if teacher is None:
         raise ValueError("this method needs the FP teacher (needs_teacher=True) for its SKT loss; got None")
-    with torch.no_grad(), capture_reconstruction_input(teacher) as feat_t:
-        teacher(lr)
+    feat_t = teacher_feature(teacher, lr)
     with capture_reconstruction_input(model) as feat_s:
         sr = model(lr)
-    terms = {"rec": F.l1_loss(sr, hr), "skt": weight * skt_loss(feat_s.value, feat_t.value)}
+    terms = {"rec": F.l1_loss(sr, hr), "skt": weight * skt_loss(feat_s.value, feat_t)}
     return sr, terms

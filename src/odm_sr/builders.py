@@ -1,0 +1,62 @@
+"""Turn a composed config into objects: backbone, method, quantized network, data module, loggers, callbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .data import SRDataModule
+from .models import build_model, load_pretrained
+from .quant import QuantMethod, build_method
+from .quant.base import frozen_copy
+
+
+def build_backbone(model_cfg: DictConfig) -> nn.Module:
+    """The float backbone of ``model`` (random init)."""
+    kwargs = OmegaConf.to_container(model_cfg.get("kwargs") or {})
+    return build_model(str(model_cfg.name), int(model_cfg.scale), **kwargs)
+
+
+def pretrained_network(model_cfg: DictConfig) -> nn.Module:
+    """The float backbone with the weights of ``model.pretrained`` (clear error if the file is missing)."""
+    path = Path(str(model_cfg.pretrained))
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained={path}: no such checkpoint file (train the FP model first, "
+                                f"or point model.pretrained at an official .pt/.pth)")
+    return load_pretrained(build_backbone(model_cfg), path)
+
+
+def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | None]:
+    """Backbone (+ FP weights) → frozen teacher copy if the method needs one → quantized network."""
+    method = build_method(cfg.method, cfg.bits)
+    pretrained = bool(cfg.model.get("pretrained"))
+    net = pretrained_network(cfg.model) if pretrained else build_backbone(cfg.model)
+    method.check_backbone(net)
+    teacher = frozen_copy(net) if method.needs_teacher else None
+    if pretrained and not getattr(method, "init_from_fp", True):
+        net = build_backbone(cfg.model)  # PAMS as released: only the teacher gets the FP weights
+    return method.quantize(net), method, teacher
+
+
+def build_datamodule(cfg: DictConfig) -> SRDataModule:
+    d = cfg.data
+    return SRDataModule(train=d.train, val=list(d.val), test=list(d.test), scale=int(cfg.model.scale),
+                        lr_patch=int(d.lr_patch), batch_size=int(d.batch_size),
+                        iters_per_epoch=int(d.iters_per_epoch), num_workers=int(d.num_workers),
+                        data_root=str(d.data_root), seed=int(cfg.seed))
+
+
+def _instantiate_group(group: DictConfig | None) -> list:
+    return [hydra.utils.instantiate(node) for node in (group or {}).values()
+            if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return _instantiate_group(cfg.get("logger"))
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return _instantiate_group(cfg.get("callbacks"))

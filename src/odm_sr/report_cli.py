@@ -1,0 +1,37 @@
+"""`odm-sr-report`: the PSNR/SSIM table of a run or a sweep folder, with the paper's numbers beside ours.
+
+Example: ``odm-sr-report logs/main --sets Set5 Set14 B100 Urban100`` collects every ``results.json`` below
+``logs/main``, prints the markdown table and writes report.md, report.tex, report.json and report.png into
+``--out`` (default: the folder itself). Logic: ``odm_sr.analysis.report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from odm_sr.analysis.report import write_report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="odm-sr-report", description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="a run folder, a sweep folder, or one results.json")
+    parser.add_argument("--out", default=None, help="where report.{md,tex,json,png} go (default: ROOT)")
+    parser.add_argument("--sets", nargs="+", default=None,
+                        help="columns, in order (default: every set found; Set5 Set14 B100 Urban100 first)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the markdown table (returns None: console scripts pass the return value to ``sys.exit``)."""
+    args = parse_args(argv)
+    try:
+        report = write_report(args.root, args.out, args.sets)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"odm-sr-report: error: {err}") from None
+    print(report["markdown"])
+    print("\nwrote " + ", ".join(str(p) for p in report["paths"].values()))
+
+
+if __name__ == "__main__":
+    main()
