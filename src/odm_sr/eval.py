@@ -23,10 +23,16 @@ register_resolvers()
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     """Evaluate ``cfg.ckpt`` (and bicubic) on ``cfg.data.test``; returns {row: {set: (psnr, ssim)}}."""
-    net, scale, rows = None, int(cfg.scale), {}
+    net, scale, rows = None, cfg.get("scale"), {}
     if cfg.get("ckpt"):
         net, train_cfg = load_trained(cfg.ckpt)
+        if scale is not None and int(scale) != int(net.scale):
+            raise ValueError(f"scale={scale}: checkpoint {cfg.ckpt} holds a x{net.scale} model; "
+                             f"evaluate it at scale={net.scale} (or leave scale unset)")
         scale = int(net.scale)
+    elif scale is None:
+        raise ValueError("odm-sr-eval needs ckpt=<checkpoint>, or scale=<2|3|4> for a bicubic-only table")
+    scale = int(scale)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
     if cfg.eval.get("bicubic_row", True) or net is None:

@@ -28,8 +28,15 @@ register_resolvers()
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) and test; returns the results dict also written to ``<output_dir>/results.json``."""
     validate_config(cfg)
-    L.seed_everything(int(cfg.seed), workers=True)
     out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
+        print(f"skipping {out_dir}: results.json exists (skip_done=true)")
+        return json.loads((out_dir / "results.json").read_text())
+    resume = cfg.get("resume")
+    if resume is None and cfg.get("auto_resume", False) and (out_dir / "checkpoints" / "last.ckpt").is_file():
+        resume = str(out_dir / "checkpoints" / "last.ckpt")
+        print(f"resuming the interrupted run from {resume} (auto_resume=true)")
+    L.seed_everything(int(cfg.seed), workers=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     net, method, teacher = build_network(cfg)
     datamodule = build_datamodule(cfg)
@@ -41,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
                                                  callbacks=build_callbacks(cfg), plugins=[AtomicCheckpointIO()])
     start = time.perf_counter()
-    trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.get("resume"))
+    trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
     train_seconds = time.perf_counter() - start
     complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64), placement=cfg.method.get("placement"))
     for logger in trainer.loggers:
@@ -60,7 +67,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               for row, per in rows.items()}
         print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    finish_loggers(trainer)
     return results
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Close wandb runs so their offline directories are complete (summary, config) for `wandb sync`."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: list[str]) -> dict:

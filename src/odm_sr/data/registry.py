@@ -119,7 +119,10 @@ def build_source(
     index_range: tuple[int, int] | None = None,
     preload: bool = False,
 ) -> SRImageDataset:
-    """The whole-image data set behind ``name``/``split`` (see the module table)."""
+    """The whole-image data set behind ``name``/``split`` (see the module table). A ``name`` that is a path
+    (contains a path separator) is a folder of HR images, whose LR is made on the fly."""
+    if "/" in name or "\\" in name:
+        return HRFolderDataset(Path(name).expanduser(), scale, preload=preload)
     name = _canonical(name)
     if split not in ("train", *EVAL_SPLITS):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
