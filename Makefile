@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train clean-main eval upscale test test-fast lint clean
+.PHONY: help install train clean-main eval upscale complexity report wandb-sync test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,15 @@ eval: ## evaluate a checkpoint: make eval ARGS="ckpt=<path> data=sr291"
 upscale: ## super-resolve one image: make upscale ARGS="<ckpt> <in.png> <out.png>"
 	$(VENV)/bin/odm-sr-upscale $(ARGS)
 
+complexity: ## storage / BitOPs table: make complexity ARGS="--model edsr_baseline --method fp pams daq ddtb odm --bits 2 4"
+	$(VENV)/bin/odm-sr-complexity $(ARGS)
+
+report: ## paper-style table (md, tex, png) of a run or sweep dir: make report DIR=logs/sweeps/ablation_j
+	$(VENV)/bin/odm-sr-report $(DIR) $(ARGS)
+
+wandb-sync: ## upload the offline wandb runs under logs/ (needs network and WANDB_API_KEY)
+	$(VENV)/bin/wandb sync --include-offline $$(find logs -type d -name 'offline-run-*' | sort)
+
 test: ## run the test suite (tests needing ../shared/data skip with a reason where it is absent)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
 
@@ -40,7 +49,7 @@ test-fast: ## the test suite without the slow trainings
 	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: ## ruff over src, tests and bench
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
 
 clean: ## remove caches and run outputs (keeps .venv)
 	rm -rf logs outputs .pytest_cache .ruff_cache build src/*.egg-info
