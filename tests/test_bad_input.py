@@ -53,7 +53,8 @@ def test_pretrained_checkpoint_of_another_model_names_the_mismatch(tmp_path):
     other = build_model("edsr", 4, n_resblocks=1, n_feats=8)  # TINY_TRAIN builds this at x2
     torch.save(other.state_dict(), tmp_path / "x4.pt")
     cfg = compose_config(TINY_TRAIN + [f"model.pretrained={tmp_path / 'x4.pt'}"], tmp_path / "run")
-    with pytest.raises(ValueError, match=r"x4\.pt: does not match model 'edsr':\s+checkpoint looks like scale 4, model is scale 2"):
+    expected = r"x4\.pt: does not match model 'edsr':\s+checkpoint looks like scale 4, model is scale 2"
+    with pytest.raises(ValueError, match=expected):
         train(cfg)
 
 

@@ -8,7 +8,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .data import SRDataModule
 from .models import build_model, load_pretrained
 from .quant import QuantMethod, build_method
 from .quant.base import frozen_copy
@@ -41,7 +40,9 @@ def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | 
     return method.quantize(net), method, teacher
 
 
-def build_datamodule(cfg: DictConfig) -> SRDataModule:
+def build_datamodule(cfg: DictConfig):
+    from .data import SRDataModule  # imports Lightning: kept out of the checkpoint-loading path
+
     d = cfg.data
     return SRDataModule(train=d.train, val=list(d.val), test=list(d.test), scale=int(cfg.model.scale),
                         lr_patch=int(d.lr_patch), batch_size=int(d.batch_size),

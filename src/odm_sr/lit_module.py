@@ -8,6 +8,7 @@ update writes ``.grad`` itself) → optimizer step → per-iteration lr schedule
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,6 +46,7 @@ class SRLitModule(L.LightningModule):
         self.register_buffer("calibrated", torch.tensor(calibration_batches <= 0))
         self._metrics: dict[str, MetricAccumulator] = {}
         self.set_names: dict[str, list[str]] = {"val": [], "test": []}
+        self.validation_seconds = 0.0  # wall time spent validating during fit (excluded from training time)
         if hparams:
             self.save_hyperparameters(hparams)
 
@@ -165,8 +167,12 @@ class SRLitModule(L.LightningModule):
         if values:
             self.log_dict(values, add_dataloader_idx=False, batch_size=1)
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_started = time.perf_counter()
+
     def on_validation_epoch_end(self) -> None:
         self._flush("val")
+        self.validation_seconds += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
 
     def on_test_epoch_end(self) -> None:
         self._flush("test")

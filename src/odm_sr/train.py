@@ -49,12 +49,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                  callbacks=build_callbacks(cfg), plugins=[AtomicCheckpointIO()])
     start = time.perf_counter()
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - lit.validation_seconds  # S12: training incl. calibration
     complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64), placement=cfg.method.get("placement"))
     for logger in trainer.loggers:
         logger.log_metrics({**complexity, "time/train_seconds": train_seconds}, step=lit.global_step_count)
     results: dict[str, Any] = {"run_name": cfg.run_name, "config": OmegaConf.to_container(cfg, resolve=True),
-                               "train_seconds": train_seconds, "steps": lit.global_step_count,
+                               "train_seconds": train_seconds, "validation_seconds": lit.validation_seconds,
+                               "device": device_name(), "steps": lit.global_step_count,
                                "complexity": complexity, "metrics": {}}
     if cfg.get("test_after_fit", True):
         rows = {"bicubic": evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule)} \
@@ -69,6 +70,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     finish_loggers(trainer)
     return results
+
+
+def device_name() -> str:
+    """The accelerator the run used (S12 reports the GPU), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def finish_loggers(trainer: L.Trainer) -> None:

@@ -175,3 +175,27 @@ def test_fp_model_uses_placement_and_fp_mode_is_the_fp_network():
     assert copy.deepcopy(quantized).get_submodule("body.0.body.0").act_quant is not None  # restored
     with pytest.raises(ValueError, match="nothing to mismatch"):
         feature_mismatch(fp, x)
+
+
+def test_analyze_cli_on_a_checkpoint(tmp_path, capsys):
+    """odm-sr-analyze on a checkpoint saved the way training saves it (untrained tiny 2-bit ODM EDSR)."""
+    from helpers import TINY_TRAIN, compose_config
+    from omegaconf import OmegaConf
+
+    from odm_sr.analysis.cli import main
+    from odm_sr.builders import build_network
+
+    cfg = compose_config(TINY_TRAIN + ["method=odm", "bits=w2a2"], tmp_path)
+    net, _, _ = build_network(cfg)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"cfg": OmegaConf.to_container(cfg, resolve=True)}}, ckpt)
+    for analysis in ("variance", "mismatch", "hist", "wstats"):
+        main([analysis, "--ckpt", str(ckpt), "--data", "sample_test", "--limit", "1"])
+        assert (tmp_path / "analysis" / f"{analysis}.json").is_file()
+    assert (tmp_path / "analysis" / "hist.png").is_file() and (tmp_path / "analysis" / "wstats.png").is_file()
+    out = capsys.readouterr().out
+    assert "| image-wise variance |" in out and "| odm |" in out and "| body.0.body.0 |" in out
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["wstats", "--ckpt", str(tmp_path / "missing.ckpt")])

@@ -91,13 +91,28 @@ def analysis_dataset(name: str, scale: int, data_root: str | Path | None = None,
     return Subset(dataset, range(min(limit, len(dataset)))) if limit else dataset
 
 
+def _placement(cfg) -> dict | None:
+    """The run's ``method.placement`` as a dict (used where the network has no quantized layer)."""
+    from omegaconf import OmegaConf
+
+    placement = cfg.method.get("placement")
+    return OmegaConf.to_container(placement, resolve=True) if placement is not None else None
+
+
 def _images(args: argparse.Namespace, cfg) -> tuple[str, Any]:
     name = args.data or DEFAULT_DATA[args.analysis]
     return name, analysis_dataset(name, int(cfg.model.scale), args.data_root, args.limit)
 
 
+def _names(dataset) -> list[str]:
+    """Image names without loading the images (``SRImageDataset.names``, also through a ``Subset``)."""
+    base, indices = getattr(dataset, "dataset", dataset), getattr(dataset, "indices", range(len(dataset)))
+    names = getattr(base, "names", None)
+    return [names[i] for i in indices] if names is not None else [dataset[i]["name"] for i in range(len(dataset))]
+
+
 def _pick_image(dataset, wanted: str | None):
-    names = [dataset[i]["name"] for i in range(len(dataset))]
+    names = _names(dataset)
     if wanted is None:
         return dataset[0]
     if wanted not in names:
@@ -107,11 +122,11 @@ def _pick_image(dataset, wanted: str | None):
 
 def analyze_variance(args, net, cfg, out: Path) -> tuple[str, dict]:
     from odm_sr.analysis.distributions import feature_variance
-    from odm_sr.analysis.paper import S9_VARIANCE
+    from odm_sr.analysis.paper import s9_reference
 
     data, images = _images(args, cfg)
-    result = feature_variance(net, images, args.definition, cfg.method.get("placement"))
-    paper = S9_VARIANCE.get((str(cfg.model.name), int(cfg.model.scale)))
+    result = feature_variance(net, images, args.definition, _placement(cfg))
+    paper = s9_reference(cfg.model.name, cfg.model.scale)
     rows = [("data", data), ("definition", args.definition), ("images", result["num_images"]),
             ("layers", result["num_layers"]), ("image-wise variance", result["image_wise"]),
             ("channel-wise variance", result["channel_wise"])]
@@ -122,22 +137,24 @@ def analyze_variance(args, net, cfg, out: Path) -> tuple[str, dict]:
 
 def analyze_mismatch(args, net, cfg, out: Path) -> tuple[str, dict]:
     from odm_sr.analysis.distributions import feature_mismatch, odm_initialized
-    from odm_sr.analysis.paper import S10_MISMATCH
+    from odm_sr.analysis.paper import s10_reference
 
     data, images = _images(args, cfg)
     results = {str(cfg.method.name): feature_mismatch(net, images, args.quantizer)}
     if args.before:
         from odm_sr.builders import pretrained_network
+        from odm_sr.checkpoint import read_checkpoint
 
-        if not cfg.model.get("pretrained"):
+        model_cfg = cfg.model.copy()  # load_trained clears model.pretrained: read the one trained from
+        model_cfg.pretrained = read_checkpoint(args.ckpt)["hyper_parameters"]["cfg"]["model"].get("pretrained")
+        if not model_cfg.pretrained:
             raise ValueError("--before needs the run's FP weights (model.pretrained), and this run has none")
-
-        fp = pretrained_network(cfg.model)
-        before = odm_initialized(fp, images, bits=int(cfg.bits.a), placement=cfg.method.get("placement"))
+        fp = pretrained_network(model_cfg)
+        before = odm_initialized(fp, images, bits=int(cfg.bits.a))  # ODM's own placement
         results = {"before": feature_mismatch(before, images, args.quantizer), **results}
     lines = ["| network | Var[mean] | Var[std] | mismatch | paper (S10) |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        paper = S10_MISMATCH.get(name)
+        paper = s10_reference(cfg.model.name, cfg.model.scale, name)
         ref = " / ".join(f"{v:.3g}" for v in paper) if paper else "–"
         lines.append(f"| {name} | {r['var_mean']:.4g} | {r['var_std']:.4g} | {r['mismatch']:.4g} | {ref} |")
     first = next(iter(results.values()))
@@ -150,7 +167,7 @@ def analyze_hist(args, net, cfg, out: Path) -> tuple[str, dict]:
 
     data, images = _images(args, cfg)
     wanted = args.image or DEFAULT_IMAGE.get(data)
-    if args.image is None and wanted not in [images[i]["name"] for i in range(len(images))]:
+    if args.image is None and wanted not in _names(images):
         wanted = None
     item = _pick_image(images, wanted)
     hists = activation_histograms(net, item, args.layers, args.bins, out / "hist.png")
@@ -165,7 +182,7 @@ def analyze_hist(args, net, cfg, out: Path) -> tuple[str, dict]:
 def analyze_wstats(args, net, cfg, out: Path) -> tuple[str, dict]:
     from odm_sr.analysis.distributions import plot_weight_stats, weight_stats
 
-    stats = weight_stats(net, cfg.method.get("placement"))
+    stats = weight_stats(net, _placement(cfg))
     plot_weight_stats(stats, out / "wstats.png")
     lines = ["| layer | min | max | mean | u_w |", "|---|---|---|---|---|"]
     lines += [f"| {s['layer']} | {s['min']:.4g} | {s['max']:.4g} | {s['mean']:.4g} | "
@@ -195,7 +212,7 @@ def run_analysis(args: argparse.Namespace, out: Path) -> tuple[str, dict]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the table and write the files (returns None: console scripts pass it to ``sys.exit``)."""
     args = parse_args(argv)
-    out = Path(args.out) if args.out else run_dir(args.ckpt or args.runs[0]) / "analysis"
+    out = Path(args.out) if args.out else (run_dir(args.ckpt) if args.ckpt else Path(args.runs[0])) / "analysis"
     try:
         table, result = run_analysis(args, out)
     except (FileNotFoundError, KeyError, ValueError) as err:

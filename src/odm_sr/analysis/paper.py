@@ -181,6 +181,22 @@ S10_MISMATCH: dict[str, tuple[float, float, float]] = {
     "ddtb": (2.54, 1.67, 5.46e5), "daq": (2.14, 6.59, 6.10e6)}
 S12_HOURS: dict[str, float] = {"pams": 1.5, "daq": 3.7, "ddtb": 2.5, "odm": 2.4}
 S12_GPU = "RTX 2080Ti"
+SUPPLEMENT_MODEL = ("edsr_baseline", 4)  # S10 and S12 are EDSR ×4 (FP 32.10 in S2)
+
+
+def s9_reference(model: str, scale: int) -> tuple[float, float] | None:
+    """S9's (image-wise, channel-wise) variance for the backbone, if the paper has it."""
+    return S9_VARIANCE.get((str(model), int(scale)))
+
+
+def s10_reference(model: str, scale: int, method: str) -> tuple[float, float, float] | None:
+    """S10's (Var[mean], Var[std], mismatch) for EDSR-baseline ×4 and ``method`` ('before' = FP + ODM init)."""
+    return S10_MISMATCH.get(method) if (str(model), int(scale)) == SUPPLEMENT_MODEL else None
+
+
+def s12_reference(model: str, scale: int, method: str) -> float | None:
+    """S12's training hours (one RTX 2080Ti) for EDSR-baseline ×4 and ``method``."""
+    return S12_HOURS.get(method) if (str(model), int(scale)) == SUPPLEMENT_MODEL else None
 
 
 # -- lookup --------------------------------------------------------------------------------------------------

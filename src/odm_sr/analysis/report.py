@@ -188,8 +188,15 @@ def _run_row(run: Run, label: str, overrides: dict[str, str]) -> Row:
     return _paper_row(row, cfg)
 
 
+def _own_run(checkpoint: str, runs: Sequence[Run]) -> bool:
+    """``checkpoint`` lies in the folder of one of ``runs`` (that FP run has its own row)."""
+    path = Path(checkpoint).resolve() if checkpoint else None
+    return path is not None and any(path.is_relative_to(run.path.resolve()) for run in runs)
+
+
 def _shared_rows(runs: Sequence[Run]) -> dict[tuple, list[Row]]:
-    """The bicubic row (merged over runs, first value per set) and one FP row per pretrained file, per group."""
+    """The bicubic row (merged over runs, first value per set) and one FP row per pretrained file that is not one
+    of ``runs``' own checkpoints, per model and scale."""
     shared: dict[tuple, dict[str, Row]] = {}
     for run in runs:
         model, scale, _, _ = run_key(run.config)
@@ -200,12 +207,11 @@ def _shared_rows(runs: Sequence[Run]) -> dict[tuple, list[Row]]:
             row = rows.setdefault("bicubic", Row(f"{glabel} bicubic", "bicubic", glabel, {}))
             for s, cell in _cells(metrics["bicubic"]).items():
                 row.metrics.setdefault(s, cell)
-        if PRETRAINED_ROW in metrics:
-            source = str(config_value_or(run.config, "model.pretrained", ""))
-            if f"fp:{source}" not in rows:
-                row = Row(f"{glabel} FP (pretrained)", "fp", glabel, _cells(metrics[PRETRAINED_ROW]),
-                          run=str(run.path), key=(model, scale, "fp", "fp32"))
-                rows[f"fp:{source}"] = _paper_row(row, run.config)
+        source = str(config_value_or(run.config, "model.pretrained", ""))
+        if PRETRAINED_ROW in metrics and not _own_run(source, runs):
+            row = Row(f"{glabel} FP (pretrained)", "fp", glabel, _cells(metrics[PRETRAINED_ROW]),
+                      run=str(run.path), key=(model, scale, "fp", "fp32"))
+            rows.setdefault(f"fp:{source}", _paper_row(row, run.config))
     return {k: list(v.values()) for k, v in shared.items()}
 
 

@@ -12,12 +12,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from odm_sr.analysis.paper import S12_GPU, S12_HOURS, config_value_or
-from odm_sr.analysis.report import base_label, load_runs, run_key
+from odm_sr.analysis.paper import S12_GPU, S12_HOURS, config_value_or, s12_reference
+from odm_sr.analysis.report import METHOD_ORDER, base_label, load_runs, run_key
 
 
 def training_time(results_dirs: str | Path | Iterable[str | Path]) -> dict[str, Any]:
-    """Per run and per method: wall-clock, steps and seconds per iteration, with the paper's hours (S12).
+    """Per run and per method: wall-clock, steps and seconds per iteration, with the paper's hours (S12; per run
+    only for EDSR-baseline ×4, per method always).
 
     ``results_dirs``: a run or sweep folder (searched recursively for results.json), or several. Returns
     {'runs': [{run, label, method, model, bits, steps, train_seconds, hours, seconds_per_iter, accelerator,
@@ -37,7 +38,9 @@ def training_time(results_dirs: str | Path | Iterable[str | Path]) -> dict[str, 
                      "seconds_per_iter": seconds / steps if seconds is not None and steps else None,
                      "accelerator": config_value_or(run.config, "trainer.accelerator", None),
                      "devices": config_value_or(run.config, "trainer.devices", None),
-                     "paper_hours": S12_HOURS.get(method)})
+                     "paper_hours": s12_reference(model, scale, method)})
+    rows.sort(key=lambda r: (METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER else len(METHOD_ORDER),
+                             r["label"], r["run"]))
     methods: dict[str, dict[str, Any]] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]

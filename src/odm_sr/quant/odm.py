@@ -306,7 +306,8 @@ class ODM(QuantMethod):
         ``mr.grad_to_qparams``), None where L_M does not reach. Autograd only walks L_M's own graph (the
         layers upstream of the last quantized input), so listing every θ costs nothing and θ_reach is exact.
         θ.grad = g_R + λ_M·w(c)·g_M, w ≡ 1 for naive; φ.grad = g_R (+ λ_M·g_M, unweighted, if
-        ``grad_to_qparams``); rest.grad = g_R. off: backward_fn(λ_R L_R).
+        ``grad_to_qparams``); rest.grad = g_R. Under DDP g_R and g_M are first averaged over the ranks
+        (``average_across_ranks``). off: backward_fn(λ_R L_R) (DDP's own hooks all-reduce it).
         """
         mr, rec = self.cfg["mr"], out.terms["rec"]
         if mr["mode"] == "off" or "mismatch" not in out.terms:
@@ -322,6 +323,8 @@ class ODM(QuantMethod):
         g_m: Sequence[Tensor | None] = [None] * len(m_params)
         if mismatch.requires_grad and m_params:
             g_m = torch.autograd.grad(mismatch, m_params, allow_unused=True)
+        g_r = average_across_ranks(g_r, theta + phi + rest)  # DDP: the cosine sees the global batch (§5.7)
+        g_m = average_across_ranks(g_m, m_params)
         n_t, n_p = len(theta), len(phi)
         weight_fn = mr["weight_fn"] if mr["mode"] == "coop" else "one"
         # g_R already carries λ_R (the 'rec' term is λ_R·L_R), hence lambda_r=1
@@ -354,6 +357,32 @@ class ODM(QuantMethod):
         return _to_floats(values)
 
 
+def average_across_ranks(grads: Sequence[Tensor | None], params: Sequence[nn.Parameter]) -> list[Tensor | None]:
+    """Under DDP (world size > 1): each gradient's mean over the ranks, g ← Σ_ranks g / world (METHODS.md §5.7).
+
+    ``torch.autograd.grad`` bypasses DDP's gradient hooks, so g_R and g_M are averaged here, before the cosine.
+    A gradient that is None on this rank but not on another counts as zeros (all ranks must agree); one that is
+    None on every rank stays None. One flat all-reduce per dtype. Without a process group: unchanged.
+    """
+    grads = list(grads)
+    dist = torch.distributed
+    if not grads or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return grads
+    world = dist.get_world_size()
+    present = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(present)
+    filled = [None if not n else (g if g is not None else torch.zeros_like(p))
+              for g, p, n in zip(grads, params, present.tolist(), strict=True)]
+    for dtype in sorted({g.dtype for g in filled if g is not None}, key=str):
+        members = [k for k, g in enumerate(filled) if g is not None and g.dtype == dtype]
+        flat = torch.cat([filled[k].reshape(-1) for k in members])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for k, chunk in zip(members, flat.split([filled[k].numel() for k in members]), strict=True):
+            filled[k] = chunk.view_as(filled[k])
+    return filled
+
+
 def _add_scaled(r: Tensor | None, m: Tensor | None, scale: float) -> Tensor | None:
     if m is None:
         return r
@@ -379,4 +408,4 @@ def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(values, stacked.tolist(), strict=True))
 
 
-__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config"]
+__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "average_across_ranks", "odm_config"]
