@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train clean-main eval upscale complexity report wandb-sync test test-fast lint clean
+.PHONY: help install train clean-main sweep mini eval upscale complexity report wandb-sync test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,16 @@ eval: ## evaluate a checkpoint: make eval ARGS="ckpt=<path> data=sr291"
 
 upscale: ## super-resolve one image: make upscale ARGS="<ckpt> <in.png> <out.png>"
 	$(VENV)/bin/odm-sr-upscale $(ARGS)
+
+SWEEP ?= ablation_j
+
+sweep: ## run a sweep of conf/sweep (finished jobs are skipped): make sweep SWEEP=ablation_j ARGS="experiment=mini_edsr_x4_w2a2_odm"
+	$(VENV)/bin/odm-sr-train -m +sweep=$(SWEEP) $(ARGS)
+
+mini: ## the main table at CPU size: FP small EDSR on T91+BSD200 (reused once trained), then the 8 mini QAT runs
+	@if [ -f logs/mini/fp/results.json ]; then echo "reusing logs/mini/fp"; \
+	else $(VENV)/bin/odm-sr-train experiment=mini_edsr_x4_fp; fi
+	$(VENV)/bin/odm-sr-train -m +sweep=mini_table $(ARGS)
 
 complexity: ## storage / BitOPs table: make complexity ARGS="--model edsr_baseline --method fp pams daq ddtb odm --bits 2 4"
 	$(VENV)/bin/odm-sr-complexity $(ARGS)

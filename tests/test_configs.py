@@ -1,0 +1,215 @@
+"""Every experiment config composes and carries its paper recipe; launchers and the DDP trainer compose."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+from helpers import compose_config
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from odm_sr.builders import build_network, pretrained_network
+from odm_sr.config import CONFIG_DIR, validate_config
+
+EXPERIMENT_DIR = CONFIG_DIR / "experiment"
+# every option of the experiment group, shared bases (base/...) included
+EXPERIMENTS = sorted(p.relative_to(EXPERIMENT_DIR).with_suffix("").as_posix() for p in EXPERIMENT_DIR.rglob("*.yaml"))
+PAPER = [e for e in EXPERIMENTS if e.startswith("paper_")]
+MINI_QAT = [e for e in EXPERIMENTS if e.startswith("mini_") and not e.endswith("_fp")]
+
+# official FP checkpoint file per (model, scale) (METHODS.md §2.1)
+CHECKPOINTS = {
+    ("edsr_baseline", 4): "edsr_baseline_x4-6b446fab.pt", ("edsr_baseline", 2): "edsr_baseline_x2-1bc95232.pt",
+    ("edsr", 4): "edsr_x4-4f62e9ef.pt", ("rdn", 4): "rdn_baseline_x4.pt", ("rdn", 2): "rdn_baseline_x2.pt",
+    ("swinir_light", 4): "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth",
+    ("swinir_light", 2): "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth", ("hat_s", 4): "HAT-S_SRx4.pth",
+}
+# (max_steps, milestones, batch) of each method's released schedule (METHODS.md §4, §5.6); 1 epoch = 1000 steps
+SCHEDULES = {
+    "pams": (30000, [10000, 20000], 16),
+    "daq": (60000, [30000], 16),
+    "ddtb": (60000, [10000, 20000, 30000, 40000, 50000, 60000], 16),
+    "odm": (60000, [15000, 30000, 45000], 8),
+}
+
+
+def _compose(name: str, tmp_path: Path, *extra: str):
+    return compose_config([f"experiment={name}", *extra], tmp_path)
+
+
+@functools.cache
+def _composed(name: str):
+    """Each experiment composed once per session (a compose takes ~0.3 s here); callers must not modify it."""
+    return compose_config([f"experiment={name}"], Path("/nonexistent/output_dir"))
+
+
+def _paper_name(model: str, scale: int, method: str) -> str:
+    return f"paper_{model}_x{scale}_{method}"
+
+
+def test_the_paper_and_mini_experiments_exist():
+    expected = {_paper_name(m, s, q) for m in ("edsr_baseline", "rdn", "swinir_light") for s in (4, 2)
+                for q in SCHEDULES}
+    expected |= {f"paper_edsr_baseline_x4_300k_{q}" for q in SCHEDULES}  # S2
+    expected |= {"paper_edsr_x4_daq", "paper_edsr_x4_odm"}  # S3
+    expected |= {"paper_edsr_baseline_x4_fq_odm", "paper_edsr_baseline_x2_fq_odm"}  # S4
+    expected |= {f"paper_hat_s_x4_{q}" for q in SCHEDULES}  # S5
+    expected |= {f"mini_edsr_x4_w{b}a{b}_{q}" for b in (2, 4) for q in SCHEDULES} | {"mini_edsr_x4_fp"}
+    assert expected <= set(EXPERIMENTS), sorted(expected - set(EXPERIMENTS))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_validates(name):
+    cfg = _composed(name)
+    validate_config(cfg)
+    OmegaConf.to_container(cfg.optim, resolve=True)
+
+
+@pytest.mark.parametrize("name", [e for e in PAPER if not e.endswith("_fp")])
+def test_paper_experiment_recipe(name):
+    cfg = _composed(name)
+    model, scale, method = str(cfg.model.name), int(cfg.model.scale), str(cfg.method.name)
+    assert cfg.data.train == "div2k" and list(cfg.data.test) == ["Set5", "Set14", "B100", "Urban100"]
+    assert cfg.trainer.accelerator == "gpu" and cfg.data.iters_per_epoch == 1000
+    assert Path(cfg.model.pretrained).name == CHECKPOINTS[(model, scale)]
+    assert Path(cfg.model.pretrained).parent == Path(cfg.paths.ckpt_dir)
+    assert float(cfg.optim.lr) == (5e-5 if name == "paper_edsr_x4_daq" else 1e-4)
+    if "_fq_" in name:  # S4: ODM-FQ at W/A 4 bits, skip connections 8 bits
+        assert method == "odm_fq" and cfg.method.fq.enabled and dict(cfg.bits) == {"w": 4, "a": 4, "sc": 8}
+    else:
+        assert dict(cfg.bits) == {"w": 2, "a": 2, "sc": 8}
+    steps, milestones, batch = SCHEDULES["odm" if method == "odm_fq" else method]
+    if "_300k_" in name or name == "paper_edsr_x4_odm":  # S2, S3: 300K iterations
+        assert cfg.trainer.max_steps == 300000
+        stretched = {"pams": [100000, 200000], "daq": [150000], "odm": [75000, 150000, 225000],
+                     "ddtb": [50000, 100000, 150000, 200000, 250000, 300000]}
+        assert list(cfg.optim.milestones) == stretched[method]
+    elif name == "paper_edsr_x4_daq":  # DAQ's released EDSR-full script
+        assert (cfg.trainer.max_steps, list(cfg.optim.milestones), cfg.data.batch_size) == (300000, [150000], 4)
+    else:
+        assert (cfg.trainer.max_steps, list(cfg.optim.milestones)) == (steps, milestones)
+    if name != "paper_edsr_x4_daq":
+        assert cfg.data.batch_size == batch
+    rdn_baseline = model == "rdn" and method in ("pams", "daq", "ddtb")
+    assert cfg.data.lr_patch == ({4: 24, 2: 32}[scale] if rdn_baseline else 48)  # HR 96 / 64 on RDN, else LR 48
+    if method.startswith("odm"):
+        assert cfg.method.lambda_m == (1e-6 if model == "rdn" else 1e-5)
+        assert cfg.method.init.num_batches == 100
+
+
+def test_odm_paper_recipe_values():
+    cfg = _composed("paper_edsr_baseline_x4_odm")
+    assert list(cfg.optim.milestones) == [15000, 30000, 45000]
+    assert cfg.trainer.max_steps == 60000 and cfg.data.batch_size == 8 and cfg.optim.lr == 1e-4
+    assert _composed("paper_edsr_baseline_x4_pams").trainer.max_steps == 30000
+    assert _composed("paper_rdn_x4_odm").method.lambda_m == 1e-6
+    assert _composed("paper_edsr_baseline_x4_fq_odm").bits.sc == 8
+
+
+def test_user_picks_the_bit_width(tmp_path):
+    cfg = _compose("paper_swinir_light_x2_odm", tmp_path, "bits=w3a3")
+    assert (cfg.bits.w, cfg.bits.a) == (3, 3)
+
+
+@pytest.mark.parametrize("scale", [4, 2])
+def test_rdn_fp_experiment_trains_ddtbs_baseline(scale):
+    cfg = _composed(f"paper_rdn_x{scale}_fp")
+    assert cfg.method.name == "fp" and cfg.model.pretrained is None and cfg.bits.w == 32
+    assert (cfg.trainer.max_steps, list(cfg.optim.milestones), cfg.data.batch_size) == (300000, [200000], 16)
+    assert cfg.data.lr_patch == {4: 48, 2: 32}[scale]
+
+
+@pytest.mark.parametrize("name", MINI_QAT)
+def test_mini_experiment_is_cpu_sized(name):
+    cfg = _composed(name)
+    bits = int(name.split("_w")[1][0])
+    assert (cfg.bits.w, cfg.bits.a) == (bits, bits) and cfg.method.name == name.rsplit("_", 1)[1]
+    assert cfg.model.name == "edsr" and cfg.model.kwargs.n_resblocks == 4 and cfg.model.scale == 4
+    assert cfg.data.train == "sr291" and list(cfg.data.val) == ["Set5"]
+    assert list(cfg.data.test) == ["Set5", "Set14", "B100"]
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_steps == 300
+    assert (cfg.data.lr_patch, cfg.data.batch_size, cfg.data.iters_per_epoch) == (16, 8, 30)
+    assert cfg.model.pretrained == f"{cfg.paths.log_dir}/mini/fp/checkpoints/last.ckpt"
+    if cfg.method.name == "odm":
+        assert cfg.method.init.num_batches == 20
+    if cfg.method.name in ("pams", "ddtb"):
+        assert cfg.method.iters_per_epoch == 30  # PAMS's alpha epoch / DDTB's calibration epoch: 30 steps
+
+
+def test_mini_fp_writes_where_the_mini_experiments_look():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        fp = compose("train", overrides=["experiment=mini_edsr_x4_fp"], return_hydra_config=True)
+        odm = compose("train", overrides=["experiment=mini_edsr_x4_w2a2_odm"], return_hydra_config=True)
+    assert fp.method.name == "fp" and fp.model.pretrained is None and fp.trainer.max_steps == 2000
+    assert odm.model.pretrained == f"{fp.hydra.run.dir}/checkpoints/last.ckpt"
+    assert odm.hydra.run.dir == f"{odm.paths.log_dir}/mini/w2a2_odm"
+
+
+@pytest.mark.parametrize("name", [e for e in PAPER if not e.endswith("_fp")])
+def test_missing_checkpoint_is_named(name, tmp_path):
+    cfg = _composed(name).copy()
+    cfg.paths.ckpt_dir = str(tmp_path / "empty")  # model.pretrained interpolates it
+    with pytest.raises(FileNotFoundError, match=Path(cfg.model.pretrained).name.replace(".", r"\.")):
+        pretrained_network(cfg.model)
+
+
+def test_building_a_paper_experiment_without_its_checkpoint_fails_naming_it(tmp_path):
+    cfg = _compose("paper_edsr_baseline_x4_odm", tmp_path, f"paths.ckpt_dir={tmp_path}")
+    with pytest.raises(FileNotFoundError, match=r"edsr_baseline_x4-6b446fab\.pt"):
+        build_network(cfg)
+
+
+def test_ckpt_dir_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODM_SR_CKPT", str(tmp_path / "ckpts"))
+    cfg = _compose("paper_hat_s_x4_odm", tmp_path)
+    assert cfg.model.pretrained == str(tmp_path / "ckpts" / "HAT-S_SRx4.pth")
+
+
+def test_experiment_sets_top_level_keys(tmp_path):
+    assert _compose("paper_edsr_baseline_x4_odm", tmp_path).task_name == "paper"
+    main_odm = compose_config(["experiment=main_odm"], tmp_path)
+    assert main_odm.task_name == "main" and main_odm.eval.pretrained_row is True
+
+
+# -- launchers and the DDP trainer ------------------------------------------------------------------------------
+def _hydra_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_slurm_launcher_composes(monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    for var in ("ODM_SR_SLURM_PARTITION", "ODM_SR_GPUS", "ODM_SR_SLURM_TIMEOUT_MIN"):
+        monkeypatch.delenv(var, raising=False)
+    launcher = OmegaConf.to_container(_hydra_cfg("hydra/launcher=slurm", "+sweep=ablation_j").hydra.launcher,
+                                      resolve=True)
+    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher["partition"] is None and launcher["gpus_per_node"] == 1 and launcher["tasks_per_node"] == 1
+    assert isinstance(launcher["timeout_min"], int) and launcher["max_num_timeout"] > 0
+    assert launcher["name"] == "odm-sr-ablation_j"
+    monkeypatch.setenv("ODM_SR_SLURM_PARTITION", "gpu-long")
+    monkeypatch.setenv("ODM_SR_GPUS", "4")
+    launcher = OmegaConf.to_container(_hydra_cfg("hydra/launcher=slurm").hydra.launcher, resolve=True)
+    assert (launcher["partition"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == ("gpu-long", 4, 4)
+
+
+def test_joblib_launcher_composes(monkeypatch):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    monkeypatch.delenv("ODM_SR_JOBS", raising=False)
+    launcher = OmegaConf.to_container(_hydra_cfg("hydra/launcher=local_parallel").hydra.launcher, resolve=True)
+    assert launcher["_target_"] == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert launcher["n_jobs"] == 2
+
+
+def test_ddp_trainer_composes_and_instantiates(tmp_path, monkeypatch):
+    import hydra
+    from lightning.pytorch.strategies import DDPStrategy
+
+    monkeypatch.delenv("ODM_SR_GPUS", raising=False)
+    cfg = compose_config(["experiment=paper_edsr_baseline_x4_odm", "trainer=ddp"], tmp_path)
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2 and cfg.trainer.accelerator == "gpu"
+    assert cfg.trainer.use_distributed_sampler and not cfg.trainer.sync_batchnorm
+    trainer = hydra.utils.instantiate(cfg.trainer, accelerator="cpu", logger=False)  # no GPU needed to build it
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2

@@ -1,0 +1,132 @@
+"""Every sweep (conf/sweep) composes and expands to its jobs with Hydra's own sweeper logic; one real multirun
+end to end, re-run to check that finished jobs are skipped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import compose_config
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from odm_sr.config import CONFIG_DIR, validate_config
+
+SWEEP_DIR = CONFIG_DIR / "sweep"
+SWEEPS = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml") if p.stem != "common")
+ODM_EXPERIMENT = "mini_edsr_x4_w2a2_odm"
+# sweep -> (experiment it is used with, number of jobs)
+EXPECTED = {
+    "ablation_j": (ODM_EXPERIMENT, 3),
+    "ablation_lambda_m": (ODM_EXPERIMENT, 3),
+    "ablation_lr": (ODM_EXPERIMENT, 3),
+    "coop_formulation": (ODM_EXPERIMENT, 5),
+    "wcc_vs_lsq": (ODM_EXPERIMENT, 2),
+    "ablation_components": (ODM_EXPERIMENT, 5),
+    "methods": ("base/mini", 8),
+    "seeds": (ODM_EXPERIMENT, 3),
+    "main_table": (None, 8),
+    "mini_table": (None, 8),
+}
+# sweeps whose jobs pick config-group options: every job is composed and validated
+SELECTS_GROUPS = {"coop_formulation", "ablation_components", "wcc_vs_lsq", "methods", "main_table", "mini_table"}
+
+
+def _overrides(name: str) -> list[str]:
+    experiment = EXPECTED[name][0]
+    return [f"+sweep={name}"] + ([f"experiment={experiment}"] if experiment else [])
+
+
+def _jobs(name: str, extra: tuple[str, ...] = ()) -> tuple[DictConfig, list[list[str]]]:
+    """The sweep's composed config and its jobs' overrides, expanded as Hydra's BasicSweeper does."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=_overrides(name) + list(extra), return_hydra_config=True)
+    params = [f"{key}={value}" for key, value in cfg.hydra.sweeper.params.items()]
+    parsed = OverridesParser.create().parse_overrides(params + _overrides(name) + list(extra))
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return cfg, [job for batch in batches for job in batch]
+
+
+def test_every_sweep_is_covered():
+    assert set(SWEEPS) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_composes_and_expands(name, tmp_path):
+    cfg, jobs = _jobs(name)
+    assert len(jobs) == EXPECTED[name][1]
+    assert len({tuple(sorted(job)) for job in jobs}) == len(jobs)
+    assert cfg.sweep_name == name and cfg.skip_done and cfg.auto_resume
+    assert cfg.hydra.sweep.dir == f"{cfg.paths.log_dir}/sweeps/{name}"
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
+    for job in jobs if name in SELECTS_GROUPS else jobs[:1]:
+        validate_config(compose_config(job, tmp_path))
+
+
+def test_sweep_values():
+    _, jobs = _jobs("ablation_components")
+    assert [job[0] for job in jobs] == [f"+ablation={row}" for row in "abcde"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        row_a = compose("train", overrides=[f"experiment={ODM_EXPERIMENT}", "+ablation=a"]).method
+        off = compose("train", overrides=[f"experiment={ODM_EXPERIMENT}", "+ablation=mr_off"]).method
+    assert (row_a.wcc.learn_gamma, row_a.wcc.stat, row_a.mr.mode) == (False, "max_abs", "off")
+    assert off.mr.mode == "off"  # a string, not YAML's boolean off
+    _, jobs = _jobs("methods")
+    assert {tuple(sorted(o for o in job if o.startswith(("method=", "bits=")))) for job in jobs} == {
+        tuple(sorted([f"method={m}", f"bits={b}"])) for m in ("pams", "daq", "ddtb", "odm") for b in ("w2a2", "w4a4")}
+    _, jobs = _jobs("ablation_j")
+    assert [job[0] for job in jobs] == ["method.init.j=100", "method.init.j=99", "method.init.j=95"]
+
+
+def test_command_line_overrides_reach_every_job():
+    _, jobs = _jobs("seeds", ("trainer.max_steps=5",))
+    assert all("trainer.max_steps=5" in job for job in jobs)
+
+
+def test_wandb_group_is_the_sweep_name(tmp_path):
+    cfg = compose_config(["+sweep=ablation_j", f"experiment={ODM_EXPERIMENT}", "logger=wandb"], tmp_path)
+    assert cfg.logger.wandb.group == "ablation_j"
+    assert compose_config(["logger=wandb"], tmp_path).logger.wandb.group == "train"  # task_name outside a sweep
+
+
+@pytest.mark.slow
+def test_multirun_end_to_end_then_skips_finished_jobs(tmp_path):
+    """`odm-sr-train -m +sweep=ablation_j` on a tiny budget: 3 job dirs with results.json; the same command again
+    skips all three."""
+    from odm_sr.train import train
+
+    fp_dir = tmp_path / "fp"
+    tiny_model = ["model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8"]
+    train(compose_config(["model=edsr_small", *tiny_model, "model.scale=4", "data=sample", "data.lr_patch=12",
+                          "data.batch_size=2", "trainer=cpu", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                          "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=2",
+                          "logger=csv", "test_after_fit=false"], fp_dir))
+    ckpt = fp_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    log_dir = tmp_path / "logs"
+    command = [sys.executable, "-m", "odm_sr.train", "-m", "+sweep=ablation_j", f"experiment={ODM_EXPERIMENT}",
+               *tiny_model, "data=sample", "data.lr_patch=12", "data.batch_size=2", "trainer.max_steps=2",
+               "method.init.num_batches=1", "logger=csv", f"paths.log_dir={log_dir}", f"model.pretrained={ckpt}",
+               "eval.bicubic_row=false", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+               "test_after_fit=false"]  # the sweep mechanics are under test here; test_train.py covers the test sets
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+
+    def run() -> str:
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    run()
+    sweep_dir = log_dir / "sweeps" / "ablation_j"
+    job_dirs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
+    assert len(job_dirs) == 3
+    assert sorted(d.name.split("method.init.j=")[1].split(",")[0] for d in job_dirs) == ["100", "95", "99"]
+    assert all(f"experiment={ODM_EXPERIMENT}" in d.name and str(tmp_path) not in d.name for d in job_dirs)
+    mtimes = {d: (d / "results.json").stat().st_mtime_ns for d in job_dirs}
+    out = run()
+    assert out.count("skipping") == 3, out[-3000:]
+    assert {d: (d / "results.json").stat().st_mtime_ns for d in job_dirs} == mtimes
