@@ -23,12 +23,6 @@ TINY_MODELS = {
 METHODS = ["pams", "daq", "ddtb", "odm", "lsq"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("model", "method", "bits"), list(itertools.product(TINY_MODELS, METHODS, [2, 4])))

@@ -16,13 +16,6 @@ from odm_sr.quant.odm import ODM
 LAYERS = ["body.0.body.0", "body.0.body.2", "body.1.body.0", "body.1.body.2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (seconds per test on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _setup(bits: int = 2):

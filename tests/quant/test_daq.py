@@ -13,15 +13,6 @@ from odm_sr.quant.blocks import ActSite, ImageCount
 from odm_sr.quant.daq import DAQ, GAUSSIAN_STEPS, DaqActQuant, DaqWeightQuant, auto_sigma_bits
 from odm_sr.quant.layers import quantized_layers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 CONV = ActSite("q", 3, False)
 T = {2: 1.596, 3: 0.996, 4: 0.586, 8: 0.057}
 

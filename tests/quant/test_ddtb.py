@@ -21,15 +21,6 @@ from odm_sr.quant.ddtb import (
 )
 from odm_sr.quant.functional import round_ste
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 SITE = ActSite("q", 4, False)
 
 

@@ -28,12 +28,6 @@ SKIPS = ["body.0.res_quant", "body.0.skip_quant", "body.1.res_quant", "body.1.sk
          "global_res_quant", "global_skip_quant"]  # 2 per block + 2 global
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_edsr(seed: int = 0):

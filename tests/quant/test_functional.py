@@ -16,15 +16,6 @@ from odm_sr.quant.functional import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (seconds per test on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _composed(x, lower, upper, bits):
     """q(X; l, u) written with plain autograd ops: Int((clip(X) − l)/s)·s + l with an STE round."""
     n = 2**bits - 1

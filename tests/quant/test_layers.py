@@ -12,15 +12,6 @@ from odm_sr.quant.layers import QuantConv2d, QuantLinear, quantized_layers, to_q
 from odm_sr.quant.placement import select_layers, swap_layers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (seconds per test on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _AddOne(nn.Module):
     def forward(self, x):
         return x + 1

@@ -14,15 +14,6 @@ from odm_sr.quant.lsq import LsqWeightQuantizer
 from odm_sr.quant.odm import ODM
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (seconds per test on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_integer_grid_levels_and_init():
     w = torch.tensor([0.3, -0.2, 5.0, -5.0], dtype=torch.float64)
     q2 = LsqWeightQuantizer(2, w)

@@ -29,13 +29,6 @@ REACHED = {f"{layer}.{kind}" for layer in ("head.0", "body.0.body.0", "body.0.bo
            for kind in ("weight", "bias")}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (seconds per test on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- plain functions ------------------------------------------------------------------------------------

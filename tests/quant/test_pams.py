@@ -12,15 +12,6 @@ from odm_sr.quant.functional import round_ste
 from odm_sr.quant.layers import QuantConv2d, quantized_layers
 from odm_sr.quant.pams import PAMS, PamsActQuant, max_abs_weight_quantize, pams_act_quantize
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 SITE = ActSite("q", 4, False)
 
 

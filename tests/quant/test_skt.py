@@ -19,15 +19,6 @@ from odm_sr.quant.skt import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_edsr():
     torch.manual_seed(0)
     return build_model("edsr", 2, n_resblocks=1, n_feats=8)
