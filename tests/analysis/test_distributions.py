@@ -194,6 +194,7 @@ def test_analyze_cli_on_a_checkpoint(tmp_path, capsys):
     for analysis in ("variance", "mismatch", "hist", "wstats"):
         main([analysis, "--ckpt", str(ckpt), "--data", "sample_test", "--limit", "1"])
         assert (tmp_path / "analysis" / f"{analysis}.json").is_file()
+        assert torch.is_grad_enabled(), "the CLI must not switch autograd off for the calling process"
     assert (tmp_path / "analysis" / "hist.png").is_file() and (tmp_path / "analysis" / "wstats.png").is_file()
     out = capsys.readouterr().out
     assert "| image-wise variance |" in out and "| odm |" in out and "| body.0.body.0 |" in out

@@ -201,12 +201,12 @@ def run_analysis(args: argparse.Namespace, out: Path) -> tuple[str, dict]:
 
     from odm_sr.checkpoint import load_trained
 
-    torch.set_grad_enabled(False)
     net, cfg = load_trained(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)
     analyze = {"variance": analyze_variance, "mismatch": analyze_mismatch, "hist": analyze_hist,
                "wstats": analyze_wstats}[args.analysis]
-    return analyze(args, net, cfg, out)
+    with torch.no_grad():  # scoped: main() also runs in-process (tests, notebooks)
+        return analyze(args, net, cfg, out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
