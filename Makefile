@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train clean-main sweep mini eval upscale complexity report wandb-sync test test-fast lint clean
+.PHONY: help install train clean-main sweep mini bench-step bench-memory mini-repro gpu-check eval upscale complexity report wandb-sync test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -51,6 +51,18 @@ report: ## paper-style table (md, tex, png) of a run or sweep dir: make report D
 
 wandb-sync: ## upload the offline wandb runs under logs/ (needs network and WANDB_API_KEY)
 	$(VENV)/bin/wandb sync --include-offline $$(find logs -type d -name 'offline-run-*' | sort)
+
+bench-step: ## step-time ratios FP/PAMS/DAQ/DDTB/ODM (bench/results/step_time_*.json)
+	WANDB_MODE=disabled $(PY) bench/step_time.py $(ARGS)
+
+bench-memory: ## eval peak memory and time, whole vs tiled (bench/results/eval_memory.json)
+	$(PY) bench/eval_memory.py $(ARGS)
+
+mini-repro: ## CPU-sized paper table: FP + PAMS/DAQ/DDTB/ODM at 4 and 2 bits on sr291 (35-75 min, resumable)
+	WANDB_MODE=disabled $(PY) bench/mini_repro.py $(ARGS)
+
+gpu-check: ## GPU machine only: FP/ODM it/s and peak memory, eager and compiled (< 8 min)
+	PYTHONPATH=src PYTHON=$(PY) bash bench/gpu_check.sh
 
 test: ## run the test suite (tests needing ../shared/data skip with a reason where it is absent)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)

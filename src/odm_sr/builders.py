@@ -15,7 +15,8 @@ from .quant.base import frozen_copy
 
 def build_backbone(model_cfg: DictConfig) -> nn.Module:
     """The float backbone of ``model`` (random init)."""
-    kwargs = OmegaConf.to_container(model_cfg.get("kwargs") or {})
+    kwargs = model_cfg.get("kwargs")
+    kwargs = OmegaConf.to_container(kwargs) if kwargs else {}  # `kwargs: {}` composes to an empty DictConfig
     return build_model(str(model_cfg.name), int(model_cfg.scale), **kwargs)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
 from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks, ungroup
-from .functional import dot_to_shape, percentile, split_outside, sum_to_shape
+from .functional import dot_to_shape, percentile
 from .pams import max_abs_weight_quantize
 from .placement import backbone_family
 from .skt import check_skt_config, distillation_losses
@@ -45,8 +45,8 @@ DDTB_DEFAULTS = {
 
 
 class _ZeroAnchoredQuant(torch.autograd.Function):
-    """The fused form of ``round_ste(σ·clip(X, l, u))/σ`` (one temporary, no boolean masks), with the
-    gradients autograd gives through the composed expression; see ``zero_anchored_quantize``."""
+    """The fused form of ``round_ste(σ·max(min(X, u), l))/σ`` (one forward temporary, no boolean masks), with
+    the gradients autograd gives through that composed expression; see ``zero_anchored_quantize``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, levels: int) -> Tensor:
@@ -63,20 +63,28 @@ class _ZeroAnchoredQuant(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x, lower, upper, frac = ctx.saved_tensors
         need_x, need_l, need_u = ctx.needs_input_grad[:3]
-        grad_in, below, above = split_outside(grad_out, x, lower, upper)
+        # The released clip max(min(X, u), l) splits the gradient half-half where X equals a bound, and
+        # post-ReLU inputs tie with a calibrated l = 0 on every zero. With s_l = sign(X − l), s_u = sign(u − X)
+        # (float ops, no boolean masks): ∂c/∂X = ¼(1 + s_l)(1 + s_u), ∂c/∂l = ½(1 − s_l), ∂c/∂u = ½(1 − s_u).
+        s_l = torch.sub(x, lower).sign_()
+        s_u = torch.sub(upper, x).sign_()
         grad_l = grad_u = None
-        if need_u:
-            grad_u = sum_to_shape(above, upper) - dot_to_shape(grad_out, frac, upper) / ctx.n
-        if need_l:
-            grad_l = sum_to_shape(below, lower) + dot_to_shape(grad_out, frac, lower) / ctx.n
-        return (grad_in if need_x else None), grad_l, grad_u, None
+        if need_l:  # ½Σ g(1 − s_l) + Σ g·(v − R)/n
+            grad_l = 0.5 * dot_to_shape(grad_out, torch.rsub(s_l, 1), lower) + \
+                dot_to_shape(grad_out, frac, lower) / ctx.n
+        if need_u:  # ½Σ g(1 − s_u) + Σ g·(R − v)/n
+            grad_u = 0.5 * dot_to_shape(grad_out, torch.rsub(s_u, 1), upper) - \
+                dot_to_shape(grad_out, frac, upper) / ctx.n
+        grad_in = s_l.add_(1).mul_(s_u.add_(1)).mul_(grad_out).mul_(0.25) if need_x else None
+        return grad_in, grad_l, grad_u, None
 
 
 def zero_anchored_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -> Tensor:
     """q = Int(σ·clip(X, l, u))/σ, σ = (2^b − 1)/(u − l): the grid k/σ through zero (`DDTB_quant_act_*`).
 
     Gradients (autograd through the STE round, as released), with v = σ·clip(X), R = Int(v), n = 2^b − 1:
-    ∂q/∂X = 1[l ≤ X ≤ u]; ∂q/∂u = 1[X > u] + (R − v)/n; ∂q/∂l = 1[X < l] + (v − R)/n.
+    ∂q/∂X = 1[l ≤ X ≤ u]; ∂q/∂u = 1[X > u] + (R − v)/n; ∂q/∂l = 1[X < l] + (v − R)/n; where X equals a
+    bound, X and that bound get half each (autograd's rule for the released ``torch.max`` / ``torch.min``).
     (Inside the range this is METHODS.md §3's table; outside, unlike there, the (R − v)/n term of the clipped
     value remains, because the grid is anchored at zero rather than at l.)
     """
