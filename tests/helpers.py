@@ -27,3 +27,40 @@ def compose_config(overrides: list[str], output_dir: Path, config_name: str = "t
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def _gloo_rank(rank: int, world: int, port: int, fn, out_dir: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn, world: int, out_dir: Path) -> list:
+    """``fn(rank)`` in ``world`` CPU processes joined in a gloo process group; returns each rank's result
+    (saved with ``torch.save``: tensors, dicts and lists of them).
+
+    fork where available: the children inherit the imported modules (a spawned child re-imports torch and odm_sr,
+    ~8 s on 2 cores); each child uses one thread, so no OpenMP pool crosses the fork. ``fn`` must be a module-level
+    function (spawn pickles it).
+    """
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_gloo_rank, args=(world, port, fn, str(out_dir)), nprocs=world, join=True,
+                       start_method=method)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]

@@ -7,13 +7,9 @@ combination of the averaged gradients computed here from the two batches.
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_on_ranks
 
 from odm_sr.models import build_model
 from odm_sr.quant import Bits
@@ -39,24 +35,11 @@ def _batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(2, 3, 12, 12, generator=gen) * 255, torch.rand(2, 3, 24, 24, generator=gen) * 255
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        model, method = _tiny_odm()
-        out = method.training_losses(model, *_batch(rank), step=0)
-        method.backward(out, model, lambda loss: loss.backward())
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_grads(rank: int) -> dict[str, torch.Tensor]:
+    model, method = _tiny_odm()
+    out = method.training_losses(model, *_batch(rank), step=0)
+    method.backward(out, model, lambda loss: loss.backward())
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _mean(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -90,11 +73,7 @@ def _expected_grads() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def test_ranks_hold_the_combination_of_the_averaged_gradients(tmp_path):
-    # fork where available: the children inherit the imported modules (a spawned child re-imports torch and
-    # odm_sr, ~8 s on 2 cores); the workers use one thread each, so no OpenMP pool crosses the fork
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method=method)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_on_ranks(_rank_grads, WORLD, tmp_path)
     expected, rank0_alone = _expected_grads()
     assert set(ranks[0]) == set(ranks[1]) == set(expected)
     for name, want in expected.items():

@@ -15,6 +15,9 @@ Sources (``init.source``):
   pass). For layer i, the layers already calibrated run fully quantized (input and weight), the others run FP,
   and every forward stops at layer i's input. So l_i, u_i see the quantization error of all upstream layers
   with their final ranges. Cost: L passes over the K cached batches (each stopped early).
+
+Under DDP each rank calibrates on its own batches and the sums are all-reduced before the division, so every
+rank gets the mean over all ranks' batches (K = Σ K_rank).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum_
 from .functional import percentile
 from .layers import QuantMixin
 
@@ -161,6 +165,8 @@ def calibrate_activation_ranges(model: nn.Module, batches: Iterable, j: float = 
             count = _calibrate_sequential(model, list(stream), layers, j, sums, disable)
     if count == 0:
         raise ValueError("calibration got no batches")
+    if source == "fp":
+        all_reduce_sum_(list(sums.values()))  # DDP: the mean over every rank's batches (sequential: per layer)
     ranges = {}
     for name, layer in layers.items():
         lower, upper, seen = sums[name].tolist()
@@ -193,6 +199,7 @@ def _calibrate_sequential(model, cached: list[Tensor], layers, j, sums, disable)
             for x in cached:
                 _forward(model, x)
                 bar.update()
+        all_reduce_sum_([sums[name]])  # DDP: before the next layer sees this range
         lower, upper, seen = sums[name].tolist()
         if seen:
             layers[name].act_quant.set_range(lower / seen, upper / seen)

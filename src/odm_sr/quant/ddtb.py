@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
 from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks, ungroup
+from .distributed import all_reduce_mean_, gather_cat
 from .functional import dot_to_shape, percentile
 from .pams import max_abs_weight_quantize
 from .placement import backbone_family
@@ -172,7 +173,9 @@ class DdtbActQuant(nn.Module):
     @torch.no_grad()
     def _init_bounds(self, x: Tensor) -> None:
         if self.calibrate:
-            lower, upper = percentile(x, (100.0 - self.percentile_m, self.percentile_m))
+            bounds = percentile(x, (100.0 - self.percentile_m, self.percentile_m))
+            all_reduce_mean_([bounds])  # DDP: the mean of the ranks' first-batch percentiles
+            lower, upper = bounds.unbind()
             upper = torch.maximum(upper, lower + 1e-6)  # a constant input would give u == l
             self.alpha_lower.copy_(lower)
             self.alpha_upper.copy_(upper)
@@ -211,12 +214,13 @@ class DdtbActQuant(nn.Module):
 
 def select_dynamic(quantizers: dict[str, DdtbActQuant], ratio: float) -> list[str]:
     """Mark the top ⌊ratio·N⌋ quantizers by var(max) + var(min) of their recorded inputs as dynamic
-    (population variance, `np.var`); clears the records and returns the chosen names."""
+    (population variance, `np.var`; under DDP over the records of all ranks, so that every rank chooses the
+    same layers); clears the records and returns the chosen names."""
     scores = {}
     for name, q in quantizers.items():
-        if q.max_history:
-            scores[name] = float(torch.tensor(q.max_history, dtype=torch.float64).var(unbiased=False)
-                                 + torch.tensor(q.min_history, dtype=torch.float64).var(unbiased=False))
+        if q.max_history:  # DDP: the records of every rank (the same model records on every rank)
+            history = gather_cat(torch.tensor([q.max_history, q.min_history], dtype=torch.float64), dim=1)
+            scores[name] = float(history[0].var(unbiased=False) + history[1].var(unbiased=False))
         q.max_history, q.min_history = [], []
     chosen = sorted(scores, key=scores.get, reverse=True)[: int(len(scores) * ratio)]
     for name, q in quantizers.items():

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
+from .distributed import all_reduce_mean_, all_reduce_sum_, world_size
 from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
 from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
@@ -91,8 +92,10 @@ class OdmActQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled or self.bits >= 32:
             return x
-        if not self._ready:
-            self.set_range(*batch_range(x, self.init_j).tolist())
+        if not self._ready:  # no calibration ran: this batch's range (DDP: the mean of the ranks' batches)
+            first = batch_range(x, self.init_j)
+            all_reduce_mean_([first])
+            self.set_range(*first.tolist())
         q = uniform_quantize(x, self.lower, self.upper, self.bits)
         registry = active_registry()
         if registry is not None:
@@ -365,21 +368,13 @@ def average_across_ranks(grads: Sequence[Tensor | None], params: Sequence[nn.Par
     None on every rank stays None. One flat all-reduce per dtype. Without a process group: unchanged.
     """
     grads = list(grads)
-    dist = torch.distributed
-    if not grads or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if not grads or world_size() < 2:
         return grads
-    world = dist.get_world_size()
     present = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(present)
-    filled = [None if not n else (g if g is not None else torch.zeros_like(p))
+    all_reduce_sum_([present])
+    filled = [None if not n else (g.clone() if g is not None else torch.zeros_like(p))
               for g, p, n in zip(grads, params, present.tolist(), strict=True)]
-    for dtype in sorted({g.dtype for g in filled if g is not None}, key=str):
-        members = [k for k, g in enumerate(filled) if g is not None and g.dtype == dtype]
-        flat = torch.cat([filled[k].reshape(-1) for k in members])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        for k, chunk in zip(members, flat.split([filled[k].numel() for k in members]), strict=True):
-            filled[k] = chunk.view_as(filled[k])
+    all_reduce_mean_([g for g in filled if g is not None])
     return filled
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
 from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks
+from .distributed import all_reduce_mean_, world_size
 from .functional import round_ste, split_outside
 from .skt import check_skt_config, distillation_losses
 
@@ -184,9 +185,12 @@ class PAMS(QuantMethod):
     def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
                         teacher: nn.Module | None = None) -> StepOutput:
         tracking = step // self.iters_per_epoch < self.ema_epochs
-        for m in model.modules():
-            if isinstance(m, PamsActQuant):
-                m.tracking = tracking
+        quants = [m for m in model.modules() if isinstance(m, PamsActQuant)]
+        if not tracking and any(m.tracking for m in quants) and world_size() > 1:
+            # DDP: each rank tracked α on its own shard; from here on α is learned, from the ranks' mean
+            all_reduce_mean_([t for m in quants for t in (m.alpha.data, m.running_max)])
+        for m in quants:
+            m.tracking = tracking
         sr, terms = distillation_losses(model, teacher, lr, hr, self.skt_weight)
         return StepOutput(sr=sr, terms=terms, logs={"alpha_tracking": float(tracking)})
 
