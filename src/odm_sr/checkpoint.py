@@ -44,23 +44,29 @@ def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
     return net.eval(), cfg
 
 
+def atomic_write(path: str | Path, write) -> None:
+    """``write(f)`` into ``.<name>.tmp`` beside ``path`` (binary), fsync, then rename it over ``path``
+    (``os.replace`` is atomic on POSIX): readers see the old file or the complete new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O that never leaves a half-written checkpoint that looks valid: it writes
     ``.<name>.tmp`` beside the target, fsyncs it and renames it over the target (``os.replace`` is atomic on
     POSIX). Loading uses ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(path)

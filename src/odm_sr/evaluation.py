@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from .data.imresize import imresize
 from .metrics import MetricAccumulator, evaluate_pair, to_uint8
+from .quant.distributed import world_size
 
 Upscaler = Callable[[Tensor], Tensor]  # LR batch in [0, 1] -> SR batch in [0, 1]
 
 
-def accumulate(acc: MetricAccumulator, sr: Tensor, hr: Tensor, scale: int) -> None:
-    """Add the per-image PSNR/SSIM of a batch (SR and HR in [0, 1]; rounded to uint8 first)."""
+def accumulate(acc: MetricAccumulator, sr: Tensor, hr: Tensor, scale: int,
+               names: Sequence[str] | None = None) -> None:
+    """Add the per-image PSNR/SSIM of a batch (SR and HR in [0, 1]; rounded to uint8 first), with the
+    images' names when given (``merge_across_ranks`` drops the duplicates DDP's sampler pads with by name)."""
     for i in range(sr.shape[0]):
-        acc.update(*evaluate_pair(to_uint8(sr[i], 1.0), to_uint8(hr[i], 1.0), scale))
+        name = str(names[i]) if names is not None else ""
+        acc.update(*evaluate_pair(to_uint8(sr[i], 1.0), to_uint8(hr[i], 1.0), scale), image_name=name)
+
+
+def merge_across_ranks(acc: MetricAccumulator) -> MetricAccumulator:
+    """Under DDP: one accumulator holding every rank's images (rank order), each named image once.
+
+    DDP's distributed sampler gives each rank a shard of the set and pads the shards to equal length with
+    repeated images; per-rank means would be means over a shard. Every rank must call this for the same sets
+    in the same order (it is a collective). Without a process group (or with one rank): ``acc`` itself.
+    """
+    world = world_size()
+    if world < 2:
+        return acc
+    parts: list[list[tuple[str, float, float]] | None] = [None] * world
+    torch.distributed.all_gather_object(parts, acc.per_image)
+    merged, seen = MetricAccumulator(acc.set_name), set()
+    for records in parts:
+        for name, psnr_value, ssim_value in records or []:
+            if name and name in seen:
+                continue
+            seen.add(name)
+            merged.update(psnr_value, ssim_value, image_name=name)
+    return merged
 
 
 @torch.no_grad()
@@ -24,7 +50,7 @@ def evaluate_loader(upscale: Upscaler, loader, scale: int) -> tuple[float, float
     """Mean per-image PSNR/SSIM of ``upscale`` over a loader."""
     acc = MetricAccumulator()
     for batch in loader:
-        accumulate(acc, upscale(batch["lr"]), batch["hr"], scale)
+        accumulate(acc, upscale(batch["lr"]), batch["hr"], scale, batch.get("name"))
     return acc.psnr, acc.ssim
 
 

@@ -16,9 +16,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .evaluation import accumulate, network_upscale
+from .evaluation import accumulate, merge_across_ranks, network_upscale
 from .metrics import MetricAccumulator
 from .quant.base import QuantMethod
+from .quant.distributed import world_size
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,7 +149,7 @@ class SRLitModule(L.LightningModule):
         names = self.set_names.get(stage) or []
         set_name = names[dataloader_idx] if dataloader_idx < len(names) else f"set{dataloader_idx}"
         acc = self._metrics.setdefault(f"{stage}/{set_name}", MetricAccumulator())
-        accumulate(acc, self.upscale(batch["lr"]), batch["hr"], int(self.net.scale))
+        accumulate(acc, self.upscale(batch["lr"]), batch["hr"], int(self.net.scale), batch.get("name"))
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -158,11 +159,14 @@ class SRLitModule(L.LightningModule):
 
     def _flush(self, stage: str) -> None:
         values = {}
-        for key, acc in list(self._metrics.items()):
-            if key.startswith(stage + "/") and acc.count:
+        keys = [k for k in self._metrics if k.startswith(stage + "/")]
+        if world_size() > 1:  # DDP: the same sets in the same order on every rank (merging is a collective)
+            keys = list(dict.fromkeys([f"{stage}/{name}" for name in self.set_names.get(stage) or []] + keys))
+        for key in keys:
+            acc = merge_across_ranks(self._metrics.pop(key, None) or MetricAccumulator())
+            if acc.count:
                 values[f"{key}/psnr"] = acc.psnr
                 values[f"{key}/ssim"] = acc.ssim
-                del self._metrics[key]
         self.last_metrics = {**getattr(self, "last_metrics", {}), **values}
         if values:
             self.log_dict(values, add_dataloader_idx=False, batch_size=1)

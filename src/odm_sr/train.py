@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .analysis import summarize
 from .builders import build_callbacks, build_datamodule, build_loggers, build_network, pretrained_network
-from .checkpoint import AtomicCheckpointIO
+from .checkpoint import AtomicCheckpointIO, atomic_write
 from .config import CONFIG_DIR, register_resolvers, validate_config
 from .evaluation import bicubic_upscale, evaluate_sets, network_upscale
 from .lit_module import SRLitModule, metrics_table
@@ -58,16 +58,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                "device": device_name(), "steps": lit.global_step_count,
                                "complexity": complexity, "metrics": {}}
     if cfg.get("test_after_fit", True):
-        rows = {"bicubic": evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule)} \
-            if cfg.eval.get("bicubic_row", True) else {}
-        if cfg.eval.get("pretrained_row", False) and cfg.model.get("pretrained"):
-            fp_net = pretrained_network(cfg.model).eval()
-            rows["FP (model.pretrained)"] = evaluate_sets(network_upscale(fp_net), datamodule)
-        rows[cfg.run_name] = test_metrics(trainer, lit, datamodule, list(cfg.data.test))
+        own = test_metrics(trainer, lit, datamodule, list(cfg.data.test))  # every rank: merging is a collective
+        rows = {}
+        if trainer.is_global_zero:  # the reference rows once, not on every DDP rank
+            if cfg.eval.get("bicubic_row", True):
+                rows["bicubic"] = evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule)
+            if cfg.eval.get("pretrained_row", False) and cfg.model.get("pretrained"):
+                fp_net = pretrained_network(cfg.model).eval()
+                rows["FP (model.pretrained)"] = evaluate_sets(network_upscale(fp_net), datamodule)
+        rows[cfg.run_name] = own
         results["metrics"] = {row: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per.items()}
                               for row, per in rows.items()}
-        print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        if trainer.is_global_zero:
+            print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
+    if trainer.is_global_zero:
+        # atomic: an interrupted write must not leave a results.json that skip_done would take for a finished run
+        atomic_write(out_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
     finish_loggers(trainer)
     return results
 
@@ -91,9 +97,16 @@ def finish_loggers(trainer: L.Trainer) -> None:
 
 
 def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: list[str]) -> dict:
+    """{set: (PSNR, SSIM)} of ``trainer.test``. Under DDP they are merged over all ranks (``SRLitModule._flush``).
+    ``lit.last_metrics`` holds them in float64 where this process ran the test; under the fork/spawn launchers
+    it did not, and the trainer's callback metrics (float32, copied back from rank 0) are read instead."""
     lit.last_metrics = {}
     trainer.test(lit, datamodule=datamodule, verbose=False)
-    return {s: (lit.last_metrics[f"test/{s}/psnr"], lit.last_metrics[f"test/{s}/ssim"]) for s in set_names}
+    metrics = lit.last_metrics or trainer.callback_metrics
+    missing = [s for s in set_names if f"test/{s}/psnr" not in metrics]
+    if missing:
+        raise RuntimeError(f"trainer.test logged no metrics for {missing} (got {sorted(metrics)})")
+    return {s: (float(metrics[f"test/{s}/psnr"]), float(metrics[f"test/{s}/ssim"])) for s in set_names}
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
