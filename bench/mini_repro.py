@@ -64,7 +64,7 @@ def common_overrides(args: argparse.Namespace, steps: int, iters_per_epoch: int,
             f"data.lr_patch={args.lr_patch}", f"data.batch_size={args.batch}",
             f"data.num_workers={args.workers}", f"data.iters_per_epoch={iters_per_epoch}",
             f"trainer.max_steps={steps}", f"trainer.val_check_interval={iters_per_epoch}",
-            "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+            "+trainer.limit_val_batches=0", f"trainer.enable_progress_bar={str(args.progress).lower()}",
             f"trainer.log_every_n_steps={max(1, min(50, steps // 10))}",
             f"callbacks.model_checkpoint.every_n_train_steps={steps}",
             f"optim.lr={lr}", f"optim.milestones=[{milestone}]", f"seed={args.seed}"]
@@ -83,6 +83,7 @@ def stage_overrides(args: argparse.Namespace, method: str, bits: int, fp_ckpt: P
 
 def run_stage(name: str, overrides: list[str], out_dir: Path) -> dict:
     """``train(cfg)`` in ``out_dir`` unless its results.json exists; returns the results dict."""
+    from odm_sr.checkpoint import atomic_write
     from odm_sr.train import train
 
     results = out_dir / "results.json"
@@ -94,7 +95,8 @@ def run_stage(name: str, overrides: list[str], out_dir: Path) -> dict:
     start = time.perf_counter()
     result = train(cfg)
     result["stage_seconds"] = time.perf_counter() - start
-    results.write_text(json.dumps(result, indent=2))  # train() wrote it already; add the stage wall time
+    # train() wrote it already; add the stage wall time (atomically: the file marks the stage as done)
+    atomic_write(results, lambda f: f.write(json.dumps(result, indent=2).encode()))
     print(f"[{name}] {result['stage_seconds']:.0f} s", flush=True)
     return result
 
@@ -123,7 +125,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fp-steps", type=int, default=1500)
     p.add_argument("--qat-steps", type=int, default=300)
@@ -138,9 +140,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: robust on a shared 2-core machine; 0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                   help="Lightning's progress bars (default: on in a terminal, off when stderr is a file)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "mini_repro",
                    help="run folder (one sub-folder per stage); the table goes to <out>.md and <out>.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.lr_patch, args.batch = fit_patch(args.lr_patch, args.batch, 4)
