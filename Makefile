@@ -58,7 +58,7 @@ bench-step: ## step-time ratios FP/PAMS/DAQ/DDTB/ODM (bench/results/step_time_*.
 bench-memory: ## eval peak memory and time, whole vs tiled (bench/results/eval_memory.json)
 	$(PY) bench/eval_memory.py $(ARGS)
 
-mini-repro: ## CPU-sized paper table: FP + PAMS/DAQ/DDTB/ODM at 4 and 2 bits on sr291 (35-75 min, resumable)
+mini-repro: ## CPU-sized paper table: FP + PAMS/DAQ/DDTB/ODM at 4 and 2 bits on sr291 (30 min measured, up to ~75 under load; resumable)
 	WANDB_MODE=disabled $(PY) bench/mini_repro.py $(ARGS)
 
 gpu-check: ## GPU machine only: FP/ODM it/s and peak memory, eager and compiled (< 8 min)
