@@ -1,6 +1,6 @@
 """CPU-sized reproduction of the paper's comparison (METHODS.md §8 main table) on the small EDSR x4.
 
-    PYTHONPATH=src python bench/mini_repro.py                       # defaults: 30 min measured on 2 cores (~75 under load)
+    PYTHONPATH=src python bench/mini_repro.py                       # defaults: 30 min on 2 cores (~75 loaded)
     PYTHONPATH=src python bench/mini_repro.py --fp-steps 20 --qat-steps 10 --bits 2 --out /tmp/mr   # smoke test
 
 1. FP: the small EDSR (4 blocks x 32 features) trained from scratch on T91 + BSD200 (``data=sr291``) for

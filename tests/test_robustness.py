@@ -129,6 +129,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
         (["method=odm", "bits=w2a2", "method.init.j=101"], r"j"),
         (["method=odm", "bits=w2a2", "method.lambda_m=-1e-5"], r"lambda_m"),
         (["model.scale=5"], r"model\.scale=5: expected 2, 3 or 4"),
+        (["eval.pad_mode=zeros"], r"eval\.pad_mode='zeros': expected one of \('official', 'reflect', 'mirror'\)"),
     ],
 )
 def test_invalid_configs_fail_before_any_work(overrides, message, tmp_path):

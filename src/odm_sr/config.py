@@ -20,6 +20,7 @@ def register_resolvers() -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail before any work starts on values no method can use (one clear error each)."""
+    from .evaluation import EVAL_PAD_MODES
     from .quant import build_method, make_bits
 
     make_bits(cfg.bits)
@@ -33,6 +34,9 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"data.{key}={cfg.data[key]}: expected a positive integer")
     if float(cfg.optim.lr) <= 0:
         raise ValueError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
+    pad_mode = cfg.get("eval", {}).get("pad_mode", "official")
+    if pad_mode not in EVAL_PAD_MODES:
+        raise ValueError(f"eval.pad_mode={pad_mode!r}: expected one of {EVAL_PAD_MODES}")
 
 
 register_resolvers()

@@ -38,7 +38,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     if cfg.eval.get("bicubic_row", True) or net is None:
         rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm)
     if net is not None:
-        upscale = network_upscale(net, cfg.eval.get("tile"), int(cfg.eval.get("tile_overlap", 16)))
+        upscale = network_upscale(net, cfg.eval.get("tile"), int(cfg.eval.get("tile_overlap", 16)),
+                                  str(cfg.eval.get("pad_mode", "official")))
         rows[str(train_cfg.run_name)] = evaluate_sets(upscale, dm)
     return rows
 

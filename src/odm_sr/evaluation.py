@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from .data.imresize import imresize
 from .metrics import MetricAccumulator, evaluate_pair, to_uint8
+from .models.windows import PAD_MODES
 from .quant.distributed import world_size
 
 Upscaler = Callable[[Tensor], Tensor]  # LR batch in [0, 1] -> SR batch in [0, 1]
+EVAL_PAD_MODES = ("official", *PAD_MODES)
 
 
 def accumulate(acc: MetricAccumulator, sr: Tensor, hr: Tensor, scale: int,
@@ -70,10 +73,42 @@ def bicubic_upscale(scale: int) -> Upscaler:
     return lambda lr: imresize(to_uint8(lr, 1.0), scale).float() / 255.0
 
 
-def network_upscale(net: torch.nn.Module, tile: int | None = None, overlap: int = 16) -> Upscaler:
-    """Inference with a backbone in its own pixel range, tiled when ``tile`` is set."""
+def eval_pad_mode(net: torch.nn.Module, pad_mode: str = "official") -> str | None:
+    """The window padding ``net`` uses when evaluated (``eval.pad_mode``, METHODS.md §1.3.2); None for a net
+    without window padding (EDSR, RDN). ``official``: the mode of the script behind the published numbers
+    (SwinIR ``main_test_swinir.py``: mirror; HAT ``pre_process``: reflect), else ``reflect`` or ``mirror``."""
+    if pad_mode not in EVAL_PAD_MODES:
+        raise ValueError(f"eval.pad_mode={pad_mode!r}: expected one of {EVAL_PAD_MODES}")
+    if not hasattr(net, "pad_mode"):
+        return None
+    return getattr(net, "official_eval_pad_mode", net.pad_mode) if pad_mode == "official" else pad_mode
+
+
+@contextlib.contextmanager
+def window_padding(net: torch.nn.Module, mode: str | None) -> Iterator[None]:
+    """``net.pad_mode = mode`` inside the block (nothing when ``mode`` is None); restored afterwards."""
+    if mode is None:
+        yield
+        return
+    saved = net.pad_mode
+    net.pad_mode = mode
+    try:
+        yield
+    finally:
+        net.pad_mode = saved
+
+
+def network_upscale(net: torch.nn.Module, tile: int | None = None, overlap: int = 16,
+                    pad_mode: str = "official") -> Upscaler:
+    """Inference with a backbone in its own pixel range, tiled when ``tile`` is set; transformers pad to a
+    window multiple as ``eval_pad_mode(net, pad_mode)`` says (training keeps the model's own mode)."""
     from .inference import forward_chopped
 
     rng = float(getattr(net, "pixel_range", 1.0))
-    return lambda lr: forward_chopped(lambda x: net(x * rng) / rng, lr, scale=int(net.scale), tile=tile,
-                                      overlap=overlap)
+    mode = eval_pad_mode(net, pad_mode)
+
+    def run(x: Tensor) -> Tensor:
+        with window_padding(net, mode):
+            return net(x * rng) / rng
+
+    return lambda lr: forward_chopped(run, lr, scale=int(net.scale), tile=tile, overlap=overlap)

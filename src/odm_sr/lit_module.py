@@ -62,7 +62,9 @@ class SRLitModule(L.LightningModule):
 
     def upscale(self, lr01: Tensor) -> Tensor:
         """Inference path of validation/test: tiled when ``eval.tile`` is set."""
-        return network_upscale(self.net, self.eval_cfg.get("tile"), int(self.eval_cfg.get("tile_overlap", 16)))(lr01)
+        cfg = self.eval_cfg
+        return network_upscale(self.net, cfg.get("tile"), int(cfg.get("tile_overlap", 16)),
+                               str(cfg.get("pad_mode", "official")))(lr01)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -65,7 +65,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 rows["bicubic"] = evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule)
             if cfg.eval.get("pretrained_row", False) and cfg.model.get("pretrained"):
                 fp_net = pretrained_network(cfg.model).eval()
-                rows["FP (model.pretrained)"] = evaluate_sets(network_upscale(fp_net), datamodule)
+                upscale = network_upscale(fp_net, cfg.eval.get("tile"), int(cfg.eval.get("tile_overlap", 16)),
+                                          str(cfg.eval.get("pad_mode", "official")))
+                rows["FP (model.pretrained)"] = evaluate_sets(upscale, datamodule)
         rows[cfg.run_name] = own
         results["metrics"] = {row: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per.items()}
                               for row, per in rows.items()}

@@ -9,17 +9,17 @@ import torch
 
 from .checkpoint import load_trained
 from .data.io import read_image, save_image, to_tensor
-from .evaluation import network_upscale
+from .evaluation import EVAL_PAD_MODES, network_upscale
 
 
 def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int | None = None,
-                 overlap: int = 16) -> Path:
+                 overlap: int = 16, pad_mode: str = "official") -> Path:
     """Read ``src`` (grayscale/RGBA converted to RGB), super-resolve it, write ``dst`` (PNG recommended)."""
     net, _ = load_trained(ckpt)
     img, _ = read_image(src, mode="RGB")
     lr = to_tensor(img).unsqueeze(0)
     with torch.no_grad():
-        sr = network_upscale(net, tile, overlap)(lr)
+        sr = network_upscale(net, tile, overlap, pad_mode)(lr)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_image(sr[0], dst)
@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", help="where to write the SR image")
     parser.add_argument("--tile", type=int, default=None, help="LR tile side for chopped inference")
     parser.add_argument("--overlap", type=int, default=16, help="LR context pixels around each tile")
+    parser.add_argument("--pad-mode", default="official", choices=EVAL_PAD_MODES,
+                        help="SwinIR/HAT window padding (official: as the released test scripts)")
     args = parser.parse_args(argv)
-    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap)
+    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode)
     print(f"wrote {out}")
 
 

@@ -68,3 +68,35 @@ def test_padding_is_cropped_from_the_output() -> None:
                         pad_mode="mirror").eval()
     with torch.no_grad():
         assert model(torch.rand(1, 3, 5, 9)).shape == (1, 3, 15, 27)
+
+
+def _swinir_mirror_by_hand(model, lr: torch.Tensor, window: int = 8) -> torch.Tensor:
+    """main_test_swinir.py: pad by flipped copies (always, a full window on a multiple), run, crop."""
+    h, w = lr.shape[-2:]
+    padded = torch.cat([lr, torch.flip(lr, [2])], 2)[:, :, :(h // window + 1) * window, :]
+    padded = torch.cat([padded, torch.flip(padded, [3])], 3)[:, :, :, :(w // window + 1) * window]
+    with torch.no_grad():
+        return model(padded)[..., :h * model.scale, :w * model.scale]
+
+
+def test_evaluation_pads_as_the_official_test_scripts() -> None:
+    from odm_sr.evaluation import eval_pad_mode, network_upscale
+
+    torch.manual_seed(0)
+    swinir = build_model("swinir_light", 2, embed_dim=12, depths=(2,), num_heads=(2,), img_size=16).eval()
+    hat = build_model("hat_s", 2, embed_dim=12, depths=(1,), num_heads=(2,), img_size=16, compress_ratio=3,
+                      squeeze_factor=3).eval()
+    edsr = build_model("edsr", 2, n_resblocks=1, n_feats=8)
+    assert swinir.pad_mode == "reflect"  # training / forward: network_swinir.py's check_image_size
+    assert [eval_pad_mode(m) for m in (swinir, hat, edsr)] == ["mirror", "reflect", None]
+    assert eval_pad_mode(swinir, "reflect") == "reflect"
+    lr = torch.rand(1, 3, 16, 13)  # H a multiple of the window: mirror still pads a full window, reflect none
+    with torch.no_grad():
+        official = network_upscale(swinir)(lr)
+        reflect = network_upscale(swinir, pad_mode="reflect")(lr)
+        assert torch.equal(reflect, swinir(lr))
+    assert torch.allclose(official, _swinir_mirror_by_hand(swinir, lr), atol=1e-6)
+    assert (official - reflect).abs().max() > 1e-3  # the choice matters for the reported numbers
+    assert swinir.pad_mode == "reflect"  # restored after evaluation
+    with pytest.raises(ValueError, match="eval.pad_mode='zeros'"):
+        network_upscale(swinir, pad_mode="zeros")

@@ -196,6 +196,8 @@ class HAT(nn.Module):
     drop_path_rate: the official default 0.1 (stochastic depth, active in train mode only).
     """
 
+    official_eval_pad_mode = "reflect"  # eval.pad_mode=official (hat_model.py pre_process)
+
     def __init__(self, scale: int, img_size: int = 64, embed_dim: int = 144,
                  depths: tuple[int, ...] = (6,) * 6, num_heads: tuple[int, ...] = (6,) * 6,
                  window_size: int = 16, compress_ratio: int = 24, squeeze_factor: int = 24,

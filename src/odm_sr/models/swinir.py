@@ -121,6 +121,8 @@ class SwinIR(nn.Module):
     drop_path_rate: the official default 0.1 (stochastic depth, active in train mode only).
     """
 
+    official_eval_pad_mode = "mirror"  # eval.pad_mode=official (main_test_swinir.py)
+
     def __init__(self, scale: int, img_size: int = 64, embed_dim: int = 60,
                  depths: tuple[int, ...] = (6, 6, 6, 6), num_heads: tuple[int, ...] = (6, 6, 6, 6),
                  window_size: int = 8, mlp_ratio: float = 2.0, upsampler: str = "pixelshuffledirect",
