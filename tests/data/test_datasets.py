@@ -167,6 +167,35 @@ def test_epoch_sampler_uniform_and_reproducible():
     assert list(sampler) == first
 
 
+def test_epoch_sampler_ranks_split_one_draw():
+    """Under DDP each rank takes every 2nd sample of the draw a single process makes for both ranks' samples."""
+    ranks = [EpochSampler(num_images=7, num_samples=6, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    both = EpochSampler(num_images=7, num_samples=12, seed=3)
+    for _ in range(2):  # two epochs
+        per_rank = [list(s) for s in ranks]
+        whole = list(both)
+        assert len(per_rank[0]) == len(ranks[0]) == 6  # an epoch is num_samples per rank
+        assert per_rank[0] == whole[0::2] and per_rank[1] == whole[1::2]
+    # a resumed rank skips the samples it already served, and only those
+    ranks[1].set_epoch(1)
+    ranks[1].skip = 4
+    assert list(ranks[1]) == whole[1::2][4:]
+    with pytest.raises(ValueError, match="rank=2"):
+        EpochSampler(num_images=7, num_samples=6, num_replicas=2, rank=2)
+
+
+def _default_rank_sampler(rank: int) -> list[int]:
+    return list(EpochSampler(num_images=7, num_samples=6, seed=3))  # rank and world from the process group
+
+
+def test_epoch_sampler_reads_rank_and_world_from_the_process_group(tmp_path):
+    from helpers import run_on_ranks
+
+    got = run_on_ranks(_default_rank_sampler, 2, tmp_path)
+    assert got == [list(EpochSampler(num_images=7, num_samples=6, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert list(EpochSampler(num_images=7, num_samples=6, seed=3)) != got[0]  # no process group: one rank
+
+
 def test_seeded_patches_depend_only_on_the_sample_id():
     train = build_dataset("sample", "train", scale=4, lr_patch=12, iters_per_epoch=2, batch_size=3, seed=7)
     a, b = train[3 + 8 * 11], train[3 + 8 * 11]

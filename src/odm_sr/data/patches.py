@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from odm_sr.data.io import to_tensor
 
@@ -94,18 +94,33 @@ class PairSource(Protocol):
     def describe(self, index: int) -> str: ...
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(DistributedSampler):
     """Draws ``num_samples`` image indices uniformly at random (with replacement) from ``range(num_images)``.
 
     With ``num_samples = iters_per_epoch * batch_size`` one pass is one "epoch" of ``iters_per_epoch``
     batches, whatever the data set size. Each new iteration draws fresh indices; with a ``seed`` the
     sequence is reproducible (the i-th epoch uses seed + i, or seed + the epoch given to ``set_epoch``).
+
+    Under DDP (``num_replicas`` ranks; by default read from the initialised process group) every rank draws the
+    same ``num_samples * num_replicas`` indices and takes every ``num_replicas``-th from position ``rank``, so one
+    epoch is still ``iters_per_epoch`` optimizer steps per rank, at a global batch of ranks x batch_size. It is
+    a ``DistributedSampler`` so that Lightning keeps it instead of wrapping it in its own (which would split the
+    epoch between the ranks and lose the mid-epoch resume); one rank gives exactly the single-process sequence.
     """
 
-    def __init__(self, num_images: int, num_samples: int, seed: int | None = None) -> None:
+    def __init__(self, num_images: int, num_samples: int, seed: int | None = None,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
         if num_images <= 0 or num_samples <= 0:
             raise ValueError(f"num_images and num_samples must be positive, got {num_images}, {num_samples}")
+        dist = torch.distributed
+        grouped = dist.is_available() and dist.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if grouped else 1)
+        rank = rank if rank is not None else (dist.get_rank() if grouped else 0)
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank}: expected 0 <= rank < num_replicas={num_replicas}")
+        # DistributedSampler.__init__ is not called: it wants a dataset and shards it without replacement
         self.num_images, self.num_samples, self.seed = num_images, num_samples, seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.skip = 0  # samples to leave out at the start of the next pass (mid-epoch resume)
 
@@ -119,13 +134,15 @@ class EpochSampler(Sampler[int]):
         generator = None
         if self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        first_sample = self.epoch * self.num_samples
+        total = self.num_samples * self.num_replicas
+        first_sample = self.epoch * total
         self.epoch += 1
         skip, self.skip = self.skip, 0
-        images = torch.randint(0, self.num_images, (self.num_samples,), generator=generator).tolist()
+        images = torch.randint(0, self.num_images, (total,), generator=generator).tolist()
         # index = image + num_images * sample id: PatchDataset seeds the crop and flips of each sample from its
         # id, so an epoch's patches do not depend on workers or on what ran before (exact resume).
-        for position in range(skip, self.num_samples):
+        for local in range(skip, self.num_samples):
+            position = self.rank + local * self.num_replicas
             yield images[position] + self.num_images * (first_sample + position)
 
 
