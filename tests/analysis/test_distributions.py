@@ -16,11 +16,10 @@ from odm_sr.analysis.distributions import (
     fp_mode,
     input_layers,
     odm_initialized,
-    plot_histograms,
-    plot_weight_stats,
     static_levels,
     weight_stats,
 )
+from odm_sr.analysis.plots import plot_histograms, plot_weight_stats
 from odm_sr.models import build_model
 from odm_sr.quant import build_method
 from odm_sr.quant.blocks import ActSite

@@ -13,8 +13,9 @@ from helpers import run_on_ranks
 
 from odm_sr.models import build_model
 from odm_sr.quant import Bits
+from odm_sr.quant.distributed import average_across_ranks
 from odm_sr.quant.mismatch import combine_gradients
-from odm_sr.quant.odm import ODM, average_across_ranks
+from odm_sr.quant.odm import ODM
 
 WORLD = 2
 LAMBDA_M = 1.0  # large, so that a wrong g_M (or cosine) shows far above float noise

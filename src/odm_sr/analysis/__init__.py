@@ -8,11 +8,10 @@ from odm_sr.analysis.distributions import (
     feature_mismatch,
     feature_variance,
     odm_initialized,
-    plot_histograms,
-    plot_weight_stats,
     weight_stats,
 )
 from odm_sr.analysis.paper import paper_entry
+from odm_sr.analysis.plots import plot_histograms, plot_weight_stats
 from odm_sr.analysis.report import build_rows, load_runs, plot_report, to_latex, to_markdown, write_report
 from odm_sr.analysis.timing import timing_table, training_time
 

@@ -180,7 +180,8 @@ def analyze_hist(args, net, cfg, out: Path) -> tuple[str, dict]:
 
 
 def analyze_wstats(args, net, cfg, out: Path) -> tuple[str, dict]:
-    from odm_sr.analysis.distributions import plot_weight_stats, weight_stats
+    from odm_sr.analysis.distributions import weight_stats
+    from odm_sr.analysis.plots import plot_weight_stats
 
     stats = weight_stats(net, _placement(cfg))
     plot_weight_stats(stats, out / "wstats.png")

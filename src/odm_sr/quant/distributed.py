@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def world_size() -> int:
@@ -47,6 +47,24 @@ def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
             t.div_(world)
 
 
+def average_across_ranks(grads: Sequence[Tensor | None], params: Sequence[nn.Parameter]) -> list[Tensor | None]:
+    """Under DDP (world size > 1): each gradient's mean over the ranks, g ← Σ_ranks g / world (METHODS.md §5.7).
+
+    ``torch.autograd.grad`` bypasses DDP's gradient hooks, so g_R and g_M are averaged here, before the cosine.
+    A gradient that is None on this rank but not on another counts as zeros (all ranks must agree); one that is
+    None on every rank stays None. One flat all-reduce per dtype. Without a process group: unchanged.
+    """
+    grads = list(grads)
+    if not grads or world_size() < 2:
+        return grads
+    present = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=params[0].device)
+    all_reduce_sum_([present])
+    filled = [None if not n else (g.clone() if g is not None else torch.zeros_like(p))
+              for g, p, n in zip(grads, params, present.tolist(), strict=True)]
+    all_reduce_mean_([g for g in filled if g is not None])
+    return filled
+
+
 def gather_cat(x: Tensor, dim: int = 0) -> Tensor:
     """The ranks' tensors concatenated along ``dim`` in rank order (all must have the same shape)."""
     world = world_size()
@@ -65,4 +83,4 @@ def gather_cat(x: Tensor, dim: int = 0) -> Tensor:
     return torch.cat(parts, dim=dim)
 
 
-__all__ = ["all_reduce_mean_", "all_reduce_sum_", "gather_cat", "world_size"]
+__all__ = ["all_reduce_mean_", "all_reduce_sum_", "average_across_ranks", "gather_cat", "world_size"]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
-from .distributed import all_reduce_mean_, all_reduce_sum_, world_size
+from .distributed import all_reduce_mean_, average_across_ranks
 from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
 from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
@@ -360,24 +360,6 @@ class ODM(QuantMethod):
         return _to_floats(values)
 
 
-def average_across_ranks(grads: Sequence[Tensor | None], params: Sequence[nn.Parameter]) -> list[Tensor | None]:
-    """Under DDP (world size > 1): each gradient's mean over the ranks, g ← Σ_ranks g / world (METHODS.md §5.7).
-
-    ``torch.autograd.grad`` bypasses DDP's gradient hooks, so g_R and g_M are averaged here, before the cosine.
-    A gradient that is None on this rank but not on another counts as zeros (all ranks must agree); one that is
-    None on every rank stays None. One flat all-reduce per dtype. Without a process group: unchanged.
-    """
-    grads = list(grads)
-    if not grads or world_size() < 2:
-        return grads
-    present = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=params[0].device)
-    all_reduce_sum_([present])
-    filled = [None if not n else (g.clone() if g is not None else torch.zeros_like(p))
-              for g, p, n in zip(grads, params, present.tolist(), strict=True)]
-    all_reduce_mean_([g for g in filled if g is not None])
-    return filled
-
-
 def _add_scaled(r: Tensor | None, m: Tensor | None, scale: float) -> Tensor | None:
     if m is None:
         return r
@@ -403,4 +385,4 @@ def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(values, stacked.tolist(), strict=True))
 
 
-__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "average_across_ranks", "odm_config"]
+__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config"]
