@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
 from .data import SRDataModule
-from .evaluation import bicubic_upscale, evaluate_sets, network_upscale
+from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets
 from .lit_module import metrics_table
 
 register_resolvers()
@@ -38,9 +38,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     if cfg.eval.get("bicubic_row", True) or net is None:
         rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm)
     if net is not None:
-        upscale = network_upscale(net, cfg.eval.get("tile"), int(cfg.eval.get("tile_overlap", 16)),
-                                  str(cfg.eval.get("pad_mode", "official")))
-        rows[str(train_cfg.run_name)] = evaluate_sets(upscale, dm)
+        rows[str(train_cfg.run_name)] = evaluate_sets(eval_upscale(net, cfg.eval), dm)
     return rows
 
 

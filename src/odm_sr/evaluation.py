@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -112,3 +113,9 @@ def network_upscale(net: torch.nn.Module, tile: int | None = None, overlap: int 
             return net(x * rng) / rng
 
     return lambda lr: forward_chopped(run, lr, scale=int(net.scale), tile=tile, overlap=overlap)
+
+
+def eval_upscale(net: torch.nn.Module, eval_cfg: Mapping[str, Any]) -> Upscaler:
+    """``network_upscale`` with the ``eval`` config group's ``tile``, ``tile_overlap`` and ``pad_mode``."""
+    return network_upscale(net, eval_cfg.get("tile"), int(eval_cfg.get("tile_overlap", 16)),
+                           str(eval_cfg.get("pad_mode", "official")))

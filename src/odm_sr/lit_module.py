@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .evaluation import accumulate, merge_across_ranks, network_upscale
+from .evaluation import accumulate, eval_upscale, merge_across_ranks
 from .metrics import MetricAccumulator
 from .quant.base import QuantMethod
 from .quant.distributed import world_size
@@ -62,9 +62,7 @@ class SRLitModule(L.LightningModule):
 
     def upscale(self, lr01: Tensor) -> Tensor:
         """Inference path of validation/test: tiled when ``eval.tile`` is set."""
-        cfg = self.eval_cfg
-        return network_upscale(self.net, cfg.get("tile"), int(cfg.get("tile_overlap", 16)),
-                               str(cfg.get("pad_mode", "official")))(lr01)
+        return eval_upscale(self.net, self.eval_cfg)(lr01)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -19,7 +19,7 @@ from .analysis import summarize
 from .builders import build_callbacks, build_datamodule, build_loggers, build_network, pretrained_network
 from .checkpoint import AtomicCheckpointIO, atomic_write
 from .config import CONFIG_DIR, register_resolvers, validate_config
-from .evaluation import bicubic_upscale, evaluate_sets, network_upscale
+from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets
 from .lit_module import SRLitModule, metrics_table
 
 register_resolvers()
@@ -65,9 +65,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 rows["bicubic"] = evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule)
             if cfg.eval.get("pretrained_row", False) and cfg.model.get("pretrained"):
                 fp_net = pretrained_network(cfg.model).eval()
-                upscale = network_upscale(fp_net, cfg.eval.get("tile"), int(cfg.eval.get("tile_overlap", 16)),
-                                          str(cfg.eval.get("pad_mode", "official")))
-                rows["FP (model.pretrained)"] = evaluate_sets(upscale, datamodule)
+                rows["FP (model.pretrained)"] = evaluate_sets(eval_upscale(fp_net, cfg.eval), datamodule)
         rows[cfg.run_name] = own
         results["metrics"] = {row: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per.items()}
                               for row, per in rows.items()}

@@ -213,3 +213,15 @@ def positive(cfg: dict, key: str, kind: type = float) -> Any:
     if value <= 0:
         raise ValueError(f"{key}={value}: expected a positive {kind.__name__}")
     return value
+
+
+# -- optimizer groups shared by PAMS and DDTB -------------------------------------------------------------
+def clip_param_groups(model: nn.Module, clip_params: list[nn.Parameter], lr: float, clip_lr: float) -> list[dict]:
+    """PAMS / DDTB optimizer groups: ``net`` (every other trainable parameter) at ``lr`` and ``alpha`` (the
+    activation clipping parameters) at ``clip_lr``; without clipping parameters only ``net``."""
+    ids = {id(p) for p in clip_params}
+    groups = [{"name": "net", "params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids],
+               "lr": lr}]
+    if clip_params:
+        groups.append({"name": "alpha", "params": clip_params, "lr": clip_lr})
+    return groups

@@ -19,7 +19,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
-from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks, ungroup
+from .blocks import (
+    EXTRA_KEYS,
+    ActSite,
+    apply_placement,
+    clip_param_groups,
+    group_by_image,
+    positive,
+    read_quirks,
+    ungroup,
+)
 from .distributed import all_reduce_mean_, gather_cat
 from .functional import dot_to_shape, percentile
 from .pams import max_abs_weight_quantize
@@ -291,12 +300,7 @@ class DDTB(QuantMethod):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         bounds = [p for m in self.act_quantizers(model).values() for p in (m.alpha_lower, m.alpha_upper)]
-        ids = {id(p) for p in bounds}
-        net = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"name": "net", "params": net, "lr": lr}]
-        if bounds:
-            groups.append({"name": "alpha", "params": bounds, "lr": self.qparam_lr})
-        return groups
+        return clip_param_groups(model, bounds, lr, self.qparam_lr)
 
     # -- training -------------------------------------------------------------------------------------
     @staticmethod

@@ -12,7 +12,15 @@ import torch
 from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config
-from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, positive, read_quirks
+from .blocks import (
+    EXTRA_KEYS,
+    ActSite,
+    apply_placement,
+    clip_param_groups,
+    group_by_image,
+    positive,
+    read_quirks,
+)
 from .distributed import all_reduce_mean_, world_size
 from .functional import round_ste, split_outside
 from .skt import check_skt_config, distillation_losses
@@ -175,12 +183,7 @@ class PAMS(QuantMethod):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuant)]
-        ids = {id(p) for p in alphas}
-        net = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        groups = [{"name": "net", "params": net, "lr": lr}]
-        if alphas:
-            groups.append({"name": "alpha", "params": alphas, "lr": self.qparam_lr})
-        return groups
+        return clip_param_groups(model, alphas, lr, self.qparam_lr)
 
     def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
                         teacher: nn.Module | None = None) -> StepOutput:
