@@ -11,16 +11,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .models.checkpoint import load_torch_file
+
 
 def read_checkpoint(path: str | Path) -> dict:
     """``torch.load`` with ``weights_only=True``; clear errors for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling error means "not a checkpoint we can read"
-        raise ValueError(f"checkpoint {path}: cannot be read as a PyTorch checkpoint ({err})") from err
+    ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"checkpoint {path}: not an odm-sr training checkpoint (expected a Lightning .ckpt "
                          f"with 'state_dict' and 'hyper_parameters'; for official .pt/.pth files use "
@@ -34,8 +30,9 @@ def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
 
     ckpt = read_checkpoint(path)
     cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
-    cfg.model.pretrained = None  # the checkpoint holds every weight
-    net, _, _ = build_network(cfg)
+    build_cfg = cfg.copy()
+    build_cfg.model.pretrained = None  # the checkpoint holds every weight; cfg keeps the run's FP source
+    net, _, _ = build_network(build_cfg)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:

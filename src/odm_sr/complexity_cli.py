@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from odm_sr.analysis.complexity import RULES, bitops, complexity_table, storage
+from odm_sr.analysis.complexity import RULES, complexity_table, summarize
 from odm_sr.models import MODEL_NAMES, SUPPORTED_SCALES, build_model
 from odm_sr.quant import VALID_BITS, build_method
 
@@ -52,11 +52,10 @@ def complexity_row(model_name: str, scale: int, method_name: str, bits: int, arg
     method.quantize(model)
     resolved = getattr(method, "resolved", None)  # DDTB: the dynamic ratio for this backbone
     ratio = float(resolved()["dynamic_ratio"]) if callable(resolved) else None
-    s = storage(model, args.rule, ddtb_count_bn=not args.no_ddtb_bn, dynamic_ratio=ratio)
-    b = bitops(model, args.lr_hw, daq_ops_per_elem=args.daq_ops_per_elem, dynamic_ratio=ratio)
+    counts = summarize(model, method_name, bits, args.lr_hw, rule=args.rule, ddtb_count_bn=not args.no_ddtb_bn,
+                       daq_ops_per_elem=args.daq_ops_per_elem, dynamic_ratio=ratio)
     return {"model": f"{model_name} x{scale}", "method": method_name, "bits": str(min(bits, 32)),
-            "storage_k": s["total_k"], "overhead_k": s["overhead_k"], "bitops_g": b["total"] / 1e9,
-            "macs_g": b["macs"] / 1e9}
+            **{key.removeprefix("complexity/"): value for key, value in counts.items()}}
 
 
 def complexity_rows(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -15,8 +15,7 @@ from omegaconf import DictConfig
 from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
 from .data import SRDataModule
-from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets
-from .lit_module import metrics_table
+from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets, metrics_table, rows_as_json
 
 register_resolvers()
 
@@ -48,8 +47,7 @@ def main(cfg: DictConfig) -> None:
     print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
     out = Path(cfg.output_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({r: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per.items()}
-                               for r, per in rows.items()}, indent=2))
+    out.write_text(json.dumps(rows_as_json(rows), indent=2))
     print(f"wrote {out}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -119,3 +120,22 @@ def eval_upscale(net: torch.nn.Module, eval_cfg: Mapping[str, Any]) -> Upscaler:
     """``network_upscale`` with the ``eval`` config group's ``tile``, ``tile_overlap`` and ``pad_mode``."""
     return network_upscale(net, eval_cfg.get("tile"), int(eval_cfg.get("tile_overlap", 16)),
                            str(eval_cfg.get("pad_mode", "official")))
+
+
+def metrics_table(rows: dict[str, dict[str, Any]], set_names: list[str]) -> str:
+    """Markdown table: one row per entry of ``rows`` ({row: {set: (psnr, ssim)}}), PSNR/SSIM per set."""
+    header = "| method | " + " | ".join(set_names) + " |"
+    sep = "|---|" + "---|" * len(set_names)
+    lines = [header, sep]
+    for row, per_set in rows.items():
+        cells = []
+        for s in set_names:
+            value = per_set.get(s)
+            cells.append("–" if value is None or any(map(math.isnan, value)) else f"{value[0]:.2f}/{value[1]:.4f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rows_as_json(rows: dict[str, dict[str, tuple[float, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{row: {set: (psnr, ssim)}} as written to results.json / eval.json: {row: {set: {"psnr", "ssim"}}}."""
+    return {row: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per_set.items()} for row, per_set in rows.items()}

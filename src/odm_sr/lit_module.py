@@ -7,10 +7,8 @@ update writes ``.grad`` itself) → optimizer step → per-iteration lr schedule
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import lightning as L
 import torch
@@ -180,17 +178,3 @@ class SRLitModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._flush("test")
-
-
-def metrics_table(rows: dict[str, dict[str, Any]], set_names: list[str]) -> str:
-    """Markdown table: one row per entry of ``rows`` ({row: {set: (psnr, ssim)}}), PSNR/SSIM per set."""
-    header = "| method | " + " | ".join(set_names) + " |"
-    sep = "|---|" + "---|" * len(set_names)
-    lines = [header, sep]
-    for row, per_set in rows.items():
-        cells = []
-        for s in set_names:
-            value = per_set.get(s)
-            cells.append("–" if value is None or any(map(math.isnan, value)) else f"{value[0]:.2f}/{value[1]:.4f}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

@@ -19,8 +19,8 @@ from .analysis import summarize
 from .builders import build_callbacks, build_datamodule, build_loggers, build_network, pretrained_network
 from .checkpoint import AtomicCheckpointIO, atomic_write
 from .config import CONFIG_DIR, register_resolvers, validate_config
-from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets
-from .lit_module import SRLitModule, metrics_table
+from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets, metrics_table, rows_as_json
+from .lit_module import SRLitModule
 
 register_resolvers()
 
@@ -67,8 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 fp_net = pretrained_network(cfg.model).eval()
                 rows["FP (model.pretrained)"] = evaluate_sets(eval_upscale(fp_net, cfg.eval), datamodule)
         rows[cfg.run_name] = own
-        results["metrics"] = {row: {s: {"psnr": v[0], "ssim": v[1]} for s, v in per.items()}
-                              for row, per in rows.items()}
+        results["metrics"] = rows_as_json(rows)
         if trainer.is_global_zero:
             print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
     if trainer.is_global_zero:

@@ -143,13 +143,10 @@ def analyze_mismatch(args, net, cfg, out: Path) -> tuple[str, dict]:
     results = {str(cfg.method.name): feature_mismatch(net, images, args.quantizer)}
     if args.before:
         from odm_sr.builders import pretrained_network
-        from odm_sr.checkpoint import read_checkpoint
 
-        model_cfg = cfg.model.copy()  # load_trained clears model.pretrained: read the one trained from
-        model_cfg.pretrained = read_checkpoint(args.ckpt)["hyper_parameters"]["cfg"]["model"].get("pretrained")
-        if not model_cfg.pretrained:
+        if not cfg.model.get("pretrained"):
             raise ValueError("--before needs the run's FP weights (model.pretrained), and this run has none")
-        fp = pretrained_network(model_cfg)
+        fp = pretrained_network(cfg.model)
         before = odm_initialized(fp, images, bits=int(cfg.bits.a))  # ODM's own placement
         results = {"before": feature_mismatch(before, images, args.quantizer), **results}
     lines = ["| network | Var[mean] | Var[std] | mismatch | paper (S10) |", "|---|---|---|---|---|"]

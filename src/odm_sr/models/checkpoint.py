@@ -59,16 +59,20 @@ def extract_state_dict(checkpoint: Any, source: str = "<in-memory>") -> dict[str
     return state
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """torch.load(path, map_location='cpu', weights_only=True), unwrapped; errors name the file."""
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """torch.load(path, map_location='cpu', weights_only=True); a missing or unreadable file names itself."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"{path}: cannot be read as a torch checkpoint ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from error
-    return extract_state_dict(checkpoint, source=str(path))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``load_torch_file``, unwrapped into a flat state dict (``extract_state_dict``)."""
+    return extract_state_dict(load_torch_file(path), source=str(path))
 
 
 def guess_scale(state: Mapping[str, torch.Tensor]) -> int | None:

@@ -140,8 +140,12 @@ class FullPrecision(QuantMethod):
     """Plain FP training (``method=fp``)."""
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def to_floats(values: dict[str, Tensor]) -> dict[str, float]:
+    """Detached 0-d tensors to floats with a single device sync."""
+    if not values:
+        return {}
+    stacked = torch.stack([v.detach().reshape(()).float() for v in values.values()])
+    return dict(zip(values, stacked.tolist(), strict=True))
 
 
 @torch.no_grad()

@@ -165,8 +165,6 @@ def calibrate_activation_ranges(model: nn.Module, batches: Iterable, j: float = 
             count = _calibrate_sequential(model, list(stream), layers, j, sums, disable)
     if count == 0:
         raise ValueError("calibration got no batches")
-    if source == "fp":
-        all_reduce_sum_(list(sums.values()))  # DDP: the mean over every rank's batches (sequential: per layer)
     ranges = {}
     for name, layer in layers.items():
         lower, upper, seen = sums[name].tolist()
@@ -185,6 +183,8 @@ def _calibrate_fp(model, stream, layers, j, sums, num_batches, disable) -> int:
         for x in tqdm(stream, total=int(num_batches), desc="calibrate (fp)", disable=disable, leave=False):
             model(x)
             count += 1
+    if count:
+        all_reduce_sum_(list(sums.values()))  # DDP: the mean over every rank's batches
     return count
 
 

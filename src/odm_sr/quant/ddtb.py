@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, StepOutput, merge_config
+from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
 from .blocks import (
     EXTRA_KEYS,
     ActSite,
@@ -29,9 +29,9 @@ from .blocks import (
     read_quirks,
     ungroup,
 )
+from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
-from .functional import dot_to_shape, percentile
-from .pams import max_abs_weight_quantize
+from .functional import dot_to_shape, max_abs_weight_quantize, percentile
 from .placement import backbone_family
 from .skt import check_skt_config, distillation_losses
 
@@ -317,12 +317,9 @@ class DDTB(QuantMethod):
 
     def _calibration_forward(self, model: nn.Module, lr: Tensor) -> None:
         """The student in FP and eval mode, recording each activation quantizer's input max/min."""
-        was_training = model.training
         self._set_quantized(model, False, recording=True)
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(lr)
-        model.train(was_training)
         self._set_quantized(model, False, recording=False)
 
     def _finish_calibration(self, model: nn.Module) -> list[str]:
@@ -355,8 +352,7 @@ class DDTB(QuantMethod):
                                                     "gates_used": float(use_gate)})
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
-        stats = {}
+        bounds = {}
         for name, q in self.act_quantizers(model).items():
-            stats[f"lower/{name}"] = float(q.alpha_lower.detach())
-            stats[f"upper/{name}"] = float(q.alpha_upper.detach())
-        return stats
+            bounds[f"lower/{name}"], bounds[f"upper/{name}"] = q.alpha_lower, q.alpha_upper
+        return to_floats(bounds)

@@ -169,3 +169,13 @@ def _kth_percentile(flat: Tensor, q: float) -> Tensor:
     v_lo = flat.kthvalue(lo + 1).values
     v_hi = flat.kthvalue(hi + 1).values
     return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
+def max_abs_weight_quantize(w: Tensor, bits: int) -> Tensor:
+    """PAMS weights: Int(W·Q/m)·m/Q, m = max|W| (detached) + 1e-8, STE without clipping (|W| ≤ m anyway).
+
+    2 bits (Q = 1) gives the ternary {−m, 0, m}. `quant_ops.quant_weight`.
+    """
+    q_max = float(2 ** (bits - 1) - 1)
+    m = w.detach().abs().max() + 1e-8
+    return round_ste(w * (q_max / m)) * (m / q_max)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, StepOutput, merge_config
+from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
 from .distributed import all_reduce_mean_, average_across_ranks
 from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
@@ -315,7 +315,7 @@ class ODM(QuantMethod):
         mr, rec = self.cfg["mr"], out.terms["rec"]
         if mr["mode"] == "off" or "mismatch" not in out.terms:
             backward_fn(rec)
-            return _to_floats({"loss_rec": rec})
+            return to_floats({"loss_rec": rec})
         mismatch = out.terms["mismatch"]
         groups = self.partition(model)
         theta, rest = groups["theta"], groups["rest"]
@@ -338,7 +338,7 @@ class ODM(QuantMethod):
             phi_grads = [_add_scaled(r, m, self.cfg["lambda_m"])
                          for r, m in zip(phi_grads, g_m[n_t:], strict=True)]
         _accumulate(theta + phi + rest, list(theta_grads) + phi_grads + list(g_r[n_t + n_p:]))
-        return _to_floats({"loss_rec": rec, "loss_mismatch": mismatch, "cos": stats["cos"],
+        return to_floats({"loss_rec": rec, "loss_mismatch": mismatch, "cos": stats["cos"],
                            "weight": stats["weight"], "grad_norm_rec": stats["grad_norm_rec"],
                            "grad_norm_mismatch": stats["grad_norm_mismatch"],
                            "sign_conflict": stats["sign_conflict"]})
@@ -357,7 +357,7 @@ class ODM(QuantMethod):
             elif isinstance(weight_q, LsqWeightQuantizer):
                 values[f"{name}/scale"] = weight_q.scale
                 values[f"{name}/u_w"] = weight_q.clip_bound()
-        return _to_floats(values)
+        return to_floats(values)
 
 
 def _add_scaled(r: Tensor | None, m: Tensor | None, scale: float) -> Tensor | None:
@@ -375,14 +375,6 @@ def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) 
             p.grad = g.detach()
         else:
             p.grad.add_(g.detach())
-
-
-def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
-    """Detached 0-d tensors to floats with a single device sync."""
-    if not values:
-        return {}
-    stacked = torch.stack([v.detach().reshape(()).float() for v in values.values()])
-    return dict(zip(values, stacked.tolist(), strict=True))
 
 
 __all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config"]

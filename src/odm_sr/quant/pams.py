@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, StepOutput, merge_config
+from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
 from .blocks import (
     EXTRA_KEYS,
     ActSite,
@@ -22,7 +22,7 @@ from .blocks import (
     read_quirks,
 )
 from .distributed import all_reduce_mean_, world_size
-from .functional import round_ste, split_outside
+from .functional import max_abs_weight_quantize, round_ste, split_outside
 from .skt import check_skt_config, distillation_losses
 
 PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input")
@@ -71,16 +71,6 @@ class _SymmetricZeroQuant(torch.autograd.Function):
 def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     """PAMS activation quantization on [−α, α] with a zero level (learnable α)."""
     return _SymmetricZeroQuant.apply(x, alpha, float(2 ** (bits - 1) - 1))
-
-
-def max_abs_weight_quantize(w: Tensor, bits: int) -> Tensor:
-    """PAMS weights: Int(W·Q/m)·m/Q, m = max|W| (detached) + 1e-8, STE without clipping (|W| ≤ m anyway).
-
-    2 bits (Q = 1) gives the ternary {−m, 0, m}. `quant_ops.quant_weight`.
-    """
-    q_max = float(2 ** (bits - 1) - 1)
-    m = w.detach().abs().max() + 1e-8
-    return round_ste(w * (q_max / m)) * (m / q_max)
 
 
 class PamsWeightQuant(nn.Module):
@@ -199,7 +189,7 @@ class PAMS(QuantMethod):
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
         quants = {n: m for n, m in model.named_modules() if isinstance(m, PamsActQuant)}
-        stats = {f"alpha/{n}": float(m.alpha.detach()) for n, m in quants.items()}
+        stats = to_floats({f"alpha/{n}": m.alpha for n, m in quants.items()})
         if quants:
             stats["alpha/mean"] = sum(stats.values()) / len(quants)
         return stats
