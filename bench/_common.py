@@ -34,9 +34,7 @@ register_resolvers()
 # model, EDSR 4 blocks x 32 features, at batch 8 / LR patch 24).
 MODELS: dict[str, dict[str, Any]] = {
     "small": {"overrides": ["model=edsr_small"], "batch": 8, "lr_patch": 24},
-    # kwargs restated: builders.build_backbone fails on the empty `kwargs: {}` of conf/model/edsr_baseline.yaml
-    "baseline": {"overrides": ["model=edsr_baseline", "+model.kwargs.n_resblocks=16"], "batch": 4,
-                 "lr_patch": 48},
+    "baseline": {"overrides": ["model=edsr_baseline"], "batch": 4, "lr_patch": 48},
 }
 # Methods at 2 bits with their own losses; ``quant_only`` is ODM without teacher or extra loss (mr.mode=off).
 VARIANTS: dict[str, list[str]] = {
@@ -105,13 +103,10 @@ class StepRunner:
                                                                    "optimizer": [], "total": []})
 
     @classmethod
-    def build(cls, name: str, model: str, device: torch.device, extra: list[str] | None = None,
-              calibration_batches: int = 4) -> StepRunner:
+    def build(cls, name: str, model: str, device: torch.device, extra: list[str] | None = None) -> StepRunner:
         from odm_sr.builders import build_network
 
         overrides = MODELS[model]["overrides"] + VARIANTS[name] + list(extra or [])
-        if "method=odm" in VARIANTS[name]:
-            overrides.append(f"method.init.num_batches={calibration_batches}")
         cfg = compose_cfg(overrides, RESULTS_DIR / "_scratch")
         net, method, teacher = build_network(cfg)
         net.to(device).train()

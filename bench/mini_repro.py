@@ -38,9 +38,6 @@ from _common import RESULTS_DIR, compose_cfg, environment  # noqa: E402
 METHODS = ("pams", "daq", "ddtb", "odm")
 LABELS = {"pams": "PAMS", "daq": "DAQ", "ddtb": "DDTB", "odm": "ODM"}
 SETS = ("Set5", "Set14", "B100")
-# paper reference (EDSR-baseline x4 on DIV2K, METHODS.md §8) for orientation only: Set5 PSNR
-PAPER_SET5 = {("fp", 32): 32.10, ("pams", 4): 31.59, ("daq", 4): 31.85, ("ddtb", 4): 31.85, ("odm", 4): 32.00,
-              ("pams", 2): 29.51, ("daq", 2): 31.01, ("ddtb", 2): 30.97, ("odm", 2): 31.50}
 
 
 def fit_patch(lr_patch: int, batch: int, scale: int) -> tuple[int, int]:
@@ -109,6 +106,14 @@ def row_metrics(result: dict, row: str | None = None) -> dict[str, list[float]]:
     return {s: [per_set[s]["psnr"], per_set[s]["ssim"]] for s in SETS if s in per_set}
 
 
+def paper_set5(method: str, bits: int) -> float | None:
+    """The paper's main-table Set5 PSNR of EDSR-baseline x4 (METHODS.md §8), for orientation only."""
+    from odm_sr.analysis.paper import paper_entry
+
+    entry = paper_entry("edsr_baseline", 4, method, "fp32" if bits == 32 else f"w{bits}a{bits}")
+    return entry.sets["Set5"][0] if entry is not None and entry.source == "main" else None
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Small EDSR x4 (4 blocks x 32 features) on T91 + BSD200, CPU: FP {args.fp_steps} steps, QAT "
              f"{args.qat_steps} optimizer steps per method, batch {args.batch}, LR patch {args.lr_patch}. "
@@ -118,7 +123,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     for r in rows:
         cells = [f"{r['metrics'][s][0]:.2f}/{r['metrics'][s][1]:.4f}" if s in r["metrics"] else "–" for s in SETS]
         minutes = "" if r.get("seconds") is None else f"{r['seconds'] / 60:.1f}"
-        paper = PAPER_SET5.get((r["method"], r["bits"]))
+        paper = paper_set5(r["method"], r["bits"])
         bits = "–" if r["method"] == "bicubic" else ("32" if r["bits"] == 32 else str(r["bits"]))
         lines.append(f"| {r['label']} | {bits} | " + " | ".join(cells) +
                      f" | {minutes} | {'' if paper is None else f'{paper:.2f}'} |")

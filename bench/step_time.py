@@ -168,7 +168,6 @@ def gpu_check(duration: float, variants: list[str], batch: int, lr_patch: int, m
     start_all = _T0
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    MODELS["baseline"].update(batch=batch, lr_patch=lr_patch)
     batches = sample_batches(8, batch, lr_patch, 4, device)
     runs = [(mode, name) for mode in modes for name in variants]
     results = {}
