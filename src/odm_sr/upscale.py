@@ -21,8 +21,7 @@ def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int |
     with torch.no_grad():
         sr = network_upscale(net, tile, overlap, pad_mode)(lr)
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_image(sr[0], dst)
+    save_image(sr[0], dst)  # creates the parent folders
     return dst
 
 

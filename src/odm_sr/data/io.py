@@ -25,6 +25,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from odm_sr.metrics import to_uint8
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
@@ -135,7 +137,7 @@ def to_hwc_uint8(img: Tensor | np.ndarray, pixel_range: float = 1.0) -> np.ndarr
     if t.dim() != 3:
         raise ValueError(f"expected a (C, H, W) image, got shape {tuple(t.shape)}")
     if t.dtype != torch.uint8:
-        t = (t.double() * (255.0 / pixel_range)).round().clamp(0, 255).to(torch.uint8)
+        t = to_uint8(t, pixel_range)
     return np.ascontiguousarray(t.permute(1, 2, 0).numpy())
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-RGB_MEAN = (0.4488, 0.4371, 0.4040)
+RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted at the input, added back at the output
 
 
 def default_conv(in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True) -> nn.Conv2d:
@@ -47,19 +47,17 @@ class ResBlock(nn.Module):
         return self.body(x).mul(self.res_scale) + x
 
 
-class Upsampler(nn.Sequential):
-    """`common.Upsampler` (no BN, no act): [conv F->4F, PS2] x log2(scale); x3: conv F->9F, PS3."""
-
-    def __init__(self, scale: int, n_feats: int) -> None:
-        layers: list[nn.Module] = []
-        if scale == 3:
-            layers += [default_conv(n_feats, 9 * n_feats), nn.PixelShuffle(3)]
-        elif scale in (2, 4, 8):
-            for _ in range(scale.bit_length() - 1):
-                layers += [default_conv(n_feats, 4 * n_feats), nn.PixelShuffle(2)]
-        else:
-            raise ValueError(f"scale {scale} is not supported; allowed: 2, 3, 4, 8")
-        super().__init__(*layers)
+def pixelshuffle_upsampler(scale: int, num_feat: int) -> nn.Sequential:
+    """`common.Upsampler` (no BN, no act; SwinIR/HAT's `Upsample` is the same): [conv F->4F, PS2] x log2(scale),
+    or conv F->9F, PS3 for x3."""
+    if scale == 3:
+        return nn.Sequential(default_conv(num_feat, 9 * num_feat), nn.PixelShuffle(3))
+    if scale not in (2, 4, 8):
+        raise ValueError(f"scale {scale} is not supported; allowed: 2, 3, 4, 8")
+    layers: list[nn.Module] = []
+    for _ in range(scale.bit_length() - 1):
+        layers += [default_conv(num_feat, 4 * num_feat), nn.PixelShuffle(2)]
+    return nn.Sequential(*layers)
 
 
 class EDSR(nn.Module):
@@ -77,7 +75,7 @@ class EDSR(nn.Module):
         self.head = nn.Sequential(default_conv(3, n_feats))
         self.body = nn.Sequential(*[ResBlock(n_feats, res_scale=res_scale) for _ in range(n_resblocks)],
                                   default_conv(n_feats, n_feats))
-        self.tail = nn.Sequential(Upsampler(scale, n_feats), default_conv(n_feats, 3))
+        self.tail = nn.Sequential(pixelshuffle_upsampler(scale, n_feats), default_conv(n_feats, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(self.sub_mean(x))

@@ -16,9 +16,9 @@ from einops import rearrange
 from timm.layers import DropPath
 from torch import nn
 
+from odm_sr.models.edsr import RGB_MEAN, pixelshuffle_upsampler
 from odm_sr.models.windows import (
     PAD_MODES,
-    RGB_MEAN,
     MaskCache,
     Mlp,
     PatchEmbed,
@@ -26,7 +26,6 @@ from odm_sr.models.windows import (
     image_to_tokens,
     init_transformer_weights,
     pad_to_multiple,
-    pixelshuffle_upsampler,
     relative_position_index,
     tokens_to_image,
     trunc_normal_,

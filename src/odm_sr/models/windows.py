@@ -1,4 +1,5 @@
-"""Building blocks shared by SwinIR and HAT: window padding and attention, token reshapes, upsampler.
+"""Building blocks shared by SwinIR and HAT: window padding and attention, token reshapes (their upsampler and
+image mean are EDSR's, in ``edsr.py``).
 
 Facts (tensor layouts, index formulas, the -100 mask value, parameter names) follow
 `JingyunLiang/SwinIR` `models/network_swinir.py` and `XPixelGroup/HAT` `hat/archs/hat_arch.py`;
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 PAD_MODES = ("reflect", "mirror")
-RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted at the input, added back at the output
 
 
 def tokens_to_image(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -241,14 +241,3 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(image_to_tokens(x))
 
-
-def pixelshuffle_upsampler(scale: int, num_feat: int) -> nn.Sequential:
-    """Official `Upsample`: [conv F->4F, PS2] x log2(scale), or conv F->9F, PS3 for x3."""
-    if scale == 3:
-        return nn.Sequential(nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3))
-    if scale not in (2, 4, 8):
-        raise ValueError(f"scale {scale} is not supported; allowed: 2, 3, 4, 8")
-    layers: list[nn.Module] = []
-    for _ in range(scale.bit_length() - 1):
-        layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
-    return nn.Sequential(*layers)
