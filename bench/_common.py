@@ -23,12 +23,8 @@ if importlib.util.find_spec("odm_sr") is None:  # not installed and not on PYTHO
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from odm_sr.config import CONFIG_DIR, register_resolvers  # noqa: E402
-
-register_resolvers()
+from odm_sr.config import compose_config as compose_cfg  # noqa: E402 - mini_repro imports it from here too
 
 # The two model sizes of the step-time benchmark (brief: EDSR-baseline x4 at batch 4 / LR patch 48; the CPU
 # model, EDSR 4 blocks x 32 features, at batch 8 / LR patch 24).
@@ -47,15 +43,6 @@ VARIANTS: dict[str, list[str]] = {
     "teacher": ["method=pams", "bits=w2a2"],  # only PAMS/DDTB's teacher forward up to the SKT feature
 }
 LATE_STEP = 10**6  # a step index past every stage: PAMS's α tracking epoch, DDTB's calibration and L_reg stages
-
-
-def compose_cfg(overrides: list[str], output_dir: Path | str) -> DictConfig:
-    """``conf/train.yaml`` composed with ``overrides`` (as the tests' ``compose_config``)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def sync(device: torch.device) -> None:

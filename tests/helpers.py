@@ -1,15 +1,10 @@
-"""Shared test helpers: compose Hydra configs the way the entry points do."""
+"""Shared test helpers: the tiny training config, Hydra composition, a gloo process group on CPU."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
-
-from odm_sr.config import CONFIG_DIR, register_resolvers
-
-register_resolvers()
+from odm_sr.config import compose_config  # noqa: F401 - the tests import it from here
 
 # A training run small enough for a test: 1-block, 8-feature EDSR, 16-pixel LR patches, 6 steps.
 TINY_TRAIN = [
@@ -18,15 +13,6 @@ TINY_TRAIN = [
     "trainer=cpu", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=3", "logger=csv",
 ]
-
-
-def compose_config(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with overrides; the run's output dir is ``output_dir``."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def _gloo_rank(rank: int, world: int, port: int, fn, out_dir: str) -> None:

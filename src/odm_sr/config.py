@@ -1,4 +1,5 @@
-"""Config plumbing: where ``conf/`` is, the ``repo_root`` resolver, and up-front validation."""
+"""Config plumbing: where ``conf/`` is, the ``repo_root`` resolver, composition outside a Hydra run, and
+up-front validation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = Path(os.environ.get("ODM_SR_CONF", REPO_ROOT / "conf"))
@@ -16,6 +17,18 @@ def register_resolvers() -> None:
     """``${repo_root:}`` → the repository root (configs build every default path from it)."""
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+
+
+def compose_config(overrides: list[str], output_dir: Path | str, config_name: str = "train") -> DictConfig:
+    """``conf/<config_name>.yaml`` composed with ``overrides`` outside a Hydra run (tests, bench scripts), with
+    ``paths.output_dir`` (the run folder Hydra would set) = ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
 
 
 def validate_config(cfg: DictConfig) -> None:
