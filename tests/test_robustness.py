@@ -67,6 +67,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(uninterrupted, tmp_p
     assert set(final) == set(reference)
     assert all(torch.equal(final[k], reference[k]) for k in reference), "resumed weights differ"
     assert resumed["metrics"] == results["metrics"]
+    assert resumed["mr_balance"] == results["mr_balance"] and results["mr_balance"]["steps"] == 8  # ρ's run mean
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

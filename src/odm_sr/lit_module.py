@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .evaluation import accumulate, eval_upscale, merge_across_ranks
 from .metrics import MetricAccumulator
-from .quant.base import QuantMethod
+from .quant.base import QuantMethod, to_floats
 from .quant.distributed import world_size
 
 
@@ -46,6 +46,7 @@ class SRLitModule(L.LightningModule):
         self._metrics: dict[str, MetricAccumulator] = {}
         self.set_names: dict[str, list[str]] = {"val": [], "test": []}
         self.validation_seconds = 0.0  # wall time spent validating during fit (excluded from training time)
+        self.balance_sum, self.balance_steps = 0.0, 0  # running sum of mr/rho (ODM): its run mean in results
         if hparams:
             self.save_hyperparameters(hparams)
 
@@ -124,21 +125,33 @@ class SRLitModule(L.LightningModule):
         # the torch RNG (drop-path, DataLoader base seeds) so that a resumed run continues bit for bit
         checkpoint["odm_sr_step_count"] = int(self._step_count)
         checkpoint["odm_sr_torch_rng"] = torch.get_rng_state()
+        checkpoint["odm_sr_balance"] = [self.balance_sum, self.balance_steps]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._step_count = int(checkpoint.get("odm_sr_step_count", 0))
+        self.balance_sum, self.balance_steps = checkpoint.get("odm_sr_balance", [0.0, 0])
         if "odm_sr_torch_rng" in checkpoint:
             torch.set_rng_state(checkpoint["odm_sr_torch_rng"])
+
+    @property
+    def balance_mean(self) -> float | None:
+        """The run's mean of ρ = λ_M·w·‖g_M‖/‖g_R‖ over its optimizer steps (None without MR)."""
+        return self.balance_sum / self.balance_steps if self.balance_steps else None
 
     def _log_train(self, loss: Tensor, terms: dict, logs: dict, opt) -> None:
         values = {"train/loss": float(loss)}
         values.update({f"train/loss_{k}": float(v.detach()) for k, v in terms.items()})
-        values.update({f"train/{k}": float(v) for k, v in logs.items()})
+        # a method's key with a '/' is a panel of its own (mr/rho), the rest go under train/
+        values.update({k if "/" in k else f"train/{k}": float(v) for k, v in logs.items()})
+        if "mr/rho" in logs:
+            self.balance_sum += float(logs["mr/rho"])
+            self.balance_steps += 1
         for group in opt.optimizer.param_groups if hasattr(opt, "optimizer") else opt.param_groups:
             values[f"lr/{group.get('name', 'group')}"] = float(group["lr"])
         every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50)))
         if self._step_count % every == 0:
             values.update({f"quant/{k}": float(v) for k, v in self.method.log_stats(self.net).items()})
+            values.update({f"mr/{k}": v for k, v in to_floats(self.method.balance_stats()).items()})
         self.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
         self.log("loss", float(loss), prog_bar=True, on_step=True, logger=False, batch_size=1)
 

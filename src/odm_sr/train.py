@@ -56,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"run_name": cfg.run_name, "config": OmegaConf.to_container(cfg, resolve=True),
                                "train_seconds": train_seconds, "validation_seconds": lit.validation_seconds,
                                "device": device_name(), "steps": lit.global_step_count,
+                               "mr_balance": {"rho_mean": lit.balance_mean, "steps": lit.balance_steps},
                                "complexity": complexity, "metrics": {}}
     if cfg.get("test_after_fit", True):
         own = test_metrics(trainer, lit, datamodule, list(cfg.data.test))  # every rank: merging is a collective

@@ -16,10 +16,12 @@ from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
 from odm_sr.quant.mismatch import (
     MismatchRegistry,
+    balance_by_group,
     combine_gradients,
     cooperative_weight,
     mismatch_loss,
 )
+from odm_sr.quant.layers import quantized_layers
 from odm_sr.quant.odm import ODM, OdmActQuantizer
 
 LAMBDA_R, LAMBDA_M = 0.7, 0.05
@@ -80,6 +82,24 @@ def test_combine_gradients_per_tensor_by_hand():
     assert combined[2].tolist() == [3.0]
     assert stats["cos"].item() == pytest.approx((c0 + c1) / 2)
     assert stats["weight"].item() == pytest.approx(c0 / 2)
+
+
+def test_balance_by_hand():
+    # ‖g_R‖ = 5; g_M reaches the first parameter only: ⟨g_R, g_M⟩ = 4.5, ‖g_M‖ = 2.5, c = 0.36, w = 0.68
+    g_r = [torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])]
+    g_m = [torch.tensor([1.5, 2.0]), None]
+    _, stats = combine_gradients(g_r, g_m, 1.0, 0.1, "half_cos")
+    assert stats["weight"].item() == pytest.approx(0.68)
+    assert stats["balance"].item() == pytest.approx(0.1 * 0.68 * 2.5 / 5)  # ρ = λ_M·w·‖g_M‖/‖g_R‖ = 0.034
+    assert balance_by_group(stats, [0, 1], 2).tolist() == pytest.approx([0.1 * 0.68 * 2.5 / 3, 0.0])
+    assert balance_by_group(stats, [-1, 0], 1).tolist() == [0.0]  # an ungrouped parameter counts nowhere
+    _, doubled = combine_gradients(g_r, g_m, 2.0, 0.1, "half_cos")  # relative to λ_R·g_R
+    assert doubled["balance"].item() == pytest.approx(0.034 / 2)
+    _, per_tensor = combine_gradients(g_r, g_m, 1.0, 0.1, "cos", scope="per_tensor")
+    c0 = 4.5 / (3 * 2.5)  # the first parameter's own cosine; w = max(0, c0)
+    assert per_tensor["balance"].item() == pytest.approx(0.1 * c0 * 2.5 / 5)
+    _, naive = combine_gradients(g_r, [torch.zeros(2), None], 1.0, 0.1, "one")
+    assert naive["balance"].item() == 0.0
 
 
 def test_sign_conflict_share():
@@ -199,7 +219,39 @@ def test_coop_grad_equals_hand_combination(setup, mode, weight_fn):
     conflict = ((flat_r.sign() * flat_m.sign()) < 0).sum() / ((flat_r != 0) & (flat_m != 0)).sum()
     assert logs["sign_conflict"] == pytest.approx(conflict.item(), rel=1e-5)
     assert set(logs) == {"cos", "weight", "grad_norm_rec", "grad_norm_mismatch", "sign_conflict", "loss_rec",
-                         "loss_mismatch"}
+                         "loss_mismatch", "mr/rho"}
+    assert logs["mr/rho"] == pytest.approx(LAMBDA_M * abs(w) * flat_m.norm().item() / flat_r.norm().item(), rel=1e-5)
+
+
+def test_balance_per_layer_and_mismatch_terms_by_hooks(setup):
+    """ρ_i of each quantized layer from independent autograd gradients, M_i from forward hooks."""
+    model, lr, hr, g_r, g_m = setup
+    method = ODM({"lambda_r": LAMBDA_R, "lambda_m": LAMBDA_M}, Bits(w=2, a=2))
+    assert method.balance_stats() == {}  # nothing before the first step
+    model.zero_grad(set_to_none=True)
+    logs = method.backward(method.training_losses(model, lr, hr, 0), model, lambda loss: loss.backward())
+    model.zero_grad(set_to_none=True)
+    stats = method.balance_stats()
+    w = logs["weight"]
+    layers = quantized_layers(model)
+    assert set(stats) == {f"{n}/rho" for n in layers} | {f"{n}/mismatch" for n in layers}
+    for name in layers:
+        keys = [k for k in g_r if k in (f"{name}.weight", f"{name}.bias")]
+        norm_r = torch.cat([g_r[k].flatten() for k in keys]).norm().item()
+        norm_m = torch.cat([g_m[k].flatten() for k in keys]).norm().item()
+        assert stats[f"{name}/rho"].item() == pytest.approx(LAMBDA_M * w * norm_m / norm_r, rel=1e-6), name
+    last = list(layers)[-1]  # upstream of no quantizer input: L_M does not reach it
+    assert stats[f"{last}/rho"].item() == 0.0 and stats[f"{list(layers)[0]}/rho"].item() > 0
+    inputs = {}
+    hooks = [layer.act_quant.register_forward_hook(
+        lambda _m, inp, out, n=name: inputs.__setitem__(n, (inp[0] - out).norm().item()))
+        for name, layer in layers.items()]
+    with torch.no_grad():
+        model(lr)
+    for h in hooks:
+        h.remove()
+    for name, value in inputs.items():
+        assert stats[f"{name}/mismatch"].item() == pytest.approx(value, rel=1e-9), name
 
 
 def test_per_tensor_scope_and_reached_only_cosine(setup):

@@ -127,6 +127,11 @@ class QuantMethod:
         """Per-layer quantizer state to log (bounds, γ_w, ...)."""
         return {}
 
+    def balance_stats(self) -> dict[str, Tensor]:
+        """0-d tensors about the last training step, logged under ``mr/`` every ``log_every_n_steps`` (ODM: the
+        per-layer share of mismatch regularisation in θ's gradient and each layer's M_i)."""
+        return {}
+
     def check_backbone(self, model: nn.Module) -> None:
         from .placement import backbone_family
 

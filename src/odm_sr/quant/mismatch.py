@@ -59,17 +59,21 @@ class MismatchRegistry:
     pulls each element of X_i to its nearest grid point.
     """
 
-    def __init__(self, norm: str = "l2", detach_target: bool = True, grad_to_qparams: bool = False):
+    def __init__(self, norm: str = "l2", detach_target: bool = True, grad_to_qparams: bool = False,
+                 names: dict[int, str] | None = None):
         if norm not in NORMS:
             raise ValueError(f"mr.norm={norm!r}: expected one of {NORMS}")
         self.norm = norm
         self.detach_target = detach_target
         self.grad_to_qparams = grad_to_qparams
+        self.names = dict(names or {})  # id(quantizer) -> layer name, for the per-layer M_i (``named_terms``)
         self.terms: list[Tensor] = []
+        self.sources: list[str] = []
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> MismatchRegistry:
         self.terms = []
+        self.sources = []
         self._token = _ACTIVE.set(self)
         return self
 
@@ -77,8 +81,10 @@ class MismatchRegistry:
         _ACTIVE.reset(self._token)
         self._token = None
 
-    def record(self, x: Tensor, quantized: Tensor, lower: Tensor, upper: Tensor, bits: int) -> None:
-        """Append M_i for a quantizer input ``x`` whose forward output was ``quantized``."""
+    def record(self, x: Tensor, quantized: Tensor, lower: Tensor, upper: Tensor, bits: int,
+               source: object = None) -> None:
+        """Append M_i for a quantizer input ``x`` whose forward output was ``quantized``; ``source`` (the
+        quantizer) names the term through ``names`` (else ``m<i>``, its position in the forward)."""
         if self.detach_target and not self.grad_to_qparams:
             target = quantized.detach()  # reuse the forward's q: no second quantization
         elif not self.detach_target and self.grad_to_qparams:
@@ -88,6 +94,14 @@ class MismatchRegistry:
         else:
             target = uniform_quantize(x, lower.detach(), upper.detach(), bits)
         self.terms.append(mismatch_term(x, target, self.norm))
+        self.sources.append(self.names.get(id(source), f"m{len(self.terms) - 1}"))
+
+    def named_terms(self) -> dict[str, Tensor]:
+        """{layer name: M_i} of this forward (a quantizer that ran twice: the sum of its terms)."""
+        out: dict[str, Tensor] = {}
+        for name, term in zip(self.sources, self.terms, strict=True):
+            out[name] = out[name] + term if name in out else term
+        return out
 
     def total(self) -> Tensor:
         """L_M = Σ_i M_i (a zero tensor when no quantizer reported)."""
@@ -152,39 +166,65 @@ def combine_gradients(g_r: Sequence[Tensor | None], g_m: Sequence[Tensor | None]
     ``scope=global``: one cosine over the concatenation of all parameters, c = ⟨g_R, g_M⟩/(‖g_R‖‖g_M‖ + eps),
     where ‖g_R‖ also covers parameters L_M does not reach unless ``include_unreached=False``
     (``mr.cos_include_unreached``). ``per_tensor``: one cosine and weight per parameter.
-    Returns the combined gradients (None where both are None) and 0-d stats in the gradients' dtype:
+    Returns the combined gradients (None where both are None) and stats in the gradients' dtype, 0-d:
     cos, weight (per_tensor: means over reached tensors), grad_norm_rec, grad_norm_mismatch, sign_conflict
-    (share of elements with sign(g_R) ≠ sign(g_M) among those where both are non-zero).
+    (share of elements with sign(g_R) ≠ sign(g_M) among those where both are non-zero), balance
+    ρ = ‖λ_M w g_M‖ / ‖λ_R g_R‖ (= λ_M·w·‖g_M‖ / (λ_R‖g_R‖) for the global scope: what MR contributes to θ's
+    gradient relative to L_R); and one entry per parameter (``rec_sq`` = ‖λ_R g_R,k‖², ``coop_sq`` =
+    ‖λ_M w_k g_M,k‖²) from which ``balance_by_group`` forms the ratio of any group of parameters.
     """
     if len(g_r) != len(g_m):
         raise ValueError(f"{len(g_r)} reconstruction grads but {len(g_m)} mismatch grads")
     if scope not in COS_SCOPES:
         raise ValueError(f"mr.cos_scope={scope!r}: expected one of {COS_SCOPES}")
     zero = _zero_like_stats(list(g_r) + list(g_m))
-    pairs = [(r, m) for r, m in zip(g_r, g_m, strict=True) if r is not None and m is not None]
-    norm_r_sq = sum((_sq(r) for r in g_r if r is not None), zero)
-    norm_m = torch.sqrt(sum((_sq(m) for m in g_m if m is not None), zero))
+    sq_r = [_sq(r) if r is not None else zero for r in g_r]
+    sq_m = [_sq(m) if m is not None else zero for m in g_m]
+    reached = [r is not None and m is not None for r, m in zip(g_r, g_m, strict=True)]
+    norm_r_sq = sum(sq_r, zero)
+    norm_m = torch.sqrt(sum(sq_m, zero))
     if scope == "global":
-        dot = sum((_dot(r, m) for r, m in pairs), zero)
-        cos_r_sq = norm_r_sq if include_unreached else sum((_sq(r) for r, _ in pairs), zero)
+        dot = sum((_dot(r, m) for r, m, ok in zip(g_r, g_m, reached, strict=True) if ok), zero)
+        cos_r_sq = norm_r_sq if include_unreached else sum((q for q, ok in zip(sq_r, reached, strict=True) if ok),
+                                                          zero)
         cos = dot / (torch.sqrt(cos_r_sq) * norm_m + eps)
         weight = cooperative_weight(cos, weight_fn)
         weights = [weight] * len(g_r)
         cos_stat, weight_stat = cos, weight
     else:
-        cosines = [_dot(r, m) / (torch.sqrt(_sq(r)) * torch.sqrt(_sq(m)) + eps)
-                   if r is not None and m is not None else None for r, m in zip(g_r, g_m, strict=True)]
+        cosines = [_dot(r, m) / (torch.sqrt(qr) * torch.sqrt(qm) + eps) if ok else None
+                   for r, m, qr, qm, ok in zip(g_r, g_m, sq_r, sq_m, reached, strict=True)]
         weights = [cooperative_weight(c, weight_fn) if c is not None else None for c in cosines]
-        reached = [(c, w) for c, w in zip(cosines, weights, strict=True) if c is not None]
-        cos_stat = torch.stack([c for c, _ in reached]).mean() if reached else zero
-        weight_stat = torch.stack([w for _, w in reached]).mean() if reached else zero
+        pairs_cw = [(c, w) for c, w in zip(cosines, weights, strict=True) if c is not None]
+        cos_stat = torch.stack([c for c, _ in pairs_cw]).mean() if pairs_cw else zero
+        weight_stat = torch.stack([w for _, w in pairs_cw]).mean() if pairs_cw else zero
     combined = [_combine_one(r, m, w, lambda_r, lambda_m) for r, m, w in zip(g_r, g_m, weights, strict=True)]
-    counts = [_sign_counts(r, m) for r, m in pairs]
+    counts = [_sign_counts(r, m) for r, m, ok in zip(g_r, g_m, reached, strict=True) if ok]
     both = sum((b for b, _ in counts), zero.double())
     conflict = sum((c for _, c in counts), zero.double())
+    rec_sq = torch.stack(sq_r) * lambda_r ** 2 if sq_r else zero.reshape(1)[:0]
+    coop_sq = (torch.stack([q * (lambda_m * w) ** 2 if w is not None and m is not None else zero
+                            for q, w, m in zip(sq_m, weights, g_m, strict=True)]) if sq_m else zero.reshape(1)[:0])
     stats = {"cos": cos_stat, "weight": weight_stat, "grad_norm_rec": torch.sqrt(norm_r_sq),
-             "grad_norm_mismatch": norm_m, "sign_conflict": (conflict / both.clamp(min=1)).to(zero.dtype)}
+             "grad_norm_mismatch": norm_m, "sign_conflict": (conflict / both.clamp(min=1)).to(zero.dtype),
+             "balance": _ratio(coop_sq.sum(), rec_sq.sum()), "rec_sq": rec_sq, "coop_sq": coop_sq}
     return combined, stats
+
+
+def _ratio(coop_sq: Tensor, rec_sq: Tensor) -> Tensor:
+    """√coop_sq / √rec_sq, 0 where the reconstruction gradient is 0."""
+    return torch.where(rec_sq > 0, torch.sqrt(coop_sq / rec_sq.clamp(min=torch.finfo(rec_sq.dtype).tiny)),
+                       torch.zeros_like(rec_sq))
+
+
+def balance_by_group(stats: dict[str, Tensor], group_of: Sequence[int], num_groups: int) -> Tensor:
+    """ρ_g = ‖λ_M w g_M‖ / ‖λ_R g_R‖ over the parameters of each group g (``group_of[k]``: the group of
+    parameter k of ``combine_gradients``, −1 for none); one tensor op, no host sync."""
+    index = torch.as_tensor([g if g >= 0 else num_groups for g in group_of], dtype=torch.long,
+                            device=stats["rec_sq"].device)  # the extra last bin collects the ungrouped
+    rec = stats["rec_sq"].new_zeros(num_groups + 1).index_add_(0, index, stats["rec_sq"])[:num_groups]
+    coop = stats["coop_sq"].new_zeros(num_groups + 1).index_add_(0, index, stats["coop_sq"])[:num_groups]
+    return _ratio(coop, rec)
 
 
 def _combine_one(r: Tensor | None, m: Tensor | None, w: Tensor | None, lambda_r: float,

@@ -31,7 +31,15 @@ from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quanti
 from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
-from .mismatch import COS_SCOPES, NORMS, WEIGHT_FNS, MismatchRegistry, active_registry, combine_gradients
+from .mismatch import (
+    COS_SCOPES,
+    NORMS,
+    WEIGHT_FNS,
+    MismatchRegistry,
+    active_registry,
+    balance_by_group,
+    combine_gradients,
+)
 from .placement import select_layers, swap_layers
 
 WEIGHT_STATS = ("p99_abs", "max_abs")
@@ -99,7 +107,7 @@ class OdmActQuantizer(nn.Module):
         q = uniform_quantize(x, self.lower, self.upper, self.bits)
         registry = active_registry()
         if registry is not None:
-            registry.record(x, q, self.lower, self.upper, self.bits)
+            registry.record(x, q, self.lower, self.upper, self.bits, source=self)
         return q
 
     def extra_repr(self) -> str:
@@ -223,6 +231,7 @@ class ODM(QuantMethod):
         super().__init__(odm_config(cfg), bits)
         self.init_from_fp = self.cfg["init_from_fp"]
         self.calibration_batches = self.cfg["init"]["num_batches"]
+        self._balance: dict[str, Tensor] = {}
         if self.cfg["fq"]["enabled"] and not self.bits.is_float:
             self.supported_backbones = ("edsr",)
             self.backbone_note = " (fully-quantized mode is implemented for EDSR only)"
@@ -294,10 +303,12 @@ class ODM(QuantMethod):
         if mr["mode"] == "off":
             sr = model(lr)
             return StepOutput(sr=sr, terms={"rec": self.cfg["lambda_r"] * F.l1_loss(sr, hr)})
-        with MismatchRegistry(mr["norm"], mr["detach_target"], mr["grad_to_qparams"]) as registry:
+        with MismatchRegistry(mr["norm"], mr["detach_target"], mr["grad_to_qparams"],
+                              quantizer_names(model)) as registry:
             sr = model(lr)
         rec = self.cfg["lambda_r"] * F.l1_loss(sr, hr)
         mismatch = registry.total().to(rec.device)
+        self._balance = {f"{name}/mismatch": term.detach() for name, term in registry.named_terms().items()}
         return StepOutput(sr=sr, terms={"rec": rec, "mismatch": mismatch},
                           objective=(rec + self.cfg["lambda_m"] * mismatch).detach())
 
@@ -333,6 +344,7 @@ class ODM(QuantMethod):
         # g_R already carries λ_R (the 'rec' term is λ_R·L_R), hence lambda_r=1
         theta_grads, stats = combine_gradients(g_r[:n_t], g_m[:n_t], 1.0, self.cfg["lambda_m"], weight_fn,
                                                mr["cos_scope"], mr["cos_include_unreached"])
+        self._balance.update(_layer_balance(model, theta, stats))
         phi_grads = list(g_r[n_t:n_t + n_p])
         if mr["grad_to_qparams"]:
             phi_grads = [_add_scaled(r, m, self.cfg["lambda_m"])
@@ -341,7 +353,13 @@ class ODM(QuantMethod):
         return to_floats({"loss_rec": rec, "loss_mismatch": mismatch, "cos": stats["cos"],
                            "weight": stats["weight"], "grad_norm_rec": stats["grad_norm_rec"],
                            "grad_norm_mismatch": stats["grad_norm_mismatch"],
-                           "sign_conflict": stats["sign_conflict"]})
+                           "sign_conflict": stats["sign_conflict"], "mr/rho": stats["balance"]})
+
+    def balance_stats(self) -> dict[str, Tensor]:
+        """MR's share of θ's gradient in the last step, per quantized layer (logged as ``mr/<layer>/rho``):
+        ρ_i = ‖λ_M w g_M‖ / ‖g_R‖ over the layer's weight and bias, and its M_i (``mr/<layer>/mismatch``).
+        Empty under ``mr.mode=off`` and before the first step."""
+        return dict(self._balance)
 
     @torch.no_grad()
     def log_stats(self, model: nn.Module) -> dict[str, float]:
@@ -358,6 +376,20 @@ class ODM(QuantMethod):
                 values[f"{name}/scale"] = weight_q.scale
                 values[f"{name}/u_w"] = weight_q.clip_bound()
         return to_floats(values)
+
+
+def quantizer_names(model: nn.Module) -> dict[int, str]:
+    """id(ODM activation quantizer) → the name of the layer (or skip operand) it quantizes the input of."""
+    return {id(m): name.removesuffix(".act_quant") for name, m in model.named_modules()
+            if isinstance(m, OdmActQuantizer)}
+
+
+def _layer_balance(model: nn.Module, theta: Sequence[nn.Parameter], stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """{"<layer>/rho": ρ_i} for every quantized layer, from the per-parameter stats of ``combine_gradients``."""
+    layers = list(quantized_layers(model).items())
+    group = {id(p): i for i, (_, layer) in enumerate(layers) for p in layer.parameters(recurse=False)}
+    ratios = balance_by_group(stats, [group.get(id(p), -1) for p in theta], len(layers))
+    return {f"{name}/rho": ratios[i] for i, (name, _) in enumerate(layers)}
 
 
 def _add_scaled(r: Tensor | None, m: Tensor | None, scale: float) -> Tensor | None:
@@ -377,4 +409,4 @@ def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) 
             p.grad.add_(g.detach())
 
 
-__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config"]
+__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config", "quantizer_names"]
