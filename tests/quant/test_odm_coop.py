@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
+from odm_sr.quant.layers import quantized_layers
 from odm_sr.quant.mismatch import (
     MismatchRegistry,
     balance_by_group,
@@ -21,7 +22,6 @@ from odm_sr.quant.mismatch import (
     cooperative_weight,
     mismatch_loss,
 )
-from odm_sr.quant.layers import quantized_layers
 from odm_sr.quant.odm import ODM, OdmActQuantizer
 
 LAMBDA_R, LAMBDA_M = 0.7, 0.05
