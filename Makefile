@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train clean-main sweep mini bench-step bench-memory mini-repro gpu-check eval upscale complexity report wandb-sync test test-fast lint clean
+.PHONY: help install train clean-main sweep mini mechanism bench-step bench-memory mini-repro gpu-check eval upscale complexity report wandb-sync test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,17 @@ mini: ## the main table at CPU size: FP small EDSR on T91+BSD200 (reused once tr
 	@if [ -f logs/mini/fp/results.json ]; then echo "reusing logs/mini/fp"; \
 	else $(VENV)/bin/odm-sr-train experiment=mini_edsr_x4_fp; fi
 	$(VENV)/bin/odm-sr-train -m +sweep=mini_table $(ARGS)
+
+LOGS ?= $${ODM_SR_LOGS:-logs}
+MECHANISM_SWEEPS ?= mr_scale mr_ablation mr_ablation_strong mr_norm
+
+mechanism: ## does ODM's MR act? 3000-step CPU sweeps (mr_scale, mr_ablation(_strong), mr_norm, mr_methods) + report; resumable
+	@if [ -f $(LOGS)/mini/fp/results.json ]; then echo "reusing $(LOGS)/mini/fp"; \
+	else $(VENV)/bin/odm-sr-train experiment=mini_edsr_x4_fp; fi
+	for s in $(MECHANISM_SWEEPS); do \
+		$(VENV)/bin/odm-sr-train -m +sweep=$$s experiment=mini_long_edsr_x4_w2a2_odm $(ARGS) || exit 1; done
+	$(VENV)/bin/odm-sr-train -m +sweep=mr_methods $(ARGS)
+	$(VENV)/bin/odm-sr-report $(LOGS)/sweeps --mechanism
 
 complexity: ## storage / BitOPs table: make complexity ARGS="--model edsr_baseline --method fp pams daq ddtb odm --bits 2 4"
 	$(VENV)/bin/odm-sr-complexity $(ARGS)

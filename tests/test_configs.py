@@ -17,7 +17,8 @@ EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 # every option of the experiment group, shared bases (base/...) included
 EXPERIMENTS = sorted(p.relative_to(EXPERIMENT_DIR).with_suffix("").as_posix() for p in EXPERIMENT_DIR.rglob("*.yaml"))
 PAPER = [e for e in EXPERIMENTS if e.startswith("paper_")]
-MINI_QAT = [e for e in EXPERIMENTS if e.startswith("mini_") and not e.endswith("_fp")]
+MINI_QAT = [e for e in EXPERIMENTS if e.startswith("mini_edsr") and not e.endswith("_fp")]
+MINI_LONG = [e for e in EXPERIMENTS if e.startswith("mini_long_")]
 
 # official FP checkpoint file per (model, scale) (METHODS.md §2.1)
 CHECKPOINTS = {
@@ -136,6 +137,20 @@ def test_mini_experiment_is_cpu_sized(name):
         assert cfg.method.init.num_batches == 20
     if cfg.method.name in ("pams", "ddtb"):
         assert cfg.method.iters_per_epoch == 30  # PAMS's alpha epoch / DDTB's calibration epoch: 30 steps
+
+
+@pytest.mark.parametrize("name", MINI_LONG)
+def test_mini_long_experiment_is_the_mini_setup_ten_times_longer(name):
+    cfg, mini = _composed(name), _composed(name.replace("mini_long_", "mini_"))
+    assert cfg.method.name == mini.method.name and (cfg.bits.w, cfg.bits.a) == (2, 2)
+    assert cfg.model == mini.model and (cfg.data.lr_patch, cfg.data.batch_size) == (16, 8)
+    assert (cfg.trainer.max_steps, cfg.data.iters_per_epoch) == (3000, 300)
+    assert list(cfg.optim.milestones) == [10 * m for m in mini.optim.milestones]
+    assert list(cfg.analyze.after_fit) == ["mismatch", "variance"] and cfg.analyze.data == "B100"
+    if cfg.method.name == "odm":
+        assert cfg.method.init.num_batches == 100
+    if cfg.method.name in ("pams", "ddtb"):
+        assert cfg.method.iters_per_epoch == 300
 
 
 def test_mini_fp_writes_where_the_mini_experiments_look():

@@ -15,7 +15,8 @@ from odm_sr.train import train
 def odm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("odm")
     overrides = TINY_TRAIN + ["method=odm", "bits=w2a2", "method.init.num_batches=2", "method.lambda_m=1e-3",
-                              "eval.bicubic_row=false"]  # TINY_TRAIN logs every step
+                              "eval.bicubic_row=false",  # TINY_TRAIN logs every step
+                              "analyze.after_fit=[mismatch,variance]", "analyze.data=sample_test"]
     return out, train(compose_config(overrides, out))
 
 
@@ -54,3 +55,24 @@ def test_per_layer_rho_and_mismatch(odm_run):
 def test_fp_run_has_no_balance(tmp_path):
     results = train(compose_config(TINY_TRAIN + ["trainer.max_steps=2", "eval.bicubic_row=false"], tmp_path))
     assert results["mr_balance"] == {"rho_mean": None, "steps": 0}
+
+
+def test_analyses_after_fit_are_written_and_summarised(odm_run):
+    out, results = odm_run
+    mismatch = json.loads((out / "analysis" / "mismatch.json").read_text())
+    variance = json.loads((out / "analysis" / "variance.json").read_text())
+    own = mismatch["results"]["odm"]
+    assert mismatch["data"] == "sample_test" and own["num_images"] == 2
+    assert results["analysis"]["mismatch"] == {"data": "sample_test", "mismatch": own["mismatch"],
+                                               "var_mean": own["var_mean"], "var_std": own["var_std"]}
+    assert results["analysis"]["variance"]["image_wise"] == variance["image_wise"] > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["analysis"] == results["analysis"]
+
+
+def test_unknown_analysis_is_rejected_before_any_work(tmp_path):
+    from odm_sr.config import validate_config
+
+    cfg = compose_config(TINY_TRAIN + ["analyze.after_fit=[mismatch,timing]"], tmp_path)
+    with pytest.raises(ValueError, match=r"analyze.after_fit.*timing"):
+        validate_config(cfg)

@@ -19,6 +19,7 @@ from odm_sr.config import CONFIG_DIR, validate_config
 SWEEP_DIR = CONFIG_DIR / "sweep"
 SWEEPS = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml") if p.stem != "common")
 ODM_EXPERIMENT = "mini_edsr_x4_w2a2_odm"
+LONG_ODM = "mini_long_edsr_x4_w2a2_odm"
 # sweep -> (experiment it is used with, number of jobs)
 EXPECTED = {
     "ablation_j": (ODM_EXPERIMENT, 3),
@@ -31,9 +32,15 @@ EXPECTED = {
     "seeds": (ODM_EXPERIMENT, 3),
     "main_table": (None, 8),
     "mini_table": (None, 8),
+    "mr_scale": (LONG_ODM, 6),
+    "mr_norm": (LONG_ODM, 4),
+    "mr_ablation": (LONG_ODM, 5),
+    "mr_ablation_strong": (LONG_ODM, 3),
+    "mr_methods": (None, 3),
 }
 # sweeps whose jobs pick config-group options: every job is composed and validated
-SELECTS_GROUPS = {"coop_formulation", "ablation_components", "wcc_vs_lsq", "methods", "main_table", "mini_table"}
+SELECTS_GROUPS = {"coop_formulation", "ablation_components", "wcc_vs_lsq", "methods", "main_table", "mini_table",
+                  "mr_norm", "mr_ablation", "mr_ablation_strong", "mr_methods"}
 
 
 def _overrides(name: str) -> list[str]:
@@ -80,6 +87,28 @@ def test_sweep_values():
         tuple(sorted([f"method={m}", f"bits={b}"])) for m in ("pams", "daq", "ddtb", "odm") for b in ("w2a2", "w4a4")}
     _, jobs = _jobs("ablation_j")
     assert [job[0] for job in jobs] == ["method.init.j=100", "method.init.j=99", "method.init.j=95"]
+
+
+def _method(job: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=job)
+
+
+def test_mr_sweep_values():
+    """The MR sweeps set what their comments say (issue: does ODM's mechanism act?)."""
+    _, jobs = _jobs("mr_scale")
+    assert [float(job[0].split("=")[1]) for job in jobs] == [0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+    _, jobs = _jobs("mr_norm")
+    got = {(c.method.mr.norm, c.method.lambda_m) for c in map(_method, jobs)}
+    assert got == {("l2sq", 1e-7), ("l2sq", 1e-6), ("mse", 1e-2), ("mse", 1e-1)}
+    _, jobs = _jobs("mr_ablation_strong")
+    strong = [_method(job).method for job in jobs]
+    assert [(m.mr.mode, m.lambda_m) for m in strong] == [("coop", 1e-3), ("naive", 1e-3), ("coop", 1e-3)]
+    _, jobs = _jobs("mr_methods")
+    cfgs = [_method(job) for job in jobs]
+    assert [c.method.name for c in cfgs] == ["pams", "daq", "ddtb"]
+    assert all(c.trainer.max_steps == 3000 and c.data.iters_per_epoch == 300 and (c.bits.w, c.bits.a) == (2, 2)
+               and list(c.analyze.after_fit) == ["mismatch", "variance"] for c in cfgs)
 
 
 def test_command_line_overrides_reach_every_job():

@@ -47,6 +47,12 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"data.{key}={cfg.data[key]}: expected a positive integer")
     if float(cfg.optim.lr) <= 0:
         raise ValueError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
+    after_fit = list((cfg.get("analyze") or {}).get("after_fit") or [])
+    from .analysis.cli import AFTER_FIT
+
+    unknown = [name for name in after_fit if name not in AFTER_FIT]
+    if unknown:
+        raise ValueError(f"analyze.after_fit={after_fit}: {unknown} not in {AFTER_FIT}")
     pad_mode = cfg.get("eval", {}).get("pad_mode", "official")
     if pad_mode not in EVAL_PAD_MODES:
         raise ValueError(f"eval.pad_mode={pad_mode!r}: expected one of {EVAL_PAD_MODES}")

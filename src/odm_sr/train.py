@@ -71,11 +71,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["metrics"] = rows_as_json(rows)
         if trainer.is_global_zero:
             print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
+    if trainer.is_global_zero and cfg.get("analyze") and cfg.analyze.after_fit:
+        results["analysis"] = analyses_after_fit(out_dir, list(cfg.analyze.after_fit), str(cfg.analyze.data),
+                                                 str(cfg.paths.data_root))
     if trainer.is_global_zero:
         # atomic: an interrupted write must not leave a results.json that skip_done would take for a finished run
         atomic_write(out_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
     finish_loggers(trainer)
     return results
+
+
+def analyses_after_fit(out_dir: Path, names: list[str], data: str, data_root: str) -> dict[str, Any]:
+    """Run ``odm-sr-analyze <name> --ckpt <run>/checkpoints/last.ckpt --data <data>`` for each name (its table
+    printed, its JSON in ``<run>/analysis/``) and return the headline numbers of each for results.json."""
+    from .analysis.cli import analysis_summary
+    from .analysis.cli import main as analyze
+
+    ckpt = out_dir / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt}: analyze.after_fit needs the run's last checkpoint (callbacks."
+                                f"model_checkpoint.save_last)")
+    summary = {}
+    for name in names:
+        analyze([name, "--ckpt", str(ckpt), "--data", data, "--data-root", data_root])
+        summary[name] = analysis_summary(name, out_dir / "analysis" / f"{name}.json")
+    return summary
 
 
 def device_name() -> str:

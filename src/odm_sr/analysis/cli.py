@@ -207,6 +207,23 @@ def run_analysis(args: argparse.Namespace, out: Path) -> tuple[str, dict]:
         return analyze(args, net, cfg, out)
 
 
+AFTER_FIT = ("mismatch", "variance", "wstats")  # analyses a training run can run on itself (analyze.after_fit)
+
+
+def analysis_summary(name: str, path: Path) -> dict[str, Any]:
+    """The headline numbers of an analysis JSON written by ``main``: mismatch (S10) → mismatch, var_mean,
+    var_std of the run's own network; variance (S9) → image_wise, channel_wise; wstats → the number of layers."""
+    result = json.loads(Path(path).read_text())
+    if name == "mismatch":
+        own = result["results"][next(k for k in result["results"] if k != "before")]
+        return {"data": result["data"], **{k: own[k] for k in ("mismatch", "var_mean", "var_std")}}
+    if name == "variance":
+        return {"data": result["data"], "image_wise": result["image_wise"], "channel_wise": result["channel_wise"]}
+    if name == "wstats":
+        return {"layers": len(result["layers"])}
+    raise ValueError(f"analyze.after_fit: {name!r} is not one of {AFTER_FIT}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the table and write the files (returns None: console scripts pass it to ``sys.exit``)."""
     args = parse_args(argv)
