@@ -34,8 +34,8 @@ EXPECTED = {
     "mini_table": (None, 8),
     "mr_scale": (LONG_ODM, 6),
     "mr_norm": (LONG_ODM, 4),
-    "mr_ablation": (LONG_ODM, 5),
-    "mr_ablation_strong": (LONG_ODM, 3),
+    "mr_ablation": (LONG_ODM, 3),
+    "mr_ablation_strong": (LONG_ODM, 2),
     "mr_methods": (None, 3),
 }
 # sweeps whose jobs pick config-group options: every job is composed and validated
@@ -103,7 +103,8 @@ def test_mr_sweep_values():
     assert got == {("l2sq", 1e-7), ("l2sq", 1e-6), ("mse", 1e-2), ("mse", 1e-1)}
     _, jobs = _jobs("mr_ablation_strong")
     strong = [_method(job).method for job in jobs]
-    assert [(m.mr.mode, m.lambda_m) for m in strong] == [("coop", 1e-3), ("naive", 1e-3), ("coop", 1e-3)]
+    assert [(m.mr.mode, m.wcc.learn_gamma, m.lambda_m) for m in strong] == [("coop", False, 1e-3),
+                                                                             ("naive", True, 1e-3)]
     _, jobs = _jobs("mr_methods")
     cfgs = [_method(job) for job in jobs]
     assert [c.method.name for c in cfgs] == ["pams", "daq", "ddtb"]

@@ -281,6 +281,16 @@ def test_off_equals_plain_l1_training(setup):
     assert all(torch.equal(got[n], plain[n]) for n in plain)
 
 
+@pytest.mark.parametrize("mode", ["coop", "naive"])
+def test_zero_lambda_m_is_exactly_mr_off(setup, mode):
+    """λ_M = 0 adds nothing to θ.grad: the mr_scale sweep's λ_M = 0 job is the no-MR row (c) bit for bit."""
+    model, lr, hr, _, _ = setup
+    off, _ = _run(model, lr, hr, {"mr": {"mode": "off"}})
+    zero, logs = _run(model, lr, hr, {"lambda_m": 0.0, "mr": {"mode": mode}})
+    assert set(off) == set(zero) and all(torch.equal(off[n], zero[n]) for n in off)
+    assert logs["mr/rho"] == 0.0
+
+
 def test_gamma_moves_only_with_reconstruction_loss(setup):
     model, lr, hr, g_r, _ = setup
     small, _ = _run(model, lr, hr, {"lambda_m": 1e-5})
