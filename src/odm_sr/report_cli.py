@@ -3,6 +3,8 @@
 Example: ``odm-sr-report logs/main --sets Set5 Set14 B100 Urban100`` collects every ``results.json`` below
 ``logs/main``, prints the markdown table and writes report.md, report.tex, report.json and report.png into
 ``--out`` (default: the folder itself). Logic: ``odm_sr.analysis.report``.
+``odm-sr-report logs/sweeps --mechanism`` instead writes mechanism.{md,json,png}: one table per question of the MR
+sweeps (does MR act, cooperative vs naive, ranking of methods, S10 mismatch), ``odm_sr.analysis.mechanism``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from odm_sr.analysis.mechanism import write_mechanism_report
 from odm_sr.analysis.report import write_report
 
 
@@ -19,6 +22,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="where report.{md,tex,json,png} go (default: ROOT)")
     parser.add_argument("--sets", nargs="+", default=None,
                         help="columns, in order (default: every set found; Set5 Set14 B100 Urban100 first)")
+    parser.add_argument("--mechanism", action="store_true",
+                        help="the MR-mechanism tables of the mr_* sweeps (mechanism.md/.json/.png) instead")
     return parser.parse_args(argv)
 
 
@@ -26,7 +31,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Print the markdown table (returns None: console scripts pass the return value to ``sys.exit``)."""
     args = parse_args(argv)
     try:
-        report = write_report(args.root, args.out, args.sets)
+        if args.mechanism:
+            report = write_mechanism_report(args.root, args.out)
+        else:
+            report = write_report(args.root, args.out, args.sets)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"odm-sr-report: error: {err}") from None
     print(report["markdown"])
