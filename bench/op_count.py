@@ -1,0 +1,113 @@
+"""aten ops (≈ kernel launches) and host syncs per training step of FP, PAMS, DAQ, DDTB and ODM, and torch.compile's
+graph breaks in the quantized forward.
+
+    PYTHONPATH=src python bench/op_count.py [--model baseline|small] [--device cpu|cuda] [--no-compile]
+
+One step is ``bench/_common.StepRunner.step`` (what ``SRLitModule.training_step`` does without Lightning) after
+the method's preparation (ODM's calibration, PAMS's α epoch, DDTB's calibration epoch), counted by
+``odm_sr.analysis.profiling.step_profile`` per phase: forward (``training_losses``), backward (``backward``),
+optimizer (Adam step + zero_grad). View ops are not counted. "ops" is forward + backward: the optimizer's count
+depends on the implementation torch picks (on the CPU Adam runs per tensor, with one ``.item()`` per parameter;
+on CUDA it defaults to the multi-tensor path), so it is listed on its own. The count does not depend on the input size, so a
+small LR patch is used. ``--no-compile`` skips ``torch._dynamo.explain`` of the student's forward (graph count
+and break reasons). Prints a markdown table and writes ``bench/results/op_count_<model>_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from _common import RESULTS_DIR, StepRunner, environment, sample_batches, write_json  # noqa: E402
+
+from odm_sr.analysis.profiling import step_profile  # noqa: E402
+
+METHODS = ("fp", "pams", "daq", "ddtb", "odm")
+TARGETS = {"odm": 2000}  # eager ops per step on EDSR-baseline (issue "GPU-ready"); every method also ≤ 10× FP
+
+
+def profile_step(runner: StepRunner, lr: torch.Tensor, hr: torch.Tensor) -> dict:
+    """Ops and syncs of one late-stage step, by phase."""
+    phases = {}
+    with step_profile() as fwd:
+        out = runner.method.training_losses(runner.net, lr, hr, 10**6, teacher=runner.teacher)
+    phases["forward"] = fwd
+    with step_profile() as bwd:
+        runner.method.backward(out, runner.net, lambda loss: loss.backward())
+    phases["backward"] = bwd
+    with step_profile() as opt:
+        runner.opt.step()
+        runner.opt.zero_grad(set_to_none=True)
+    phases["optimizer"] = opt
+    total_ops = Counter()
+    total_syncs = Counter()
+    for p in phases.values():
+        total_ops.update(p.ops)
+        total_syncs.update(p.syncs)
+    return {"ops": phases["forward"].total_ops + phases["backward"].total_ops, "syncs": sum(total_syncs.values()),
+            **{f"{k}_ops": p.total_ops for k, p in phases.items()},
+            **{f"{k}_syncs": p.total_syncs for k, p in phases.items()},
+            "sync_kinds": dict(total_syncs), "top_ops": dict(total_ops.most_common(12))}
+
+
+def graph_breaks(runner: StepRunner, lr: torch.Tensor) -> dict:
+    """torch._dynamo.explain of the student forward (training mode): graphs, breaks and their first reasons."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(runner.net)(lr)
+    except Exception as err:  # noqa: BLE001 - a failing compile is a result to report, not a crash
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
+    reasons = Counter(str(b.reason).split("\n")[0][:120] for b in explained.break_reasons)
+    return {"graphs": explained.graph_count, "breaks": explained.graph_break_count,
+            "reasons": dict(reasons.most_common(5))}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="baseline", choices=("baseline", "small"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    batches = sample_batches(3, 2, 12, 4, device)
+    rows = {}
+    for name in args.methods:
+        torch.manual_seed(0)
+        runner = StepRunner.build(name, args.model, device)
+        runner.prepare(batches[:2])
+        runner.step(*batches[2])  # warm: lazy state, first-step allocations
+        rows[name] = profile_step(runner, *batches[2])
+        if not args.no_compile and name != "fp":
+            rows[name]["compile"] = graph_breaks(runner, batches[2][0])
+        print(f"{name}: {rows[name]['ops']} ops, {rows[name]['syncs']} syncs", flush=True)
+    fp_ops = rows.get("fp", {}).get("ops")
+    lines = ["| method | aten ops fwd+bwd | × FP | fwd | bwd | Adam (CPU, per-tensor) | host syncs (fwd/bwd/opt) "
+             "| compiled forward |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        ratio = f"{r['ops'] / fp_ops:.1f}" if fp_ops else "–"
+        comp = r.get("compile", {})
+        comp_text = (f"{comp['graphs']} graphs, {comp['breaks']} breaks" if "graphs" in comp
+                     else comp.get("error", "–"))
+        lines.append(f"| {name} | {r['ops']} | {ratio} | {r['forward_ops']} | {r['backward_ops']} | "
+                     f"{r['optimizer_ops']} | {r['syncs']} ({r['forward_syncs']}/{r['backward_syncs']}/"
+                     f"{r['optimizer_syncs']}) | {comp_text} |")
+    table = "\n".join(lines)
+    print(table)
+    payload = {"model": args.model, "device": args.device, "environment": environment(), "rows": rows,
+               "targets": TARGETS, "markdown": table}
+    write_json(Path(args.out) if args.out else RESULTS_DIR / f"op_count_{args.model}_{args.device}.json", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
