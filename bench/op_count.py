@@ -8,8 +8,8 @@ the method's preparation (ODM's calibration, PAMS's α epoch, DDTB's calibration
 ``odm_sr.analysis.profiling.step_profile`` per phase: forward (``training_losses``), backward (``backward``),
 optimizer (Adam step + zero_grad). View ops are not counted. "ops" is forward + backward: the optimizer's count
 depends on the implementation torch picks (on the CPU Adam runs per tensor, with one ``.item()`` per parameter;
-on CUDA it defaults to the multi-tensor path), so it is listed on its own. The count does not depend on the input size, so a
-small LR patch is used. ``--no-compile`` skips ``torch._dynamo.explain`` of the student's forward (graph count
+on CUDA it defaults to the multi-tensor path), so it is listed on its own. The count does not depend on the input
+size, so a small LR patch is used. ``--no-compile`` skips ``torch._dynamo.explain`` of the student forward (graph count
 and break reasons). Prints a markdown table and writes ``bench/results/op_count_<model>_<device>.json``.
 """
 
