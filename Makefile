@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train clean-main sweep mini mechanism bench-step bench-memory mini-repro gpu-check eval upscale complexity report wandb-sync test test-fast lint clean
+.PHONY: help install train clean-main sweep mini mechanism bench-step bench-memory mini-repro gpu-wheels gpu-check op-count eval upscale complexity report wandb-sync test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -69,11 +69,22 @@ bench-step: ## step-time ratios FP/PAMS/DAQ/DDTB/ODM (bench/results/step_time_*.
 bench-memory: ## eval peak memory and time, whole vs tiled (bench/results/eval_memory.json)
 	$(PY) bench/eval_memory.py $(ARGS)
 
+op-count: ## aten ops and host syncs per training step of each method, and compile graph breaks (bench/op_count.py)
+	WANDB_MODE=disabled $(PY) bench/op_count.py $(ARGS)
+
 mini-repro: ## CPU-sized paper table: FP + PAMS/DAQ/DDTB/ODM at 4 and 2 bits on sr291 (30 min measured, up to ~75 under load; resumable)
 	WANDB_MODE=disabled $(PY) bench/mini_repro.py $(ARGS)
 
-gpu-check: ## GPU machine only: FP/ODM it/s and peak memory, eager and compiled (< 8 min)
-	PYTHONPATH=src PYTHON=$(PY) bash bench/gpu_check.sh
+gpu-wheels: ## the wheels the GPU machine lacks (hydra-core, omegaconf, antlr4) into bench/gpu-wheels/ (git-ignored)
+	mkdir -p bench/gpu-wheels
+	if ls ../shared/gpu-wheels/*.whl >/dev/null 2>&1; then cp ../shared/gpu-wheels/*.whl bench/gpu-wheels/; else \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	    -c constraints.txt -d bench/gpu-wheels hydra-core omegaconf && \
+	  $(PY) -m pip wheel -q --no-deps -c constraints.txt -w bench/gpu-wheels antlr4-python3-runtime; fi
+	@ls -l bench/gpu-wheels
+
+gpu-check: ## GPU machine: step times, op/sync counts, compile, MR balance at paper size (< 5 min); DRY=1: on the CPU
+	bash bench/gpu_check.sh $(if $(DRY),--dry-run) $(ARGS)
 
 test: ## run the test suite (tests needing ../shared/data skip with a reason where it is absent)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
