@@ -321,7 +321,9 @@ class ODM(QuantMethod):
         layers upstream of the last quantized input), so listing every θ costs nothing and θ_reach is exact.
         θ.grad = g_R + λ_M·w(c)·g_M, w ≡ 1 for naive; φ.grad = g_R (+ λ_M·g_M, unweighted, if
         ``grad_to_qparams``); rest.grad = g_R. Under DDP g_R and g_M are first averaged over the ranks
-        (``average_across_ranks``). off: backward_fn(λ_R L_R) (DDP's own hooks all-reduce it).
+        (``average_across_ranks``); each M_i is the norm over the global batch and its per-rank term is built
+        so that this average is the exact g_M (``mismatch.global_mismatch_terms``).
+        off: backward_fn(λ_R L_R) (DDP's own hooks all-reduce it).
         """
         mr, rec = self.cfg["mr"], out.terms["rec"]
         if mr["mode"] == "off" or "mismatch" not in out.terms:
