@@ -21,6 +21,7 @@ from .checkpoint import AtomicCheckpointIO, atomic_write
 from .config import CONFIG_DIR, register_resolvers, validate_config
 from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets, metrics_table, rows_as_json
 from .lit_module import SRLitModule
+from .precision import apply_precision
 
 register_resolvers()
 
@@ -28,6 +29,7 @@ register_resolvers()
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) and test; returns the results dict also written to ``<output_dir>/results.json``."""
     validate_config(cfg)
+    apply_precision(cfg)  # fp32 only, TF32 per ``tf32``
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
         print(f"skipping {out_dir}: results.json exists (skip_done=true)")
@@ -111,7 +113,6 @@ def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: li
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    torch.set_float32_matmul_precision("high")
     train(cfg)
 
 
