@@ -17,6 +17,8 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
     """The float backbone of ``model`` (random init)."""
     kwargs = model_cfg.get("kwargs")
     kwargs = OmegaConf.to_container(kwargs) if kwargs else {}  # `kwargs: {}` composes to an empty DictConfig
+    if model_cfg.get("drop_path_rate") is not None:  # SwinIR/HAT stochastic depth during (QA) training
+        kwargs["drop_path_rate"] = float(model_cfg.drop_path_rate)
     return build_model(str(model_cfg.name), int(model_cfg.scale), **kwargs)
 
 
