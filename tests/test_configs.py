@@ -31,7 +31,8 @@ CHECKPOINTS = {
 SCHEDULES = {
     "pams": (30000, [10000, 20000], 16),
     "daq": (60000, [30000], 16),
-    "ddtb": (60000, [10000, 20000, 30000, 40000, 50000, 60000], 16),
+    # DDTB: the release's 60 epochs include its calibration epoch (no optimizer steps): 59000 optimizer steps
+    "ddtb": (59000, [10000, 20000, 30000, 40000, 50000, 60000], 16),
     "odm": (60000, [15000, 30000, 45000], 8),
 }
 
@@ -83,7 +84,8 @@ def test_paper_experiment_recipe(name):
         assert dict(cfg.bits) == {"w": 2, "a": 2, "sc": 8}
     steps, milestones, batch = SCHEDULES["odm" if method == "odm_fq" else method]
     if "_300k_" in name or name == "paper_edsr_x4_odm":  # S2, S3: 300K iterations
-        assert cfg.trainer.max_steps == 300000
+        # DDTB: 300K iterations, its calibration epoch included, as the release counts its epochs
+        assert cfg.trainer.max_steps == (299000 if method == "ddtb" else 300000)
         stretched = {"pams": [100000, 200000], "daq": [150000], "odm": [75000, 150000, 225000],
                      "ddtb": [50000, 100000, 150000, 200000, 250000, 300000]}
         assert list(cfg.optim.milestones) == stretched[method]
@@ -98,6 +100,17 @@ def test_paper_experiment_recipe(name):
     if method.startswith("odm"):
         assert cfg.method.lambda_m == (1e-6 if model == "rdn" else 1e-5)
         assert cfg.method.init.num_batches == 100
+
+
+@pytest.mark.parametrize(("name", "iterations"), [("paper_edsr_baseline_x4_ddtb", 60000),
+                                                  ("paper_rdn_x2_ddtb", 60000),
+                                                  ("paper_edsr_baseline_x4_300k_ddtb", 300000)])
+def test_ddtb_epochs_include_the_calibration_epoch(name, iterations):
+    """zysxmu/DDTB runs `--epochs 60` with epoch 0 as the calibration epoch: calibration iterations plus optimizer
+    steps make 60 epochs (300K iterations for the S2 variant), not 60 epochs after calibration."""
+    cfg = _composed(name)
+    calibration = int(cfg.method.stages.calib_epochs) * int(cfg.method.iters_per_epoch)
+    assert calibration == 1000 and cfg.trainer.max_steps + calibration == iterations
 
 
 def test_odm_paper_recipe_values():

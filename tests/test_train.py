@@ -31,6 +31,9 @@ def test_training_writes_results_and_checkpoints(tiny_run):
         psnr, ssim = row["sample_test"]["psnr"], row["sample_test"]["ssim"]
         assert math.isfinite(psnr) and 10 < psnr < 60 and 0 < ssim <= 1
     assert (out / "checkpoints" / "last.ckpt").is_file()
+    # eval.select_best_on=null (default): the test rows are those of the last weights, and no best.ckpt is kept
+    assert saved["test_checkpoint"] == {"select_best_on": None, "checkpoint": "last", "path": None, "val_psnr": None}
+    assert not (out / "checkpoints" / "best.ckpt").exists()
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["odm_sr_step_count"] == 6
     # the csv logger received losses and learning rates

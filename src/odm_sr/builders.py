@@ -17,6 +17,8 @@ def build_backbone(model_cfg: DictConfig) -> nn.Module:
     """The float backbone of ``model`` (random init)."""
     kwargs = model_cfg.get("kwargs")
     kwargs = OmegaConf.to_container(kwargs) if kwargs else {}  # `kwargs: {}` composes to an empty DictConfig
+    if model_cfg.get("drop_path_rate") is not None:  # SwinIR/HAT stochastic depth during (QA) training
+        kwargs["drop_path_rate"] = float(model_cfg.drop_path_rate)
     return build_model(str(model_cfg.name), int(model_cfg.scale), **kwargs)
 
 
@@ -61,4 +63,36 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
-    return _instantiate_group(cfg.get("callbacks"))
+    best = best_checkpoint(cfg)
+    return _instantiate_group(cfg.get("callbacks")) + ([best] if best is not None else [])
+
+
+def best_checkpoint(cfg: DictConfig):
+    """With ``eval.select_best_on=<val set>``: a ModelCheckpoint keeping ``checkpoints/best.ckpt``, the checkpoint
+    of the highest PSNR on that set, beside ``last.ckpt`` (the released PAMS/DDTB trainers pick on Set14, DAQ's on
+    Set5; METHODS.md §4). None when the key is null (the default: keep the last)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    name = cfg.get("eval", {}).get("select_best_on")
+    if name is None:
+        return None
+    if name not in list(cfg.data.val):
+        raise ValueError(f"eval.select_best_on={name!r}: expected one of the validation sets data.val="
+                         f"{list(cfg.data.val)} (or null to keep the last checkpoint)")
+    return ModelCheckpoint(dirpath=str(Path(cfg.paths.output_dir) / "checkpoints"), filename="best",
+                           monitor=f"val/{name}/psnr", mode="max", save_top_k=1, save_last=False,
+                           auto_insert_metric_name=False, save_on_train_epoch_end=False)
+
+
+def selected_checkpoint(trainer) -> dict:
+    """Which weights the test rows come from, for results.json: {"select_best_on": <set> | None, "checkpoint":
+    "best" | "last", "path": <best.ckpt> | None, "val_psnr": its PSNR on that set | None}. "last" (the weights at
+    the end of training) without ``eval.select_best_on``, or when no validation has written best.ckpt yet."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    best = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.filename == "best"), None)
+    name = best.monitor.split("/")[1] if best is not None else None
+    if best is None or not best.best_model_path:
+        return {"select_best_on": name, "checkpoint": "last", "path": None, "val_psnr": None}
+    return {"select_best_on": name, "checkpoint": "best", "path": best.best_model_path,
+            "val_psnr": float(best.best_model_score)}

@@ -16,12 +16,14 @@ from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
 from .data import SRDataModule
 from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets, metrics_table, rows_as_json
+from .precision import apply_precision
 
 register_resolvers()
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     """Evaluate ``cfg.ckpt`` (and bicubic) on ``cfg.data.test``; returns {row: {set: (psnr, ssim)}}."""
+    apply_precision(cfg)  # fp32, TF32 per ``tf32`` as in training
     net, scale, rows = None, cfg.get("scale"), {}
     if cfg.get("ckpt"):
         net, train_cfg = load_trained(cfg.ckpt)

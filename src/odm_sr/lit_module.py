@@ -17,11 +17,34 @@ from torch import Tensor, nn
 from .evaluation import accumulate, eval_upscale, merge_across_ranks
 from .metrics import MetricAccumulator
 from .quant.base import QuantMethod, to_floats
-from .quant.distributed import world_size
+from .quant.distributed import all_reduce_sum_, world_size
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a training loss is NaN or infinite: the run stops, keeping the last good checkpoint."""
+
+
+def non_finite_ranks(loss: Tensor, terms: dict[str, Tensor]) -> dict[int, dict[str, float]]:
+    """{rank: its loss terms} for every rank whose loss is NaN/inf; empty when all are finite.
+
+    Under DDP every rank gets the same answer (one small all-reduce per step; the terms are exchanged only on
+    failure), so all ranks stop with the same message instead of leaving the others blocked in the next
+    collective. (ODM's L_M is a norm over the global batch: one rank's NaN makes every rank's L_M NaN.)
+    """
+    bad = _per_rank((~torch.isfinite(loss.detach())).float().reshape(1))[:, 0]
+    if not bool(bad.any()):
+        return {}
+    values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]) if terms else loss.new_zeros(0)
+    rows = _per_rank(values)
+    return {r: dict(zip(terms, rows[r].tolist(), strict=True)) for r in bad.nonzero()[:, 0].tolist()}
+
+
+def _per_rank(x: Tensor) -> Tensor:
+    """(world, *x.shape): row r holds rank r's ``x`` (an all-reduced sum of zero-padded rows)."""
+    rows = x.new_zeros((world_size(), *x.shape))
+    rows[torch.distributed.get_rank() if world_size() > 1 else 0] = x
+    all_reduce_sum_([rows])
+    return rows
 
 
 class SRLitModule(L.LightningModule):
@@ -98,8 +121,11 @@ class SRLitModule(L.LightningModule):
             self._step_count += 1
             return None
         loss = out.loss.detach()
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())
+        bad = non_finite_ranks(loss, out.terms)
+        if bad:
+            prefix = "rank {}: " if world_size() > 1 else ""
+            terms = "; ".join(prefix.format(r) + ", ".join(f"{k}={v:.4g}" for k, v in t.items())
+                              for r, t in bad.items())
             raise NonFiniteLossError(
                 f"non-finite training loss at step {self.global_step_count} ({terms}); stopping. The last good "
                 f"checkpoint is kept; lower the learning rate or check the data, then resume from it.")

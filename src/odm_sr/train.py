@@ -16,11 +16,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .analysis import summarize
-from .builders import build_callbacks, build_datamodule, build_loggers, build_network, pretrained_network
+from .builders import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_network,
+    pretrained_network,
+    selected_checkpoint,
+)
 from .checkpoint import AtomicCheckpointIO, atomic_write
 from .config import CONFIG_DIR, register_resolvers, validate_config
 from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets, metrics_table, rows_as_json
 from .lit_module import SRLitModule
+from .precision import apply_precision
 
 register_resolvers()
 
@@ -28,6 +36,7 @@ register_resolvers()
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) and test; returns the results dict also written to ``<output_dir>/results.json``."""
     validate_config(cfg)
+    apply_precision(cfg)  # fp32 only, TF32 per ``tf32``
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
         print(f"skipping {out_dir}: results.json exists (skip_done=true)")
@@ -59,7 +68,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                "mr_balance": {"rho_mean": lit.balance_mean, "steps": lit.balance_steps},
                                "complexity": complexity, "metrics": {}}
     if cfg.get("test_after_fit", True):
-        own = test_metrics(trainer, lit, datamodule, list(cfg.data.test))  # every rank: merging is a collective
+        results["test_checkpoint"] = selected = selected_checkpoint(trainer)  # eval.select_best_on: best.ckpt
+        own = test_metrics(trainer, lit, datamodule, list(cfg.data.test), selected["path"])  # every rank (collective)
         rows = {}
         if trainer.is_global_zero:  # the reference rows once, not on every DDP rank
             if cfg.eval.get("bicubic_row", True):
@@ -116,12 +126,13 @@ def finish_loggers(trainer: L.Trainer) -> None:
             logger.experiment.finish()
 
 
-def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: list[str]) -> dict:
+def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: list[str],
+                 ckpt_path: str | None = None) -> dict:
     """{set: (PSNR, SSIM)} of ``trainer.test``. Under DDP they are merged over all ranks (``SRLitModule._flush``).
     ``lit.last_metrics`` holds them in float64 where this process ran the test; under the fork/spawn launchers
     it did not, and the trainer's callback metrics (float32, copied back from rank 0) are read instead."""
     lit.last_metrics = {}
-    trainer.test(lit, datamodule=datamodule, verbose=False)
+    trainer.test(lit, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path)  # None: the weights in memory
     metrics = lit.last_metrics or trainer.callback_metrics
     missing = [s for s in set_names if f"test/{s}/psnr" not in metrics]
     if missing:
@@ -131,7 +142,6 @@ def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: li
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    torch.set_float32_matmul_precision("high")
     train(cfg)
 
 

@@ -10,11 +10,13 @@ import torch
 from .checkpoint import load_trained
 from .data.io import read_image, save_image, to_tensor
 from .evaluation import EVAL_PAD_MODES, network_upscale
+from .precision import set_tf32
 
 
 def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int | None = None,
-                 overlap: int = 16, pad_mode: str = "official") -> Path:
+                 overlap: int = 16, pad_mode: str = "official", tf32: bool = False) -> Path:
     """Read ``src`` (grayscale/RGBA converted to RGB), super-resolve it, write ``dst`` (PNG recommended)."""
+    set_tf32(tf32)  # fp32 as in training unless asked
     net, _ = load_trained(ckpt)
     img, _ = read_image(src, mode="RGB")
     lr = to_tensor(img).unsqueeze(0)
@@ -34,8 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overlap", type=int, default=16, help="LR context pixels around each tile")
     parser.add_argument("--pad-mode", default="official", choices=EVAL_PAD_MODES,
                         help="SwinIR/HAT window padding (official: as the released test scripts)")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls/convolutions on Ampere+ GPUs (default fp32)")
     args = parser.parse_args(argv)
-    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode)
+    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32)
     print(f"wrote {out}")
 
 

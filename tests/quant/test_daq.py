@@ -136,17 +136,100 @@ def test_token_layout_uses_per_image_statistics():
     assert torch.allclose(back, conv_out, atol=1e-6)
 
 
-def test_auto_sigma_bits_and_quirk():
+def test_auto_sigma_bits():
     assert auto_sigma_bits(build_model("edsr_baseline", 2)) == 4
     assert auto_sigma_bits(build_model("edsr", 2, n_resblocks=1, n_feats=8)) == 8
+
+
+def test_finetune_fixed_steps_apply_in_training_only():
+    """The release's --finetune factors (1.596, σ: 0.057) while training; its test scripts omit the flag, so
+    evaluation uses t_b and t_qq."""
     quant = DaqActQuant(4, CONV, sigma_bits=4, fixed_steps=True)
-    assert (quant.factor, quant.sigma_factor) == (1.596, 0.057)
-    assert DaqWeightQuant(3, fixed_steps=True).factor == 1.596
+    assert quant.train().factors() == (1.596, 0.057)
+    assert quant.eval().factors() == (0.586, 0.586)
+    assert DaqActQuant(4, CONV, sigma_bits=4).train().factors() == (0.586, 0.586)
+    w = heavy_tailed()
+    weight_q = DaqWeightQuant(3, fixed_steps=True)
+    for mode, t in ((True, 1.596), (False, 0.996)):
+        levels = weight_q.train(mode)(w).unique()
+        assert torch.allclose(levels, (torch.arange(-3, 5) - 0.5) * t * w.std(), atol=1e-5), mode
+
+
+def test_finetune_fixed_steps_only_on_edsr():
+    """The release passes --finetune to EDSR's ResBlocks; RDN hard-codes it off."""
+    quirk = {"quirks": {"finetune_fixed_steps": True}}
+    edsr = DAQ(quirk, Bits(4, 4)).quantize(build_model("edsr", 2, n_resblocks=1, n_feats=8)).train()
+    rdn = DAQ(quirk, Bits(4, 4)).quantize(build_model("rdn", 2, G0=8, D=2, C=2, G=4)).train()
+    for model, fixed in ((edsr, True), (rdn, False)):
+        quants = [m for m in model.modules() if isinstance(m, (DaqActQuant, DaqWeightQuant))]
+        assert quants and all(q.fixed_steps == fixed for q in quants)
+    assert all(m.factors()[0] == 0.586 for m in rdn.modules() if isinstance(m, DaqActQuant))
+
+
+def released_sigma(sigma, qq, t_qq):
+    """σ quantization of the release (`quantize.py`, ``Quantization.forward``), transcribed in numpy."""
+    mu_s = sigma.mean(1, keepdims=True)
+    step = t_qq * sigma.std(1, ddof=1, keepdims=True)
+    thr = (2 ** qq / 2 - 0.5) * step
+    step = step + (step == 0) * -1.0
+    y = (np.round((sigma - mu_s) / step + 0.5) - 0.5) * step * (step > 0)
+    return np.maximum(np.minimum(y, thr), -thr) + mu_s
+
+
+def released_activation(x, bits, qq):
+    """The release's activation quantizer (both branches, its negative-step behaviour included) in numpy:
+    returns (output, quantized σ)."""
+    relu = x.min() == 0
+    if relu:
+        n = (x > 0).sum((2, 3), keepdims=True) + 1.0
+        mu = x.sum((2, 3), keepdims=True) / n
+        sigma = np.sqrt((x ** 2).sum((2, 3), keepdims=True) / n - mu ** 2)
+    else:
+        mu, sigma = x.mean((2, 3), keepdims=True), x.std((2, 3), ddof=1, keepdims=True)
+    sigma = released_sigma(sigma, qq, T[qq])
+    step = T[bits] * sigma
+    thr = (2 ** bits / 2 - 0.5) * step
+    step = step + (step == 0) * -1.0
+    if relu:
+        return (np.round((x - thr) / step + 0.5) - 0.5) * step * (step > 0) + thr, sigma
+    y = (np.round((x - mu) / step + 0.5) - 0.5) * step * (step > 0)
+    return np.maximum(np.minimum(y, thr), -thr) + mu, sigma
+
+
+def dead_channel_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """(post-ReLU with all-zero channels [0, 1] and [1, 4]; signed with constant channels [0, 2] and [1, 0]):
+    with this seed every dead channel's quantized σ is negative at σ bits 4 and 8."""
+    rng = np.random.default_rng(27)
+    relu = np.maximum(rng.normal(size=(2, 6, 5, 5)) * rng.uniform(0.5, 2, size=(1, 6, 1, 1)), 0)
+    relu[0, 1] = relu[1, 4] = 0.0
+    signed = rng.normal(size=(2, 6, 5, 5)) * rng.uniform(0.5, 2, size=(1, 6, 1, 1))
+    signed[0, 2], signed[1, 0] = -0.7, 1.3
+    return relu, signed
+
+
+@pytest.mark.parametrize("qq", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_nonpositive_sigma_offset_reproduces_the_release(bits, qq):
+    dead = ((0, 1), (1, 4)), ((0, 2), (1, 0))
+    for x, channels in zip(dead_channel_inputs(), dead, strict=True):
+        want, sigma_q = released_activation(x, bits, qq)
+        relu = x.min() == 0
+        for b, c in channels:
+            assert sigma_q[b, c, 0, 0] < 0  # the case at issue
+            thr = (2 ** (bits - 1) - 0.5) * T[bits] * sigma_q[b, c, 0, 0]  # negative
+            const = thr if relu else x[b, c, 0, 0] + abs(thr)  # post-ReLU: thr; signed: μ_c + |thr|
+            np.testing.assert_allclose(want[b, c], const, rtol=1e-12)
+        quirk = DaqActQuant(bits, ActSite("q", 6, False), sigma_bits=qq, unbounded=True, nonpositive_offset=True)
+        np.testing.assert_allclose(quirk(torch.tensor(x)).numpy(), want, rtol=1e-9, atol=1e-9)
+        default = DaqActQuant(bits, ActSite("q", 6, False), sigma_bits=qq)(torch.tensor(x)).numpy()
+        for b, c in channels:  # default: the channel's offset, 0 after ReLU and μ_c (its constant) otherwise
+            np.testing.assert_allclose(default[b, c], 0.0 if relu else x[b, c], rtol=1e-12)
 
 
 def test_config_validation():
     assert DAQ({"official": True}, Bits(2, 2)).quirks == {"unbounded_relu_branch": True,
-                                                          "finetune_fixed_steps": True}
+                                                          "finetune_fixed_steps": True,
+                                                          "nonpositive_sigma_offset": True}
     with pytest.raises(NotImplementedError, match="window"):
         DAQ({"stats_scope": "window"}, Bits(2, 2))
     with pytest.raises(ValueError, match="sigma_bits"):

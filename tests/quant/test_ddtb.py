@@ -244,3 +244,22 @@ def test_config_validation():
         DDTB({"gate_pool": "window"}, Bits(2, 2))
     with pytest.raises(ValueError, match="weight_clip"):
         DDTB({"weight_clip": "p95"}, Bits(2, 2))
+
+
+@pytest.mark.parametrize(("cfg", "count", "dynamic"), [({}, 146, 73),
+                                                       ({"quirks": {"rdn_gff3_fp_input": True}}, 145, 72),
+                                                       ({"official": True}, 145, 72)])
+def test_rdn_gff3_input_quirk_counts(cfg, count, dynamic):
+    """Released RDN (×4, D=16, C=8): 16·(7 dense + 1 RDB input) + GFF.0 + GFF.1 = 146 activation quantizers; the
+    release leaves the GFF 3×3 input (GFF.1) FP: 145. RDN's dynamic ratio 0.5 then chooses ⌊0.5·N⌋ of them."""
+    model = build_model("rdn", 4)
+    method = DDTB(cfg, Bits(2, 2))
+    method.quantize(model)
+    quants = method.act_quantizers(model)
+    assert len(quants) == count
+    assert (model.GFF[1].act_quant is None) == (count == 145)
+    gen = torch.Generator().manual_seed(0)
+    for q in quants.values():  # recorded max/min of two calibration batches: distinct variances
+        q.max_history, q.min_history = torch.rand(2, generator=gen).tolist(), [0.0, 0.0]
+    assert len(method._finish_calibration(model)) == dynamic
+    assert sum(q.is_dynamic for q in quants.values()) == dynamic

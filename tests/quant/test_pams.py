@@ -108,6 +108,45 @@ def test_alpha_last_batch_quirk():
     assert quant.alpha.item() == pytest.approx(10.0)
 
 
+def test_alpha_grad_while_tracking_quirk_by_hand():
+    """Released `pams_quant_act` in its EMA epoch: α.data ← the batch statistic, then q = Int(x·Q/α)·α/Q with the
+    live α and an identity-STE round, so ∂q/∂α = (Int(v) − v)/Q with v = x·Q/α and nothing clipped."""
+    x = torch.zeros(1, 4, 1, 3)
+    x[0, 0] = torch.tensor([0.5, -1.2, 2.0])
+    x[0, 1] = torch.tensor([0.9, 3.1, -0.4])  # max|x| = 3.1 = α; Q = 3 at 3 bits
+    grad_out = torch.arange(12, dtype=torch.float32).reshape(1, 4, 1, 3) / 10 - 0.3
+    quant = PamsActQuant(3, SITE, live_alpha=True).train()
+    out = quant(x.clone().requires_grad_(True))
+    out.backward(grad_out)
+    v = x * 3 / 3.1
+    assert torch.allclose(out, torch.round(v) * 3.1 / 3)
+    assert quant.alpha.item() == pytest.approx(3.1)
+    assert quant.alpha.grad.item() == pytest.approx(float((grad_out * (torch.round(v) - v) / 3).sum()), rel=1e-5)
+    default = PamsActQuant(3, SITE).train()
+    default(x.clone().requires_grad_(True)).backward(grad_out)
+    assert default.alpha.grad is None
+
+
+@pytest.mark.parametrize("cfg", [{"official": True}, {"quirks": {"alpha_grad_while_tracking": True}}])
+def test_alpha_tracking_quirk_builds_adam_moments(cfg):
+    """Under the quirk Adam sees α's gradient from the first step on (and moves it; the next batch overwrites)."""
+    model = small_edsr(1)
+    teacher = frozen_copy(model)
+    method = PAMS({**cfg, "iters_per_epoch": 2}, Bits(2, 2))
+    method.quantize(model)
+    opt = torch.optim.Adam(method.param_groups(model, 1e-4))
+    quant = model.body[0].quant_act1
+    torch.manual_seed(2)
+    lr, hr = torch.rand(2, 3, 6, 6) * 255, torch.rand(2, 3, 12, 12) * 255
+    out = method.training_losses(model, lr, hr, 0, teacher=teacher)
+    stat_alpha = quant.alpha.item()
+    sum(out.terms.values()).backward()
+    assert quant.tracking and quant.alpha.grad is not None and quant.alpha.grad.item() != 0
+    opt.step()
+    assert opt.state[quant.alpha]["exp_avg"].abs().item() > 0
+    assert abs(quant.alpha.item() - stat_alpha) == pytest.approx(1e-2, rel=1e-3)  # Adam's first step: lr·sign(g)
+
+
 # -- the method -----------------------------------------------------------------------------------------
 def test_edsr_placement_and_checkpoint_keys():
     model = small_edsr()

@@ -16,7 +16,10 @@ quantizer.
 - ``gate_norm``: other nested parameters (gate BN affine), at 32 if ``ddtb_count_bn``.
 
 The overhead is every quantizer role. ``rule='full'`` counts them all; ``rule='paper_like'`` only
-``act_bound`` and ``gate_weight`` (it reproduces the summary's ODM 0.06K and DDTB 1.9K for EDSR, §6).
+``act_bound`` and ``gate_weight`` (it reproduces the summary's ODM 0.06K and DDTB 1.9K for EDSR, §6), except on
+SwinIR/HAT, where it counts ``act_bound`` plus one 32-bit weight scale per quantized layer (as ``weight_qparam``)
+and no gates: this reproduces Table S8's SwinIR-light ×4 DDTB 160.4K, the same as ODM's (the full rule gives
+166.8K, the EDSR counting 164.9K).
 Buffers (BN statistics, percentiles, max|W|, std) are never counted. **MeanShift is not counted**: it is a
 fixed conv (requires_grad False) derived from ``rgb_range`` and the DIV2K mean, and §2.1's parameter counts
 exclude it. A gate counts only where its quantizer is dynamic (``is_dynamic``); before DDTB's calibration
@@ -164,6 +167,9 @@ def storage(model: nn.Module, rule: str = "full", *, ddtb_count_bn: bool = True,
     if rule not in RULES:
         raise ValueError(f"analysis.storage.rule={rule!r}: expected one of {RULES}")
     counted_roles = set(PAPER_LIKE_ROLES if rule == "paper_like" else OVERHEAD_ROLES)
+    per_layer_scale = rule == "paper_like" and backbone_family(model) in ("swinir", "hat")  # Table S8
+    if per_layer_scale:
+        counted_roles = {"act_bound"}
     if not ddtb_count_bn:
         counted_roles.discard("gate_norm")
     quantizers = find_quantizers(model)
@@ -189,6 +195,8 @@ def storage(model: nn.Module, rule: str = "full", *, ddtb_count_bn: bool = True,
         entry["k"] += k
         if entry["role"] != role:
             entry["role"] = "mixed"
+    if per_layer_scale:
+        by_role["weight_qparam"] += Fraction(len(quantized_weights), 1000)
     overhead = sum(by_role[r] for r in OVERHEAD_ROLES)
     total = sum(by_role.values())
     return {"rule": rule, "total_k": float(total), "backbone_k": float(total - overhead),

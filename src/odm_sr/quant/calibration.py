@@ -16,8 +16,10 @@ Sources (``init.source``):
   and every forward stops at layer i's input. So l_i, u_i see the quantization error of all upstream layers
   with their final ranges. Cost: L passes over the K cached batches (each stopped early).
 
-Under DDP each rank calibrates on its own batches and the sums are all-reduced before the division, so every
-rank gets the mean over all ranks' batches (K = Σ K_rank).
+Under DDP each rank draws its own share of batch k; every percentile is taken over the ranks' shares gathered
+(``gather_cat``), so each rank gets exactly the single-process result on the union batches (percentiles are not
+linear: a mean of per-rank percentiles would differ). Every rank must run the same number of batches of the same
+shape (the training sampler's equal split guarantees it); unequal shapes raise.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum_
+from .distributed import gather_cat
 from .functional import percentile
 from .layers import QuantMixin
 
@@ -97,7 +99,7 @@ def _recording(layers: dict[str, nn.Module], j: float, sums: dict[str, Tensor],
     """Pre-hooks adding each layer's batch range to ``sums``; at ``stop_at`` the forward is aborted."""
     def make_hook(name: str):
         def hook(_module, inputs):
-            sums[name][:2] += batch_range(inputs[0], j).to(sums[name].device)
+            sums[name][:2] += batch_range(gather_cat(inputs[0]), j).to(sums[name].device)  # DDP: union batch
             sums[name][2] += 1
             if name == stop_at:
                 raise _StopForward
@@ -183,8 +185,6 @@ def _calibrate_fp(model, stream, layers, j, sums, num_batches, disable) -> int:
         for x in tqdm(stream, total=int(num_batches), desc="calibrate (fp)", disable=disable, leave=False):
             model(x)
             count += 1
-    if count:
-        all_reduce_sum_(list(sums.values()))  # DDP: the mean over every rank's batches
     return count
 
 
@@ -199,7 +199,6 @@ def _calibrate_sequential(model, cached: list[Tensor], layers, j, sums, disable)
             for x in cached:
                 _forward(model, x)
                 bar.update()
-        all_reduce_sum_([sums[name]])  # DDP: before the next layer sees this range
         lower, upper, seen = sums[name].tolist()
         if seen:
             layers[name].act_quant.set_range(lower / seen, upper / seen)

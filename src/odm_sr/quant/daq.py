@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, merge_config
 from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, read_quirks, ungroup
+from .placement import backbone_family
 
-DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps")
+DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps", "nonpositive_sigma_offset")
 # Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
 GAUSSIAN_STEPS = {1: 2.0, 2: 1.596, 3: 0.996, 4: 0.586, 5: 0.335, 6: 0.188, 7: 0.104, 8: 0.057, 9: 0.031}
 DAQ_DEFAULTS = {
@@ -25,7 +26,7 @@ DAQ_DEFAULTS = {
     "placement": {"edsr": "block_convs", "rdn": "rdb_conv", "transformer_same_layers": True,
                   "hat_quantize_cab": False, "quant_attn_matmul": False},
 }
-# `--finetune`: fixed factors for every bit-width (quirk `finetune_fixed_steps`)
+# `--finetune`: fixed factors for every bit-width (quirk `finetune_fixed_steps`: EDSR only, training only)
 FINETUNE_STEP, FINETUNE_SIGMA_STEP = 1.596, 0.057
 
 
@@ -86,17 +87,30 @@ class DaqActQuant(nn.Module):
       dropped under ``unbounded``), with μ, σ from :func:`relu_stats`.
     - Otherwise: μ_c + midrise(x − μ_c) clamped to ±(2^(b−1) − ½)Δ, with μ_c and σ_c (unbiased std) over the
       image's positions (all tokens of all windows for transformer layers).
-    - σ is quantized per image at ``sigma_bits`` (32: not quantized). A channel whose Δ is ≤ 0 (σ_c = 0)
-      outputs its offset: 0 after ReLU, μ_c in the signed branch, as released.
+    - σ is quantized per image at ``sigma_bits`` (32: not quantized). A channel whose Δ is 0 outputs 0 after
+      ReLU and μ_c in the signed branch (as released). Quantized σ can be < 0 (a dead channel whose σ_c = 0 lies
+      below the image's mean σ): by default such a channel outputs 0 / μ_c too; under ``nonpositive_offset``
+      (quirk ``nonpositive_sigma_offset``) it outputs what the release does with its negative step, whose
+      rounding term the factor 1[Δ > 0] zeroes: thr = (2^(b−1) − ½)·Δ after ReLU (a negative constant) and,
+      after the ±thr clamp, μ_c + |thr| in the signed branch (`quantize.py`, both branches of
+      ``Quantization.forward``).
+    - ``fixed_steps`` (quirk ``finetune_fixed_steps``): the release's ``--finetune`` factors 1.596 / 0.057 in
+      training mode only; in eval mode t_b / t_qq, as the released test scripts (which omit the flag).
     """
 
     def __init__(self, bits: int, site: ActSite, sigma_bits: int = 32, unbounded: bool = False,
-                 fixed_steps: bool = False) -> None:
+                 fixed_steps: bool = False, nonpositive_offset: bool = False) -> None:
         super().__init__()
         self.bits, self.site, self.sigma_bits, self.unbounded = bits, site, sigma_bits, unbounded
-        self.factor = FINETUNE_STEP if fixed_steps else step_factor(bits)
-        self.sigma_factor = FINETUNE_SIGMA_STEP if fixed_steps else (
-            step_factor(sigma_bits) if sigma_bits < 32 else 0.0)
+        self.fixed_steps, self.nonpositive_offset = fixed_steps, nonpositive_offset
+        self.factor = step_factor(bits)
+        self.sigma_factor = step_factor(sigma_bits) if sigma_bits < 32 else 0.0
+
+    def factors(self) -> tuple[float, float]:
+        """(step factor, σ step factor) of this forward: the ``--finetune`` ones only while training."""
+        if self.fixed_steps and self.training:
+            return FINETUNE_STEP, FINETUNE_SIGMA_STEP
+        return self.factor, self.sigma_factor
 
     @torch.no_grad()
     def quantized(self, x: Tensor) -> Tensor:
@@ -107,14 +121,18 @@ class DaqActQuant(nn.Module):
             mu, sigma = relu_stats(grouped)
         else:
             mu, sigma = grouped.mean(2, keepdim=True), grouped.std(2, keepdim=True)
+        factor, sigma_factor = self.factors()
         if self.sigma_bits < 32:
-            sigma = quantize_sigma(sigma, self.sigma_bits, self.sigma_factor)
-        step = self.factor * sigma
+            sigma = quantize_sigma(sigma, self.sigma_bits, sigma_factor)
+        step = factor * sigma
         if relu:  # released form: midrise(x − thr) + thr, thr = (2^(b−1) − ½)Δ, i.e. multiples of Δ
             thr = (2 ** (self.bits - 1) - 0.5) * step.clamp_min(0)
             out = midrise(grouped - thr, step, self.bits, clamp=not self.unbounded) + thr
         else:
             out = midrise(grouped - mu, step, self.bits) + mu
+        if self.nonpositive_offset:  # the release's constant for Δ < 0 (the rounding term is zeroed)
+            thr = (2 ** (self.bits - 1) - 0.5) * step
+            out = torch.where(step < 0, thr if relu else mu + thr.abs(), out)
         return ungroup(out, x, self.site)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -125,16 +143,18 @@ class DaqActQuant(nn.Module):
 
 
 class DaqWeightQuant(nn.Module):
-    """Per-layer zero-centred mid-rise weights, Δ = t_b·std(W) (unbiased), ±(2^(b−1) − ½)Δ, identity STE."""
+    """Per-layer zero-centred mid-rise weights, Δ = t_b·std(W) (unbiased), ±(2^(b−1) − ½)Δ, identity STE;
+    ``fixed_steps``: Δ = 1.596·std(W) in training mode only (the release's ``--finetune``)."""
 
     def __init__(self, bits: int, fixed_steps: bool = False) -> None:
         super().__init__()
-        self.bits = bits
-        self.factor = FINETUNE_STEP if fixed_steps else step_factor(bits)
+        self.bits, self.fixed_steps = bits, fixed_steps
+        self.factor = step_factor(bits)
 
     def forward(self, w: Tensor) -> Tensor:
+        factor = FINETUNE_STEP if self.fixed_steps and self.training else self.factor
         with torch.no_grad():
-            q = midrise(w, self.factor * w.std(), self.bits)
+            q = midrise(w, factor * w.std(), self.bits)
         return _IdentitySTE.apply(w, q)
 
     def extra_repr(self) -> str:
@@ -179,9 +199,10 @@ class DAQ(QuantMethod):
     def quantize(self, model: nn.Module) -> nn.Module:
         self.check_backbone(model)
         sigma_bits = auto_sigma_bits(model) if self.sigma_bits == "auto" else int(self.sigma_bits)
-        fixed = self.quirks["finetune_fixed_steps"]
-        unbounded = self.quirks["unbounded_relu_branch"]
+        # the release passes --finetune to EDSR's ResBlocks only (RDN hard-codes it off; no transformer there)
+        fixed = self.quirks["finetune_fixed_steps"] and backbone_family(model) == "edsr"
+        unbounded, offset = self.quirks["unbounded_relu_branch"], self.quirks["nonpositive_sigma_offset"]
         make_act = None if self.bits.a >= 32 else (
-            lambda site: DaqActQuant(self.bits.a, site, sigma_bits, unbounded, fixed))
+            lambda site: DaqActQuant(self.bits.a, site, sigma_bits, unbounded, fixed, offset))
         make_weight = None if self.bits.w >= 32 else (lambda name, layer: DaqWeightQuant(self.bits.w, fixed))
         return apply_placement(model, self.placement, make_act, make_weight)

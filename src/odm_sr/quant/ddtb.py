@@ -36,7 +36,7 @@ from .placement import backbone_family
 from .skt import check_skt_config, distillation_losses
 
 DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",
-               "conv1_raw_input")
+               "conv1_raw_input", "rdn_gff3_fp_input")
 GATE_BITS, GATE_HIDDEN = 2, 32
 DDTB_DEFAULTS = {
     "official": False,
@@ -289,7 +289,8 @@ class DDTB(QuantMethod):
         make_weight = None if self.bits.w >= 32 else (
             lambda name, layer: DdtbWeightQuant(self.bits.w, auto["weight_clip"]))
         return apply_placement(model, self.placement, make_act, make_weight,
-                               conv1_raw_input=self.quirks["conv1_raw_input"])
+                               conv1_raw_input=self.quirks["conv1_raw_input"],
+                               gff3_fp_input=self.quirks["rdn_gff3_fp_input"])  # as released (and PAMS)
 
     def calibrate(self, model: nn.Module, batches, teacher: nn.Module | None = None) -> None:
         """Only with ``stages.calib_epochs=0``: record on ``batches`` and choose the dynamic ones now."""

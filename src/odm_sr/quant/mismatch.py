@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .distributed import all_reduce_sum_, world_size
 from .functional import uniform_quantize
 
 NORMS = ("l2", "l2sq", "mse", "rms")
@@ -42,6 +43,41 @@ def mismatch_term(x: Tensor, target: Tensor, norm: str = "l2") -> Tensor:
     raise ValueError(f"mr.norm={norm!r}: expected one of {NORMS}")
 
 
+def _norm_and_slope(sq: Tensor, count: Tensor, norm: str) -> tuple[Tensor, Tensor]:
+    """(M, dM/dS) of M = norm(d) written through S = ‖d‖₂² and n = numel (float64); the slope is 0 where S = 0,
+    as ``vector_norm``'s gradient is at d = 0."""
+    if norm == "l2sq":
+        return sq, torch.ones_like(sq)
+    if norm == "mse":
+        return sq / count, 1.0 / count
+    root = torch.sqrt(sq if norm == "l2" else sq / count)  # l2 or rms
+    scale = 2.0 * root * (1.0 if norm == "l2" else count)  # dM/dS = 1/(2√S) (l2), 1/(2√(S·n)) (rms)
+    return root, torch.where(sq > 0, 1.0 / scale.clamp(min=torch.finfo(sq.dtype).tiny), torch.zeros_like(sq))
+
+
+def global_mismatch_terms(sq_sums: Sequence[Tensor], counts: Sequence[int], norm: str = "l2") -> list[Tensor]:
+    """Under DDP: M_i of the *global* batch, as per-rank terms whose gradients, averaged over the ranks (as
+    ``ODM.backward`` averages g_M), give ∇ of the global M_i exactly (§5.4, §5.7).
+
+    M_i = f(S_i, n_i) with S_i = Σ_ranks ‖d_i,r‖₂², n_i = Σ_ranks numel (one all-reduce), so
+    ∇M_i = f'(S_i, n_i)·Σ_r ∇S_i,r. Rank r's term has the value M_i (for logging) and the gradient
+    world·f'(S_i, n_i)·∇S_i,r. Averaging the per-rank gradients of per-rank norms instead would scale g_M by
+    about 1/√world for ``l2``. ``sq_sums[i]`` = S_i,r (with graph), ``counts[i]`` = its numel.
+    """
+    if not sq_sums:
+        return []
+    local = torch.stack([s.detach() for s in sq_sums]).double()
+    stats = torch.cat([local, torch.tensor(list(counts), dtype=torch.float64, device=local.device)])
+    all_reduce_sum_([stats])
+    value, slope = _norm_and_slope(stats[:len(sq_sums)], stats[len(sq_sums):], norm)
+    world = world_size()
+    terms = []
+    for s, v, k in zip(sq_sums, value, slope, strict=True):
+        surrogate = (world * k).to(s.dtype) * s
+        terms.append(v.to(s.dtype) + (surrogate - surrogate.detach()))
+    return terms
+
+
 def mismatch_loss(features: Sequence[Tensor], quantized: Sequence[Tensor], norm: str = "l2") -> Tensor:
     """L_M = Σ_i norm(X_i − q_i) (§5.4); the caller decides what ``quantized`` carries gradient for (sg)."""
     if len(features) != len(quantized):
@@ -56,7 +92,8 @@ class MismatchRegistry:
 
     The target of M_i is q(X'; l', u') with X' = sg(X) if ``detach_target`` and (l', u') = sg(l, u) unless
     ``grad_to_qparams``; the defaults (true, false) give the paper's M_i = ‖X_i − sg[q(X_i)]‖₂, whose gradient
-    pulls each element of X_i to its nearest grid point.
+    pulls each element of X_i to its nearest grid point. Under DDP each M_i is the norm over the global batch
+    (``global_mismatch_terms``, applied when the block ends), so a DDP step equals a single-process one.
     """
 
     def __init__(self, norm: str = "l2", detach_target: bool = True, grad_to_qparams: bool = False,
@@ -69,17 +106,20 @@ class MismatchRegistry:
         self.names = dict(names or {})  # id(quantizer) -> layer name, for the per-layer M_i (``named_terms``)
         self.terms: list[Tensor] = []
         self.sources: list[str] = []
+        self._sq_sums: list[Tensor] = []  # DDP only: S_i of this rank and its numel (``global_mismatch_terms``)
+        self._counts: list[int] = []
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> MismatchRegistry:
-        self.terms = []
-        self.sources = []
+        self.terms, self.sources, self._sq_sums, self._counts = [], [], [], []
         self._token = _ACTIVE.set(self)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         _ACTIVE.reset(self._token)
         self._token = None
+        if exc_type is None and self._sq_sums:  # DDP: every M_i over the global batch (one all-reduce)
+            self.terms = global_mismatch_terms(self._sq_sums, self._counts, self.norm)
 
     def record(self, x: Tensor, quantized: Tensor, lower: Tensor, upper: Tensor, bits: int,
                source: object = None) -> None:
@@ -93,7 +133,13 @@ class MismatchRegistry:
             target = uniform_quantize(x.detach(), lower, upper, bits)
         else:
             target = uniform_quantize(x, lower.detach(), upper.detach(), bits)
-        self.terms.append(mismatch_term(x, target, self.norm))
+        if world_size() > 1:
+            diff = x - target
+            self._sq_sums.append(diff.pow(2).sum())
+            self._counts.append(diff.numel())
+            self.terms.append(self._sq_sums[-1])  # replaced by the global M_i when the block ends
+        else:
+            self.terms.append(mismatch_term(x, target, self.norm))
         self.sources.append(self.names.get(id(source), f"m{len(self.terms) - 1}"))
 
     def named_terms(self) -> dict[str, Tensor]:

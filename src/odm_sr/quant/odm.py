@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
-from .distributed import all_reduce_mean_, average_across_ranks
+from .distributed import average_across_ranks, gather_cat
 from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
 from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
@@ -100,9 +100,8 @@ class OdmActQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled or self.bits >= 32:
             return x
-        if not self._ready:  # no calibration ran: this batch's range (DDP: the mean of the ranks' batches)
-            first = batch_range(x, self.init_j)
-            all_reduce_mean_([first])
+        if not self._ready:  # no calibration ran: this batch's range (DDP: of the ranks' inputs gathered)
+            first = batch_range(gather_cat(x), self.init_j)
             self.set_range(*first.tolist())
         q = uniform_quantize(x, self.lower, self.upper, self.bits)
         registry = active_registry()
@@ -321,7 +320,9 @@ class ODM(QuantMethod):
         layers upstream of the last quantized input), so listing every θ costs nothing and θ_reach is exact.
         θ.grad = g_R + λ_M·w(c)·g_M, w ≡ 1 for naive; φ.grad = g_R (+ λ_M·g_M, unweighted, if
         ``grad_to_qparams``); rest.grad = g_R. Under DDP g_R and g_M are first averaged over the ranks
-        (``average_across_ranks``). off: backward_fn(λ_R L_R) (DDP's own hooks all-reduce it).
+        (``average_across_ranks``); each M_i is the norm over the global batch and its per-rank term is built
+        so that this average is the exact g_M (``mismatch.global_mismatch_terms``).
+        off: backward_fn(λ_R L_R) (DDP's own hooks all-reduce it).
         """
         mr, rec = self.cfg["mr"], out.terms["rec"]
         if mr["mode"] == "off" or "mismatch" not in out.terms:

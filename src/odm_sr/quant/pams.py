@@ -25,7 +25,8 @@ from .distributed import all_reduce_mean_, world_size
 from .functional import max_abs_weight_quantize, round_ste, split_outside
 from .skt import check_skt_config, distillation_losses
 
-PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input")
+PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input",
+               "alpha_grad_while_tracking")
 PAMS_DEFAULTS = {
     "official": False,
     "quirks": dict.fromkeys(PAMS_QUIRKS, False),
@@ -93,12 +94,16 @@ class PamsActQuant(nn.Module):
     While ``tracking`` (epoch 1) and training, nothing is clipped and α is set from the batch statistic
     s = mean over images of max|x|: the first batch sets it, later batches update an EMA with ``decay``
     (``last_batch=True``: every batch overwrites it, as released). Otherwise α clips and is learned.
+    While tracking, α gets no gradient unless ``live_alpha`` (quirk ``alpha_grad_while_tracking``): the release
+    quantizes with the live α, round_ste(x·Q/α)·α/Q, so α gets ∂q/∂α = (Int(v) − v)/Q (v = x·Q/α, nothing
+    clipped) and Adam builds moments for it although each batch overwrites its value (`pams_quant_act.forward`).
     """
 
     def __init__(self, bits: int, site: ActSite, alpha_init: float = 10.0, decay: float = 0.9997,
-                 last_batch: bool = False) -> None:
+                 last_batch: bool = False, live_alpha: bool = False) -> None:
         super().__init__()
         self.bits, self.site, self.decay, self.last_batch = bits, site, decay, last_batch
+        self.live_alpha = live_alpha
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.register_buffer("running_max", torch.tensor(0.0))
         self.seen = False  # a batch statistic has been recorded (saved via the extra state)
@@ -125,7 +130,7 @@ class PamsActQuant(nn.Module):
         if self.training and self.tracking:
             self._track(x)
             q_max = float(2 ** (self.bits - 1) - 1)
-            alpha = self.alpha.detach().clamp_min(1e-8)
+            alpha = self.alpha if self.live_alpha else self.alpha.detach().clamp_min(1e-8)
             return round_ste(x * q_max / alpha) * alpha / q_max  # no clipping in the tracking epoch
         return pams_act_quantize(x, self.alpha, self.bits)
 
@@ -165,7 +170,7 @@ class PAMS(QuantMethod):
         self.check_backbone(model)
         make_act = None if self.bits.a >= 32 else (
             lambda site: PamsActQuant(self.bits.a, site, self.alpha_init, self.ema_decay,
-                                      self.quirks["alpha_last_batch"]))
+                                      self.quirks["alpha_last_batch"], self.quirks["alpha_grad_while_tracking"]))
         make_weight = None if self.bits.w >= 32 else (lambda name, layer: PamsWeightQuant(self.bits.w))
         return apply_placement(model, self.placement, make_act, make_weight,
                                conv1_raw_input=self.quirks["conv1_raw_input"],
