@@ -61,6 +61,13 @@ class OnnxEngine:
         return self._session(tuple(x.shape[-2:])).run(None, {INPUT: np.ascontiguousarray(x, np.float32)})[0]
 
 
+def onnx_eval_upscale(path: str | Path, eval_cfg) -> object:
+    """``odm-sr-eval eval.engine=onnx``: ``onnx_upscale`` with the ``eval`` group's tile, overlap, pad mode and
+    ``threads``."""
+    engine = load_engine(path, eval_cfg.get("threads"), str(eval_cfg.get("pad_mode", "official")))
+    return onnx_upscale(engine, eval_cfg.get("tile"), int(eval_cfg.get("tile_overlap", 16)))
+
+
 def onnx_upscale(engine: OnnxEngine, tile: int | None = None, overlap: int = 16):
     """The ``evaluation.network_upscale`` contract ([0, 1] in and out, tiled as ``forward_chopped``) on ORT."""
     from odm_sr.inference import forward_chopped
@@ -112,4 +119,5 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, lr_hw: tuple[int, int] 
     from odm_sr.analysis.complexity import storage
 
     return {"storage_k": storage(net)["total_k"], "onnx": str(out), "onnx_bytes": len(graph),
-            "packed": str(packed), "packed_bytes": size, "dynamic_size": has_dynamic_size(int_model), "traced_lr_hw": list(lr_hw)}
+            "packed": str(packed), "packed_bytes": size, "dynamic_size": has_dynamic_size(int_model),
+            "traced_lr_hw": list(lr_hw)}
