@@ -15,7 +15,7 @@ from odm_sr.export.packing import header_size, pack, pack_bits, unpack, unpack_b
 from odm_sr.export.runtime import OnnxEngine, session
 from odm_sr.export.spec import ExportError
 
-CASES = [(b, m) for b in ("edsr", "rdn", "swinir") for m in ("odm", "pams", "lsq")] + [("edsr", "odm_fq")]
+CASES = [(b, m) for b in ("edsr", "rdn", "swinir") for m in ("odm", "pams", "lsq")] + [("edsr", "odm_fq"), ("hat", "odm")]
 
 
 def grey(y: np.ndarray, rng: float) -> np.ndarray:
@@ -38,7 +38,7 @@ def test_ort_integer_graph_equals_fake_quant(backbone, method, bits, tmp_path):
     model = onnx.load_from_string(graph)
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
-    integer_op = "MatMulInteger" if backbone == "swinir" else "ConvInteger"
+    integer_op = "MatMulInteger" if backbone in ("swinir", "hat") else "ConvInteger"
     linears = [m for m in weight_layers(net).values() if isinstance(m, torch.nn.Linear)]
     convs = len(weight_layers(net)) - len(linears) - (1 if method == "odm_fq" else 0)  # FQ head.0: FP input
     assert ops.count("MatMulInteger") == len(linears) and ops.count("ConvInteger") == convs

@@ -44,3 +44,28 @@ def test_export_then_upscale_with_onnx_runtime(backbone, method, tmp_path, capsy
         a = np.asarray(Image.open(torch_png), dtype=np.int16)
         b = np.asarray(Image.open(onnx_png), dtype=np.int16)
         assert a.shape == (42, 38, 3) and np.abs(a - b).max() <= 1 and (a == b).mean() >= 0.999
+
+
+def test_eval_engine_onnx_gives_the_torch_table(tmp_path, monkeypatch):
+    from helpers import compose_config
+
+    from odm_sr.eval import evaluate
+    from odm_sr.export import runtime
+
+    calls = []
+    real = runtime.onnx_eval_upscale
+    monkeypatch.setattr(runtime, "onnx_eval_upscale", lambda *a: calls.append(a) or real(*a))
+
+    net, cfg = tiny_network("edsr", "pams", 4, tmp_path)
+    ckpt = tmp_path / "tiny.ckpt"
+    write_checkpoint(net, cfg, ckpt)
+    rows = {}
+    for engine in ("torch", "onnx"):
+        ecfg = compose_config([f"ckpt={ckpt}", "data=sample", "eval.bicubic_row=false", f"eval.engine={engine}",
+                               "eval.threads=1"], tmp_path / engine, "eval")
+        rows[engine] = evaluate(ecfg)["tiny"]
+    assert len(calls) == 1 and rows["torch"].keys() == rows["onnx"].keys()
+    for name, (psnr, ssim) in rows["torch"].items():
+        assert abs(rows["onnx"][name][0] - psnr) <= 0.01 and abs(rows["onnx"][name][1] - ssim) <= 1e-4
+    with pytest.raises(ValueError, match="eval.engine='tensorrt'"):
+        evaluate(compose_config([f"ckpt={ckpt}", "data=sample", "eval.engine=tensorrt"], tmp_path / "x", "eval"))
