@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train clean-main sweep mini mechanism bench-step bench-memory mini-repro gpu-wheels gpu-check op-count eval upscale complexity report wandb-sync test test-fast lint clean
+.PHONY: help install train clean-main sweep mini mechanism bench-step bench-memory mini-repro gpu-wheels gpu-check op-count eval upscale export bench-export complexity report wandb-sync test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ mechanism: ## does ODM's MR act? 3000-step CPU sweeps (mr_scale, mr_ablation(_st
 	$(VENV)/bin/odm-sr-train -m +sweep=mr_methods $(ARGS)
 	$(VENV)/bin/odm-sr-report $(LOGS)/sweeps --mechanism
 
+export: ## integer ONNX graph + packed weights of a static-quantized checkpoint: make export ARGS="<ckpt> out/model.onnx"
+	$(VENV)/bin/odm-sr-export $(ARGS)
+
 complexity: ## storage / BitOPs table: make complexity ARGS="--model edsr_baseline --method fp pams daq ddtb odm --bits 2 4"
 	$(VENV)/bin/odm-sr-complexity $(ARGS)
 
@@ -74,6 +77,9 @@ op-count: ## aten ops and host syncs per training step of each method, and compi
 
 mini-repro: ## CPU-sized paper table: FP + PAMS/DAQ/DDTB/ODM at 4 and 2 bits on sr291 (30 min measured, up to ~75 under load; resumable)
 	WANDB_MODE=disabled $(PY) bench/mini_repro.py $(ARGS)
+
+bench-export: ## integer ONNX export: exactness vs PyTorch, file size, ORT speed: make bench-export ARGS="--ckpt odm=<ckpt>"
+	WANDB_MODE=disabled $(PY) bench/export_bench.py $(ARGS)
 
 gpu-wheels: ## the wheels the GPU machine lacks (hydra-core, omegaconf, antlr4) into bench/gpu-wheels/ (git-ignored)
 	mkdir -p bench/gpu-wheels

@@ -39,7 +39,15 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     if cfg.eval.get("bicubic_row", True) or net is None:
         rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm)
     if net is not None:
-        rows[str(train_cfg.run_name)] = evaluate_sets(eval_upscale(net, cfg.eval), dm)
+        engine = cfg.eval.get("engine", "torch")
+        if engine not in ("torch", "onnx"):
+            raise ValueError(f"eval.engine={engine!r}: expected torch or onnx")
+        upscale = eval_upscale(net, cfg.eval)
+        if engine == "onnx":  # the integer graph in ONNX Runtime (export.runtime)
+            from .export.runtime import onnx_eval_upscale
+
+            upscale = onnx_eval_upscale(cfg.ckpt, cfg.eval)
+        rows[str(train_cfg.run_name)] = evaluate_sets(upscale, dm)
     return rows
 
 

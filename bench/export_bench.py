@@ -1,0 +1,202 @@
+"""Integer ONNX export (``odm-sr-export``): exactness against the PyTorch model, file sizes, CPU speed.
+
+    PYTHONPATH=src python bench/export_bench.py --ckpt odm=<ckpt> pams=<ckpt> [--sets Set5 Set14 B100]
+                                               [--runs 10] [--skip-speed] [--out bench/results/export_bench.json]
+
+- **Exactness**: every checkpoint given, and a small SwinIR-light x4 (ODM W2A2, random init, calibrated and
+  ``--swin-steps`` QAT steps on synthetic pairs), on the test sets at x4: the uint8 output of the ONNX Runtime
+  integer graph (``export.runtime.onnx_upscale``, whole images) against the PyTorch model's
+  (``evaluation.network_upscale``, the ``odm-sr-eval`` path): share of equal pixels, largest difference, and
+  both PSNR/SSIM rows (``evaluation.evaluate_sets``).
+- **Size**: the packed file (``export.packing``) against ``odm-sr-complexity``'s storage figure.
+- **Speed**: EDSR-baseline x4 with random weights (ODM W2A2 calibrated on random images), 128x128 LR, with 1 and
+  2 threads: the ORT integer graph, the ORT FP graph (``torch.onnx.export`` of the float backbone) and PyTorch FP
+  eager; median of ``--runs`` runs after 2 warm-ups, engines interleaved. Where the integer graph is slower than
+  the FP graph, ORT's profiler gives the time per op type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import _common  # noqa: F401 - puts src/ on sys.path when odm_sr is not installed
+import numpy as np
+import torch
+from _common import RESULTS_DIR, compose_cfg, environment, write_json
+
+from odm_sr.builders import build_backbone, build_network
+from odm_sr.data import SRDataModule
+from odm_sr.evaluation import evaluate_sets, network_upscale
+from odm_sr.export.integer import extract_spec, integer_model
+from odm_sr.export.onnx_graph import to_onnx
+from odm_sr.export.packing import header_size, pack
+from odm_sr.export.runtime import OnnxEngine, onnx_upscale, session
+from odm_sr.metrics import to_uint8
+
+SWIN_SMALL = ["model=swinir_light", "model.scale=4", "method=odm", "bits=w2a2", "method.init.num_batches=4",
+              "+model.kwargs={embed_dim: 24, depths: [2, 2], num_heads: [3, 3], window_size: 8, img_size: 32}"]
+
+
+class Recorder:
+    """An upscaler that keeps the uint8 of every output (in call order)."""
+
+    def __init__(self, upscale) -> None:
+        self.upscale, self.outputs = upscale, []
+
+    def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        sr = self.upscale(lr)
+        self.outputs.append(to_uint8(sr, 1.0))
+        return sr
+
+
+def synthetic_pairs(n: int, scale: int, side: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(n):
+        coarse = torch.rand(4, 3, side * scale // 8, side * scale // 8, generator=gen)
+        hr = torch.nn.functional.interpolate(coarse, scale_factor=8, mode="bicubic").clamp(0, 1)
+        pairs.append((torch.nn.functional.avg_pool2d(hr, scale), hr))
+    return pairs
+
+
+def small_swinir(steps: int, tmp: Path):
+    """SwinIR-light (small), ODM W2A2 x4: random init, calibration, ``steps`` QAT steps (Adam, lr 1e-3)."""
+    torch.manual_seed(0)
+    cfg = compose_cfg(SWIN_SMALL, tmp)
+    net, method, _ = build_network(cfg)
+    pairs = synthetic_pairs(steps + 4, 4)
+    method.calibrate(net, [lr for lr, _ in pairs[:4]])
+    opt = torch.optim.Adam(method.param_groups(net, 1e-3))
+    net.train()
+    for step, (lr, hr) in enumerate(pairs[4:]):
+        opt.zero_grad()
+        out = method.training_losses(net, lr, hr, step)
+        method.backward(out, net, lambda loss: loss.backward())
+        opt.step()
+    return net.eval(), cfg
+
+
+def load_models(ckpts: dict[str, str], swin_steps: int, tmp: Path) -> dict:
+    from odm_sr.checkpoint import load_trained
+
+    models = {name: load_trained(path) for name, path in ckpts.items()}
+    if swin_steps >= 0:
+        models["swinir_light_small_odm"] = small_swinir(swin_steps, tmp)
+    return models
+
+
+def exactness(net, sets: list[str], threads: int) -> dict:
+    spec = extract_spec(net)
+    engine = OnnxEngine(integer_model(net, spec), threads)
+    dm = SRDataModule(train=None, val=[], test=sets, scale=int(net.scale), lr_patch=48, batch_size=1)
+    torch_rec, onnx_rec = Recorder(network_upscale(net)), Recorder(onnx_upscale(engine))
+    with torch.no_grad():
+        torch_rows, onnx_rows = evaluate_sets(torch_rec, dm), evaluate_sets(onnx_rec, dm)
+    per_set, start = {}, 0
+    dm.setup("test")
+    for name, source in zip(dm.test_set_names, dm.test_sets, strict=True):
+        count = len(source)
+        a = torch.cat([t.flatten() for t in torch_rec.outputs[start:start + count]]).to(torch.int16)
+        b = torch.cat([t.flatten() for t in onnx_rec.outputs[start:start + count]]).to(torch.int16)
+        start += count
+        per_set[name] = {"images": count, "equal_pixels": float((a == b).double().mean()),
+                         "max_diff": int((a - b).abs().max()), "torch": torch_rows[name], "onnx": onnx_rows[name],
+                         "d_psnr": onnx_rows[name][0] - torch_rows[name][0],
+                         "d_ssim": onnx_rows[name][1] - torch_rows[name][1]}
+    return per_set
+
+
+def sizes(net, cfg) -> dict:
+    from odm_sr.analysis.complexity import storage
+
+    data = pack(net, extract_spec(net), cfg)
+    head, expected = header_size(data), storage(net)["total_k"] * 4000
+    return {"packed_bytes": len(data), "header_bytes": head, "body_bytes": len(data) - head,
+            "storage_bytes": expected, "body_over_storage": (len(data) - head) / expected}
+
+
+def speed(runs: int, threads_list: list[int], tmp: Path) -> dict:
+    torch.manual_seed(0)
+    cfg = compose_cfg(["model=edsr_baseline", "model.scale=4", "method=odm", "bits=w2a2"], tmp)
+    fp = build_backbone(cfg.model).eval()
+    net, method, _ = build_network(cfg)
+    net.eval().load_state_dict(fp.state_dict(), strict=False)
+    with torch.no_grad():
+        method.calibrate(net, [torch.rand(1, 3, 48, 48) * 255])
+    int_graph = to_onnx(integer_model(net, extract_spec(net)), (128, 128))
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(fp, (torch.rand(1, 3, 128, 128),), buf, dynamo=False, opset_version=17,
+                          input_names=["lr"])
+    x = (torch.rand(1, 3, 128, 128) * 255).numpy()
+    results = {}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        engines = {"ort_int": session(int_graph, threads), "ort_fp": session(buf.getvalue(), threads)}
+        calls = {name: (lambda s=s: s.run(None, {"lr": x})) for name, s in engines.items()}
+        calls["torch_fp"] = lambda: fp(torch.from_numpy(x))
+        times = {name: [] for name in calls}
+        with torch.no_grad():
+            for i in range(runs + 2):
+                for name in list(calls)[i % 3:] + list(calls)[:i % 3]:  # rotate the order: no engine always first
+                    t0 = time.perf_counter()
+                    calls[name]()
+                    if i >= 2:
+                        times[name].append(time.perf_counter() - t0)
+        med = {name: 1000 * statistics.median(v) for name, v in times.items()}
+        row = {f"{k}_ms": v for k, v in med.items()}
+        row.update(int_over_ort_fp=med["ort_int"] / med["ort_fp"], int_over_torch_fp=med["ort_int"] / med["torch_fp"],
+                   ort_fp_over_torch_fp=med["ort_fp"] / med["torch_fp"])
+        if med["ort_int"] > med["ort_fp"]:
+            row["int_profile"] = profile(int_graph, x, threads, tmp)
+        results[str(threads)] = row
+    return results
+
+
+def profile(graph: bytes, x: np.ndarray, threads: int, tmp: Path, runs: int = 3) -> dict[str, float]:
+    """Share of node time per op type (ORT profiler), largest first."""
+    sess = session(graph, threads, profile_prefix=str(tmp / "ort_profile"))
+    for _ in range(runs):
+        sess.run(None, {"lr": x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for ev in events:
+        if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+            per_op[ev["args"]["op_name"]] = per_op.get(ev["args"]["op_name"], 0.0) + ev["dur"]
+    total = sum(per_op.values())
+    return {op: round(t / total, 4) for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:6]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", nargs="*", default=[], metavar="NAME=PATH", help="trained checkpoints (x4)")
+    parser.add_argument("--sets", nargs="+", default=["Set5", "Set14", "B100"])
+    parser.add_argument("--swin-steps", type=int, default=5, help="QAT steps of the small SwinIR (-1: skip it)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the exactness runs")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--speed-threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "export_bench.json")
+    args = parser.parse_args()
+    tmp = args.out.parent / ".export_bench_tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment(), "models": {}}
+    models = load_models(dict(item.split("=", 1) for item in args.ckpt), args.swin_steps, tmp)
+    for name, (net, cfg) in models.items():
+        payload["models"][name] = {"exactness": exactness(net, args.sets, args.threads), "size": sizes(net, cfg)}
+        print(name, json.dumps(payload["models"][name], indent=1))
+    if not args.skip_speed:
+        payload["speed_edsr_baseline_x4_128"] = speed(args.runs, args.speed_threads, tmp)
+        print(json.dumps(payload["speed_edsr_baseline_x4_128"], indent=1))
+    write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()

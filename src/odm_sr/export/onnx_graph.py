@@ -1,0 +1,45 @@
+"""ONNX graph of an integer model (``integer.integer_model``) through the TorchScript exporter.
+
+The integer layers emit their own nodes (``_IntegerOp.symbolic``); every float part (head, tail,
+upsampler, attention, softmax, LayerNorm, skip fake quant) is exported by ``torch.onnx`` as usual.
+CNNs (EDSR, RDN) get dynamic batch/height/width; SwinIR/HAT graphs are fixed to one LR size because their
+shifted-window masks and window padding are computed from Python sizes (``runtime`` builds one graph per
+size).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from torch import nn
+
+from odm_sr.evaluation import eval_pad_mode, window_padding
+from odm_sr.quant.placement import backbone_family
+
+OPSET = 17
+INPUT, OUTPUT = "lr", "sr"
+
+
+def has_dynamic_size(model: nn.Module) -> bool:
+    """True for the CNN backbones, whose graph runs at any input size."""
+    return backbone_family(model) in ("edsr", "rdn")
+
+
+def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: str = "official") -> bytes:
+    """The ONNX model (bytes) of ``int_model`` on (N, 3, H, W) inputs in the backbone's pixel range.
+
+    ``lr_hw`` is the traced size (the only size for transformers). ``pad_mode``: SwinIR/HAT window padding as
+    ``odm-sr-eval`` does it (``evaluation.eval_pad_mode``).
+    """
+    dynamic = has_dynamic_size(int_model)
+    x = torch.rand(1, 3, *lr_hw) * float(getattr(int_model, "pixel_range", 1.0))
+    axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}}
+    buf = io.BytesIO()
+    with window_padding(int_model, eval_pad_mode(int_model, pad_mode)), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(int_model, (x,), buf, dynamo=False, opset_version=OPSET, input_names=[INPUT],
+                          output_names=[OUTPUT], dynamic_axes=axes if dynamic else None,
+                          do_constant_folding=True)
+    return buf.getvalue()

@@ -1,0 +1,152 @@
+"""The packed weight file (``.odmq``) beside the exported graph: b-bit weight codes, per-layer scales,
+activation grids and the float layers, and the loader that rebuilds the integer model from it.
+
+Layout (little-endian)::
+
+    b"ODMQ" | u16 version | u32 n | n bytes of zlib(JSON header) | body
+
+The header holds the training config (to rebuild the network's structure, ``builders.build_network``), the
+SHA-1 of the tensor names and their counts; its size does not grow with the weights. The body follows the
+order of ``integer.weight_layers``, ``integer.act_quantizers`` and ``integer.fp_parameters`` of that structure:
+
+- per quantized layer: its weight parameter (u_w, m or s; float32), then the b-bit unsigned codes packed
+  little-endian bit by bit (4 per byte at 2 bits), padded to a whole byte;
+- per activation quantizer: (l_a, u_a) or α, float32;
+- per float parameter: its values, float32.
+
+So the body is the storage figure of ``odm-sr-complexity`` (METHODS.md §6, rule ``full``): b bits per quantized
+weight, 32 per float parameter, per activation bound and per weight-quantizer parameter; PAMS adds m per layer
+(a buffer there) and each layer's codes round up to a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from .integer import IntegerSpec, act_quantizers, fp_parameters, weight_layers
+from .spec import ActGrid, ExportError, WeightCodes, grid_kind, weight_kind
+
+MAGIC, VERSION = b"ODMQ", 1
+
+
+def pack_bits(values: Tensor, bits: int) -> bytes:
+    """Unsigned ``bits``-bit integers, packed little-endian bit by bit (2 bits: 4 values per byte)."""
+    v = values.reshape(-1).numpy().astype(np.uint16)
+    if v.size and int(v.max()) >= 1 << bits:
+        raise ExportError(f"code {int(v.max())} does not fit in {bits} bits")
+    planes = ((v[:, None] >> np.arange(bits, dtype=np.uint16)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes, count: int, bits: int) -> Tensor:
+    planes = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:count * bits]
+    values = planes.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits, dtype=np.int64))
+    return torch.from_numpy(values)
+
+
+def _names_digest(model: nn.Module) -> str:
+    names = [*weight_layers(model), *act_quantizers(model), *fp_parameters(model)]
+    return hashlib.sha1("\n".join(names).encode()).hexdigest()
+
+
+def _f32(values) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def pack(model: nn.Module, spec: IntegerSpec, cfg: DictConfig) -> bytes:
+    """The packed file of ``spec`` (from ``integer.extract_spec(model)``); ``cfg`` is the training config."""
+    header = {"cfg": OmegaConf.to_container(cfg, resolve=True), "names_sha1": _names_digest(model),
+              "counts": [len(spec.weights), len(spec.grids), len(spec.fp)]}
+    head = zlib.compress(json.dumps(header, sort_keys=True).encode(), 9)
+    body = bytearray()
+    for codes in spec.weights.values():
+        body += _f32([codes.param]) + pack_bits(codes.stored(), codes.bits)
+    for grid in spec.grids.values():
+        body += _f32(grid.params)
+    for value in spec.fp.values():
+        body += _f32(value.reshape(-1).numpy())
+    return MAGIC + struct.pack("<HI", VERSION, len(head)) + head + bytes(body)
+
+
+def header_size(data: bytes) -> int:
+    """Bytes before the body (magic, version, header)."""
+    return 10 + struct.unpack_from("<HI", data, 4)[1]
+
+
+def read_header(data: bytes, source: str = "packed file") -> dict:
+    if data[:4] != MAGIC:
+        raise ExportError(f"{source}: not an odm-sr packed model (expected the magic {MAGIC!r})")
+    version, size = struct.unpack_from("<HI", data, 4)
+    if version != VERSION:
+        raise ExportError(f"{source}: format version {version}, this odm-sr reads version {VERSION}")
+    return json.loads(zlib.decompress(data[10:10 + size]))
+
+
+def structure(cfg: DictConfig) -> nn.Module:
+    """The quantized network that ``cfg`` builds (random weights; no FP checkpoint is read)."""
+    from odm_sr.builders import build_network
+
+    build_cfg = cfg.copy()
+    build_cfg.model.pretrained = None
+    net, _, _ = build_network(build_cfg)
+    return net.eval()
+
+
+class _Reader:
+    def __init__(self, data: bytes, offset: int) -> None:
+        self.data, self.offset = data, offset
+
+    def take(self, size: int) -> bytes:
+        if self.offset + size > len(self.data):
+            raise ExportError("packed file: truncated body")
+        chunk = self.data[self.offset:self.offset + size]
+        self.offset += size
+        return chunk
+
+    def floats(self, count: int) -> np.ndarray:
+        return np.frombuffer(self.take(4 * count), dtype="<f4").copy()
+
+
+def unpack(data: bytes, source: str = "packed file") -> tuple[nn.Module, IntegerSpec, DictConfig]:
+    """(quantized structure, spec, training config) of a packed file; ``integer.integer_model`` rebuilds
+    the exported model from them."""
+    header = read_header(data, source)
+    cfg = OmegaConf.create(header["cfg"])
+    net = structure(cfg)
+    if _names_digest(net) != header["names_sha1"]:
+        raise ExportError(f"{source}: the network its config builds has other layers than the packed ones "
+                          f"(a different odm-sr version?)")
+    reader, spec = _Reader(data, header_size(data)), IntegerSpec()
+    for name, layer in weight_layers(net).items():
+        wq, count = layer.weight_quant, layer.weight.numel()
+        param = float(reader.floats(1)[0])
+        stored = unpack_bits(reader.take((count * wq.bits + 7) // 8), count, wq.bits)
+        spec.weights[name] = WeightCodes.from_stored(weight_kind(wq), wq.bits, stored.reshape(layer.weight.shape),
+                                                     param)
+    for name, q in act_quantizers(net).items():
+        kind = grid_kind(q)
+        spec.grids[name] = ActGrid(kind, q.bits, tuple(float(v) for v in reader.floats(2 if kind == "odm" else 1)))
+    for name, p in fp_parameters(net).items():
+        spec.fp[name] = torch.from_numpy(reader.floats(p.numel())).reshape(p.shape)
+    if reader.offset != len(data):
+        raise ExportError(f"{source}: {len(data) - reader.offset} bytes after the last tensor")
+    return net, spec, cfg
+
+
+def write_packed(path: str | Path, model: nn.Module, spec: IntegerSpec, cfg: DictConfig) -> int:
+    data = pack(model, spec, cfg)
+    Path(path).write_bytes(data)
+    return len(data)
+
+
+def read_packed(path: str | Path) -> tuple[nn.Module, IntegerSpec, DictConfig]:
+    return unpack(Path(path).read_bytes(), str(path))

@@ -1,0 +1,123 @@
+"""Running an exported integer model with ONNX Runtime on CPU (``odm-sr-upscale --engine onnx``,
+``odm-sr-eval eval.engine=onnx``), and the one-call export of a checkpoint (``odm-sr-export``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from .integer import IntegerSpec, extract_spec, integer_model
+from .onnx_graph import INPUT, has_dynamic_size, to_onnx
+from .packing import read_packed, write_packed
+
+PACKED_SUFFIX = ".odmq"
+
+
+def session(graph: bytes, threads: int | None = None, profile_prefix: str | None = None):
+    """An ONNX Runtime CPU session; ``threads`` intra-op threads (None: ORT's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEngine:
+    """ORT sessions of one integer model: a single dynamic-size graph (EDSR, RDN) or one graph per LR size
+    (SwinIR/HAT, built on first use from the integer model).
+
+    Called on (N, 3, H, W) float32 arrays in the backbone's pixel range, like the network itself.
+    """
+
+    def __init__(self, int_model: nn.Module, threads: int | None = None, pad_mode: str = "official",
+                 graph: bytes | None = None) -> None:
+        self.model, self.threads, self.pad_mode = int_model, threads, pad_mode
+        self.scale = int(int_model.scale)
+        self.pixel_range = float(getattr(int_model, "pixel_range", 1.0))
+        self.dynamic = has_dynamic_size(int_model)
+        self._sessions: dict[tuple[int, int] | None, object] = {}
+        if graph is not None:
+            self._sessions[None] = session(graph, threads)
+
+    def graph(self, hw: tuple[int, int]) -> bytes:
+        return to_onnx(self.model, hw, self.pad_mode)
+
+    def _session(self, hw: tuple[int, int]):
+        key = None if self.dynamic else hw
+        if key not in self._sessions:
+            self._sessions[key] = session(self.graph(hw), self.threads)
+        return self._sessions[key]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._session(tuple(x.shape[-2:])).run(None, {INPUT: np.ascontiguousarray(x, np.float32)})[0]
+
+
+def onnx_eval_upscale(path: str | Path, eval_cfg) -> object:
+    """``odm-sr-eval eval.engine=onnx``: ``onnx_upscale`` with the ``eval`` group's tile, overlap, pad mode and
+    ``threads``."""
+    engine = load_engine(path, eval_cfg.get("threads"), str(eval_cfg.get("pad_mode", "official")))
+    return onnx_upscale(engine, eval_cfg.get("tile"), int(eval_cfg.get("tile_overlap", 16)))
+
+
+def onnx_upscale(engine: OnnxEngine, tile: int | None = None, overlap: int = 16):
+    """The ``evaluation.network_upscale`` contract ([0, 1] in and out, tiled as ``forward_chopped``) on ORT."""
+    from odm_sr.inference import forward_chopped
+
+    rng = engine.pixel_range
+
+    def run(x: Tensor) -> Tensor:
+        return torch.from_numpy(engine((x * rng).numpy())) / rng
+
+    return lambda lr: forward_chopped(run, lr, scale=engine.scale, tile=tile, overlap=overlap)
+
+
+def trained_integer(ckpt: str | Path) -> tuple[nn.Module, IntegerSpec, nn.Module, DictConfig]:
+    """(trained fake-quant network, its integer spec, the integer model, config) of a checkpoint."""
+    from odm_sr.checkpoint import load_trained
+
+    net, cfg = load_trained(ckpt)
+    spec = extract_spec(net)
+    return net, spec, integer_model(net, spec), cfg
+
+
+def load_engine(path: str | Path, threads: int | None = None, pad_mode: str = "official") -> OnnxEngine:
+    """An engine from a training checkpoint (.ckpt), a packed file (.odmq) or an exported graph (.onnx, with
+    its packed file beside it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a .ckpt, {PACKED_SUFFIX} or .onnx)")
+    if path.suffix == ".ckpt":
+        return OnnxEngine(trained_integer(path)[2], threads, pad_mode)
+    packed = path.with_suffix(PACKED_SUFFIX)
+    if not packed.is_file():
+        raise FileNotFoundError(f"{packed}: the packed weights of {path} are missing (odm-sr-export writes both)")
+    net, spec, _ = read_packed(packed)
+    int_model = integer_model(net, spec)
+    graph = path.read_bytes() if path.suffix == ".onnx" and has_dynamic_size(int_model) else None
+    return OnnxEngine(int_model, threads, pad_mode, graph)
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, lr_hw: tuple[int, int] = (64, 64),
+                      pad_mode: str = "official") -> dict:
+    """Write ``out`` (.onnx) and the packed file beside it; returns their paths and sizes."""
+    net, spec, int_model, cfg = trained_integer(ckpt)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    graph = to_onnx(int_model, lr_hw, pad_mode)
+    out.write_bytes(graph)
+    packed = out.with_suffix(PACKED_SUFFIX)
+    size = write_packed(packed, net, spec, cfg)
+    from odm_sr.analysis.complexity import storage
+
+    return {"storage_k": storage(net)["total_k"], "onnx": str(out), "onnx_bytes": len(graph),
+            "packed": str(packed), "packed_bytes": size, "dynamic_size": has_dynamic_size(int_model),
+            "traced_lr_hw": list(lr_hw)}

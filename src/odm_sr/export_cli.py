@@ -1,0 +1,48 @@
+"""`odm-sr-export CKPT OUT.onnx`: the integer ONNX graph of a trained static-quantized checkpoint (ODM, ODM-LSQ,
+ODM-FQ, PAMS) and its packed b-bit weight file ``OUT.odmq``; prints the file sizes beside the storage figure of
+``odm-sr-complexity``. DAQ and DDTB are refused (their ranges are computed per image at test time)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .evaluation import EVAL_PAD_MODES
+
+
+def size_report(packed: Path, storage_k: float) -> dict:
+    """Packed body bytes against the storage figure (K 32-bit params → bytes), and the header apart."""
+    from .export.packing import header_size
+
+    data = packed.read_bytes()
+    header = header_size(data)
+    expected = storage_k * 1000 * 4
+    body = len(data) - header
+    return {"packed_bytes": len(data), "header_bytes": header, "body_bytes": body,
+            "storage_bytes": expected, "body_over_storage": body / expected}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="odm-sr-export", description=__doc__)
+    parser.add_argument("ckpt", help="checkpoint written by odm-sr-train (.ckpt)")
+    parser.add_argument("output", help="where to write the ONNX graph (.onnx); the packed file goes beside it")
+    parser.add_argument("--lr-size", type=int, nargs=2, default=(64, 64), metavar=("H", "W"),
+                        help="traced LR size (the only size of a SwinIR/HAT graph; EDSR/RDN graphs take any)")
+    parser.add_argument("--pad-mode", default="official", choices=EVAL_PAD_MODES,
+                        help="SwinIR/HAT window padding baked into the graph (official: as odm-sr-eval)")
+    args = parser.parse_args(argv)
+    from .export.runtime import export_checkpoint
+    from .export.spec import ExportError
+
+    try:
+        info = export_checkpoint(args.ckpt, args.output, tuple(args.lr_size), args.pad_mode)
+    except ExportError as err:
+        sys.exit(f"odm-sr-export: {args.ckpt}: {err}")
+    info.update(size_report(Path(info["packed"]), info["storage_k"]))
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
