@@ -99,9 +99,7 @@ class SRLitModule(L.LightningModule):
         loss = out.loss.detach()
         if not torch.isfinite(loss):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in out.terms.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {self.global_step_count} ({terms}); stopping. The last good "
-                f"checkpoint is kept; lower the learning rate or check the data, then resume from it.")
+            raise NonFiniteLossError(self._non_finite_message(terms))
         logs = self.method.backward(out, self.net, self.manual_backward)
         clip = float(self.optim_cfg.get("grad_clip", 0.0))
         if clip > 0:
@@ -112,6 +110,15 @@ class SRLitModule(L.LightningModule):
         self._step_count += 1
         self._log_train(loss, out.terms, {**out.logs, **logs}, opt)
         return None
+
+    def _non_finite_message(self, terms: str) -> str:
+        # resume applies the new optim.* values (trainer_checkpoint.CurrentOptimSettingsOnResume): the advice works
+        callback = self.trainer.checkpoint_callback
+        last = (callback.last_model_path if callback is not None else "") or "<run>/checkpoints/last.ckpt"
+        lower = float(self.optim_cfg.get("lr", 1e-4)) / 10
+        return (f"non-finite training loss at step {self.global_step_count} ({terms}); stopping. The last good "
+                f"checkpoint is kept: continue from it with a lower learning rate, resume={last} "
+                f"optim.lr={lower:.3g} (the new optim.* values replace the checkpoint's), or check the data.")
 
     @property
     def global_step_count(self) -> int:
