@@ -3,25 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .checkpoint import load_trained
 from .data.io import read_image, save_image, to_tensor
-from .evaluation import EVAL_PAD_MODES, network_upscale
+from .evaluation import EVAL_PAD_MODES, network_upscale, warn_if_tiled_dynamic
+from .quant import build_method
 
 
 def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int | None = None,
-                 overlap: int = 16, pad_mode: str = "official") -> Path:
-    """Read ``src`` (grayscale/RGBA converted to RGB), super-resolve it, write ``dst`` (PNG recommended)."""
-    net, _ = load_trained(ckpt)
+                 overlap: int = 16, pad_mode: str = "official", overwrite: bool = False) -> Path:
+    """Read ``src`` (grayscale/RGBA converted to RGB), super-resolve it, write ``dst`` (PNG recommended).
+    Refuses ``dst`` = ``src`` unless ``overwrite``; a checkpoint with NaN/inf weights is an error."""
+    src, dst = Path(src), Path(dst)
+    if not overwrite and src.exists() and dst.exists() and os.path.samefile(src, dst):
+        raise FileExistsError(f"output {dst} is the input image {src}: writing it would destroy the input; "
+                              f"choose another output path (or pass --overwrite to replace the input)")
+    net, cfg = load_trained(ckpt)
+    warn_if_tiled_dynamic(build_method(cfg.method, cfg.bits), tile, "--tile")
+    return upscale_image(net, src, dst, tile, overlap, pad_mode)
+
+
+def upscale_image(net: nn.Module, src: str | Path, dst: str | Path, tile: int | None = None,
+                  overlap: int = 16, pad_mode: str = "official") -> Path:
+    """``net`` on the image file ``src``, written to ``dst`` atomically (a temporary file renamed over ``dst``:
+    a killed run leaves no truncated image under the final name). Each tile is rounded to uint8 straight into
+    an (H, W, 3) buffer, the layout the encoder takes: with ``tile`` set, memory is the uint8 output plus one
+    tile, never a float copy of the whole output."""
     img, _ = read_image(src, mode="RGB")
     lr = to_tensor(img).unsqueeze(0)
+    del img
+    scale = int(net.scale)
+    buffer = torch.empty((1, scale * lr.shape[-2], scale * lr.shape[-1], 3), dtype=torch.uint8)
     with torch.no_grad():
-        sr = network_upscale(net, tile, overlap, pad_mode)(lr)
+        network_upscale(net, tile, overlap, pad_mode, out=buffer.permute(0, 3, 1, 2))(lr)
+    del lr
     dst = Path(dst)
-    save_image(sr[0], dst)  # creates the parent folders
+    save_image(buffer[0].numpy(), dst)  # creates the parent folders; atomic
     return dst
 
 
@@ -34,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overlap", type=int, default=16, help="LR context pixels around each tile")
     parser.add_argument("--pad-mode", default="official", choices=EVAL_PAD_MODES,
                         help="SwinIR/HAT window padding (official: as the released test scripts)")
+    parser.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the INPUT file")
     args = parser.parse_args(argv)
-    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode)
+    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.overwrite)
     print(f"wrote {out}")
 
 
