@@ -1,6 +1,7 @@
 """Peak memory and time of evaluating EDSR-baseline x4 on the largest B100 image: whole image vs tiled.
 
     PYTHONPATH=src python bench/eval_memory.py [--tile 64] [--overlap 40] [--sizes b100 div2k] [--repeats 3]
+    PYTHONPATH=src python bench/eval_memory.py --upscale-side 3000 --tile 128 --overlap 16   # odm-sr-upscale
 
 Both paths are ``odm_sr.evaluation.network_upscale`` (the validation/test path; ``forward_chopped`` when a tile
 is set), in eval mode under ``torch.no_grad()``, on CPU. Each measurement runs in a fresh subprocess, so
@@ -70,10 +71,20 @@ class RssSampler:
 
         self.proc, self.interval = psutil.Process(), interval
         self.peak = self.start = 0
+        self.anon_peak = self.anon_start = 0  # RssAnon (Linux): private memory, without the mapped libraries
         self._stop = threading.Event()
+
+    @staticmethod
+    def anon() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                return next((int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:")), 0)
+        except OSError:
+            return 0
 
     def __enter__(self) -> RssSampler:
         self.start = self.peak = self.proc.memory_info().rss
+        self.anon_start = self.anon_peak = self.anon()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -81,6 +92,7 @@ class RssSampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.anon_peak = max(self.anon_peak, self.anon())
             time.sleep(self.interval)
 
     def __exit__(self, *exc) -> None:
@@ -132,6 +144,52 @@ def child(args: argparse.Namespace) -> None:
                       "seconds": statistics.median(times), "times": times}))
 
 
+def upscale_child(args: argparse.Namespace) -> None:
+    """``odm-sr-upscale``'s path (``upscale.upscale_image``: read the PNG, tiled forward into a uint8 buffer,
+    atomic PNG write) on a synthetic ``--upscale-side``² LR PNG, EDSR-baseline with random weights; prints JSON."""
+    import numpy as np
+    from PIL import Image
+
+    from odm_sr.models import build_model
+    from odm_sr.upscale import upscale_image
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = build_model("edsr_baseline", args.scale).eval()
+    side = args.upscale_side
+    src, dst = Path(args.save).with_suffix(".in.png"), Path(args.save).with_suffix(".out.png")
+    rng = np.random.default_rng(0)  # smooth content (a random-noise PNG would be an unusually large file)
+    coarse = torch.from_numpy(rng.random((1, 3, side // 16 + 1, side // 16 + 1), dtype=np.float32))
+    img = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bicubic").clamp(0, 1)
+    Image.fromarray((img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(src)
+    del coarse, img
+    small = src.with_name("small.png")
+    Image.fromarray(np.zeros((args.tile + 8, args.tile + 8, 3), dtype=np.uint8)).save(small)
+    with torch.no_grad():
+        upscale_image(net, small, dst.with_name("warmup.png"), args.tile, args.overlap)  # one-time set-up
+        start = time.perf_counter()
+        with RssSampler(interval=0.005) as rss:
+            upscale_image(net, src, dst, args.tile, args.overlap)
+        seconds = time.perf_counter() - start
+    print(json.dumps({"lr_side": side, "scale": args.scale, "tile": args.tile, "overlap": args.overlap,
+                      "threads": args.threads, "rss_peak_mb": rss.peak / 2**20,
+                      "rss_before_mb": rss.start / 2**20, "rss_anon_peak_mb": rss.anon_peak / 2**20,
+                      "rss_anon_before_mb": rss.anon_start / 2**20, "seconds": seconds,
+                      "output_uint8_mb": 3 * (args.scale * side) ** 2 / 2**20,
+                      "output_png_mb": dst.stat().st_size / 2**20}))
+
+
+def measure_upscale(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--_upscale_child", "--upscale-side", str(args.upscale_side), "--tile",
+               str(args.tile), "--overlap", str(args.overlap), "--threads", str(args.threads), "--scale",
+               str(args.scale), "--save", str(Path(tmp) / "x")]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if res.returncode != 0:
+            raise RuntimeError(f"upscale {args.upscale_side}: failed:\n{res.stderr[-3000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def measure(size: str, mode: str, args: argparse.Namespace, tmp: Path) -> tuple[dict, torch.Tensor]:
     save = tmp / f"{size}_{mode}.pt"
     cmd = [sys.executable, __file__, "--_child", "--size", size, "--mode", mode, "--tile", str(args.tile),
@@ -166,13 +224,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "eval_memory.json")
+    p.add_argument("--upscale-side", type=int, default=None,
+                   help="instead: peak RSS of odm-sr-upscale --tile on a synthetic side x side LR PNG "
+                        "(the whole process, absolute; e.g. --upscale-side 3000 --tile 128)")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_upscale_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", default="b100", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="whole", help=argparse.SUPPRESS)
     p.add_argument("--save", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._child:
         return child(args)
+    if args._upscale_child:
+        return upscale_child(args)
+    if args.upscale_side:
+        return report_upscale(args)
     if args.overlap < RECEPTIVE_RADIUS:
         print(f"warning: overlap {args.overlap} < receptive-field radius {RECEPTIVE_RADIUS}: tiles will differ")
     rows = []
@@ -193,6 +259,20 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + markdown(rows) + "\n")
     write_json(args.out, {"model": "edsr_baseline", "scale": args.scale, "threads": args.threads,
                           "rows": rows, "env": environment(), "peak_limit_gb": PEAK_LIMIT_GB})
+
+
+def report_upscale(args: argparse.Namespace) -> None:
+    row = measure_upscale(args)
+    print(f"odm-sr-upscale --tile {row['tile']}: LR {row['lr_side']}^2 x{row['scale']}: peak RSS "
+          f"{row['rss_peak_mb']:.0f} MB ({row['rss_before_mb']:.0f} before), private (RssAnon) "
+          f"{row['rss_anon_peak_mb']:.0f} MB ({row['rss_anon_before_mb']:.0f} before); uint8 output "
+          f"{row['output_uint8_mb']:.0f} MB; {row['seconds']:.0f} s")
+    out = args.out if args.out != RESULTS_DIR / "eval_memory.json" else \
+        RESULTS_DIR / f"upscale_memory_{args.upscale_side}.json"
+    write_json(out, {"model": "edsr_baseline", **row, "env": environment(), "peak_limit_gb": PEAK_LIMIT_GB})
+    # as for the tiled eval rows: what the upscale adds to the process (imports and torch's libraries excluded)
+    grown = row["rss_peak_mb"] - row["rss_before_mb"]
+    assert grown / 1024 < PEAK_LIMIT_GB, f"peak - before = {grown:.0f} MB ≥ {PEAK_LIMIT_GB} GB"
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def common_overrides(args: argparse.Namespace, steps: int, iters_per_epoch: int,
             "+trainer.limit_val_batches=0", f"trainer.enable_progress_bar={str(args.progress).lower()}",
             f"trainer.log_every_n_steps={max(1, min(50, steps // 10))}",
             f"callbacks.model_checkpoint.every_n_train_steps={steps}",
-            f"optim.lr={lr}", f"optim.milestones=[{milestone}]", f"seed={args.seed}"]
+            f"optim.lr={lr}", f"optim.milestones=[{milestone}]", f"seed={args.seed}",
+            "auto_resume=true"]  # a stage stopped before its results.json continues from its last.ckpt
 
 
 def stage_overrides(args: argparse.Namespace, method: str, bits: int, fp_ckpt: Path) -> list[str]:
@@ -80,7 +81,7 @@ def stage_overrides(args: argparse.Namespace, method: str, bits: int, fp_ckpt: P
 
 def run_stage(name: str, overrides: list[str], out_dir: Path) -> dict:
     """``train(cfg)`` in ``out_dir`` unless its results.json exists; returns the results dict."""
-    from odm_sr.checkpoint import atomic_write
+    from odm_sr.files import write_json
     from odm_sr.train import train
 
     results = out_dir / "results.json"
@@ -93,7 +94,7 @@ def run_stage(name: str, overrides: list[str], out_dir: Path) -> dict:
     result = train(cfg)
     result["stage_seconds"] = time.perf_counter() - start
     # train() wrote it already; add the stage wall time (atomically: the file marks the stage as done)
-    atomic_write(results, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    write_json(results, result)
     print(f"[{name}] {result['stage_seconds']:.0f} s", flush=True)
     return result
 

@@ -72,3 +72,67 @@ def test_eval_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
         read_checkpoint(bad)
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         read_checkpoint(tmp_path / "missing.ckpt")
+
+
+def _input_image(path, size=(20, 30)):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_upscale_refuses_to_write_over_its_input(tiny_run, tmp_path):
+    from odm_sr.upscale import main as upscale_main
+
+    out, _ = tiny_run
+    src = _input_image(tmp_path / "in.png")
+    before = src.read_bytes()
+    with pytest.raises(FileExistsError, match=r"is the input image .*--overwrite"):
+        upscale_main([str(out / "checkpoints" / "last.ckpt"), str(src), str(tmp_path / "." / "in.png")])
+    assert src.read_bytes() == before
+    upscale_main([str(out / "checkpoints" / "last.ckpt"), str(src), str(src), "--overwrite"])
+    assert Image.open(src).size == (60, 40)
+
+
+def test_upscale_writes_the_rounded_tiled_output_atomically(tiny_run, tmp_path, monkeypatch):
+    from odm_sr.checkpoint import load_trained
+    from odm_sr.data.io import read_image, to_tensor
+    from odm_sr.evaluation import network_upscale
+    from odm_sr.metrics import to_uint8
+    from odm_sr.upscale import upscale_file
+
+    ckpt = tiny_run[0] / "checkpoints" / "last.ckpt"
+    src, dst = _input_image(tmp_path / "in.png", (37, 29)), tmp_path / "out.png"
+    upscale_file(ckpt, src, dst, tile=8, overlap=4)
+    net, _ = load_trained(ckpt)
+    with torch.no_grad():
+        expected = to_uint8(network_upscale(net, 8, 4)(to_tensor(read_image(src)[0])[None])[0], 1.0)
+    assert np.array_equal(np.asarray(Image.open(dst)), expected.permute(1, 2, 0).numpy())
+
+    def killed(self_or_file, fp=None, *args, **kwargs):  # the encoder dies half-way through the file
+        (fp if hasattr(fp, "write") else self_or_file).write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    before = dst.read_bytes()
+    monkeypatch.setattr(Image.Image, "save", killed)
+    monkeypatch.setattr("odm_sr.data.io.write_png", killed, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        upscale_file(ckpt, src, dst)
+    assert dst.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "out.png"]
+    with pytest.raises(KeyboardInterrupt):
+        upscale_file(ckpt, src, tmp_path / "new.png")
+    assert not (tmp_path / "new.png").exists()
+
+
+def test_checkpoint_with_non_finite_weights_is_refused_for_eval_and_upscale(tiny_run, tmp_path):
+    from odm_sr.checkpoint import load_trained
+    from odm_sr.upscale import upscale_file
+
+    ckpt = torch.load(tiny_run[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["net.body.0.body.0.weight"][0, 0, 0, 0] = float("nan")
+    bad = tmp_path / "diverged.ckpt"
+    torch.save(ckpt, bad)
+    message = rf"checkpoint {bad}: 1 tensor\(s\) hold NaN or inf, e.g. \['body\.0\.body\.0\.weight'\]"
+    with pytest.raises(ValueError, match=message):
+        load_trained(bad)  # odm-sr-eval and odm-sr-analyze read checkpoints with it
+    with pytest.raises(ValueError, match=message):
+        upscale_file(bad, _input_image(tmp_path / "in.png"), tmp_path / "out.png")
+    assert not (tmp_path / "out.png").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -53,18 +54,24 @@ def build_datamodule(cfg: DictConfig):
                         data_root=str(d.data_root), seed=int(cfg.seed))
 
 
-def _instantiate_group(group: DictConfig | None) -> list:
-    return [hydra.utils.instantiate(node) for node in (group or {}).values()
-            if isinstance(node, DictConfig) and "_target_" in node]
+def _group_nodes(group: DictConfig | None) -> list[DictConfig]:
+    return [node for node in (group or {}).values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return _instantiate_group(cfg.get("logger"))
+    """The ``logger`` group's loggers. ``$WANDB_MODE`` (online, offline, disabled), when set, decides the wandb
+    mode: ``logger.wandb.offline`` (true: offline by default) is then overridden with false, since Lightning's
+    ``offline=True`` forces offline mode whatever the environment says."""
+    env_mode = bool(os.environ.get("WANDB_MODE"))
+    return [hydra.utils.instantiate(node, **({"offline": False} if env_mode and "WandbLogger" in node._target_
+                                             else {}))
+            for node in _group_nodes(cfg.get("logger"))]
 
 
 def build_callbacks(cfg: DictConfig) -> list:
     best = best_checkpoint(cfg)
-    return _instantiate_group(cfg.get("callbacks")) + ([best] if best is not None else [])
+    return [hydra.utils.instantiate(node) for node in _group_nodes(cfg.get("callbacks"))] + (
+        [best] if best is not None else [])
 
 
 def best_checkpoint(cfg: DictConfig):

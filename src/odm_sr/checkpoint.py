@@ -1,24 +1,22 @@
-"""Loading trained odm-sr checkpoints (Lightning ``.ckpt``) back into a network for eval / upscale."""
+"""Loading trained odm-sr checkpoints (Lightning ``.ckpt``) back into a network for eval / upscale (without
+importing Lightning: ``odm_sr.trainer_checkpoint`` holds the pieces the trainer uses)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .models.checkpoint import load_torch_file
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     """``torch.load`` with ``weights_only=True``; clear errors for a missing or foreign file."""
     ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"checkpoint {path}: not an odm-sr training checkpoint (expected a Lightning .ckpt "
+        raise ValueError(f"{what} {path}: not an odm-sr training checkpoint (expected a Lightning .ckpt "
                          f"with 'state_dict' and 'hyper_parameters'; for official .pt/.pth files use "
                          f"model.pretrained=...)")
     return ckpt
@@ -38,35 +36,13 @@ def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
     if missing or unexpected:
         raise ValueError(f"checkpoint {path}: does not match the network its config builds "
                          f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
+    check_finite(state, path)
     return net.eval(), cfg
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """``write(f)`` into ``.<name>.tmp`` beside ``path`` (binary), fsync, then rename it over ``path``
-    (``os.replace`` is atomic on POSIX): readers see the old file or the complete new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint I/O that never leaves a half-written checkpoint that looks valid: it writes
-    ``.<name>.tmp`` beside the target, fsyncs it and renames it over the target (``os.replace`` is atomic on
-    POSIX). Loading uses ``weights_only=True``."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"resume checkpoint {path}: no such file")
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """ValueError naming the tensors that hold NaN/inf (a diverged run's weights give black images, no error)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf, e.g. {bad[:5]}; the run "
+                         f"diverged before this checkpoint was written. Use an earlier checkpoint of the run.")

@@ -14,9 +14,28 @@ CONFIG_DIR = Path(os.environ.get("ODM_SR_CONF", REPO_ROOT / "conf"))
 
 
 def register_resolvers() -> None:
-    """``${repo_root:}`` → the repository root (configs build every default path from it)."""
+    """``${repo_root:}`` → the repository root (configs build every default path from it);
+    ``${unique_dir:<path>}`` → a new folder claimed for this run (``claim_unique_dir``)."""
     if not OmegaConf.has_resolver("repo_root"):
         OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("unique_dir"):
+        # cached: Hydra reads hydra.run.dir more than once, and every read must give the folder claimed first
+        OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, use_cache=True)
+
+
+def claim_unique_dir(path: str) -> str:
+    """``path``, or ``path_1``, ``path_2``, ... : the first that did not exist, created here with ``os.mkdir``
+    (atomic: of two runs started in the same second, each gets its own folder)."""
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        candidate = base if n == 0 else base.with_name(f"{base.name}_{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return str(candidate)
+    raise RuntimeError(f"{path}: 10000 run folders of that name exist already; clean up {base.parent}")
 
 
 def compose_config(overrides: list[str], output_dir: Path | str, config_name: str = "train") -> DictConfig:
@@ -56,6 +75,49 @@ def validate_config(cfg: DictConfig) -> None:
     pad_mode = cfg.get("eval", {}).get("pad_mode", "official")
     if pad_mode not in EVAL_PAD_MODES:
         raise ValueError(f"eval.pad_mode={pad_mode!r}: expected one of {EVAL_PAD_MODES}")
+    if method.name == "fp" and (method.bits.w, method.bits.a) != (32, 32):
+        raise ValueError(f"method=fp with bits=w{method.bits.w}a{method.bits.a}: full-precision training "
+                         f"quantizes nothing, so the run would be mislabelled; use bits=fp32, or a QAT method "
+                         f"(method=odm|pams|daq|ddtb|...) for w{method.bits.w}a{method.bits.a}")
+    validate_trainer(cfg.trainer)
+    reject_unknown_keys(cfg)
+
+
+def validate_trainer(trainer: DictConfig) -> None:
+    """``max_steps`` and ``val_check_interval`` values that would train forever, write results for an untrained
+    network, or crash inside Lightning."""
+    max_steps, max_epochs = int(trainer.get("max_steps", -1)), int(trainer.get("max_epochs", -1) or -1)
+    if max_steps == 0 or max_steps < -1 or (max_steps == -1 and max_epochs <= 0):
+        raise ValueError(f"trainer.max_steps={max_steps}: expected a positive number of optimizer steps "
+                         f"(-1, unbounded, only together with a positive trainer.max_epochs)")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not float(interval) > 0:
+        raise ValueError(f"trainer.val_check_interval={interval}: expected a positive number of steps "
+                         f"(or a fraction of an epoch in (0, 1])")
+
+
+# Groups read key by key by odm_sr (not instantiated, where the constructor would reject a typo). Their keys are
+# those of the group's YAML files; train.yaml / eval.yaml hold the `eval` section.
+CHECKED_GROUPS = ("model", "data", "optim", "bits", "paths", "eval")
+
+
+def known_keys(group: str) -> set[str]:
+    """Every key that some ``conf/<group>/*.yaml`` (for ``eval``: ``conf/{train,eval}.yaml``) defines."""
+    if group == "eval":
+        return {k for name in ("train", "eval") for k in OmegaConf.load(CONFIG_DIR / f"{name}.yaml").eval}
+    return {k for path in (CONFIG_DIR / group).glob("*.yaml") for k in OmegaConf.load(path) if k != "defaults"}
+
+
+def reject_unknown_keys(cfg: DictConfig) -> None:
+    """A key no YAML of its group defines is a typo (``+data.batchsize=1``) that nothing would read."""
+    for group in CHECKED_GROUPS:
+        node = cfg.get(group)
+        if node is None:
+            continue
+        unknown = sorted(set(node) - known_keys(group))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {[f'{group}.{k}' for k in unknown]}: nothing reads them; "
+                             f"known keys of {group}: {sorted(known_keys(group))}")
 
 
 register_resolvers()

@@ -6,7 +6,6 @@ prints a markdown table and writes ``eval.json`` to the run's output dir (``outp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
@@ -15,8 +14,17 @@ from omegaconf import DictConfig
 from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
 from .data import SRDataModule
-from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets, metrics_table, rows_as_json
+from .evaluation import (
+    bicubic_upscale,
+    eval_upscale,
+    evaluate_sets,
+    metrics_table,
+    rows_as_json,
+    warn_if_tiled_dynamic,
+)
+from .files import write_json
 from .precision import apply_precision
+from .quant import build_method
 
 register_resolvers()
 
@@ -27,6 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     net, scale, rows = None, cfg.get("scale"), {}
     if cfg.get("ckpt"):
         net, train_cfg = load_trained(cfg.ckpt)
+        warn_if_tiled_dynamic(build_method(train_cfg.method, train_cfg.bits), cfg.eval.get("tile"), "eval.tile")
         if scale is not None and int(scale) != int(net.scale):
             raise ValueError(f"scale={scale}: checkpoint {cfg.ckpt} holds a x{net.scale} model; "
                              f"evaluate it at scale={net.scale} (or leave scale unset)")
@@ -56,8 +65,7 @@ def main(cfg: DictConfig) -> None:
     rows = evaluate(cfg)
     print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
     out = Path(cfg.output_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows_as_json(rows), indent=2))
+    write_json(out, rows_as_json(rows))  # strict JSON: a perfect reconstruction's inf PSNR as "inf"
     print(f"wrote {out}")
 
 

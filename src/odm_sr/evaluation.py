@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -101,9 +102,11 @@ def window_padding(net: torch.nn.Module, mode: str | None) -> Iterator[None]:
 
 
 def network_upscale(net: torch.nn.Module, tile: int | None = None, overlap: int = 16,
-                    pad_mode: str = "official") -> Upscaler:
+                    pad_mode: str = "official", out: Tensor | None = None) -> Upscaler:
     """Inference with a backbone in its own pixel range, tiled when ``tile`` is set; transformers pad to a
-    window multiple as ``eval_pad_mode(net, pad_mode)`` says (training keeps the model's own mode)."""
+    window multiple as ``eval_pad_mode(net, pad_mode)`` says (training keeps the model's own mode).
+    ``out``: a uint8 (N, C, sH, sW) destination (may be a view of an HWC buffer); each tile is rounded to uint8
+    (``to_uint8``) as it comes, so memory grows with the uint8 output, not with a float copy of it."""
     from .inference import forward_chopped
 
     rng = float(getattr(net, "pixel_range", 1.0))
@@ -111,9 +114,19 @@ def network_upscale(net: torch.nn.Module, tile: int | None = None, overlap: int 
 
     def run(x: Tensor) -> Tensor:
         with window_padding(net, mode):
-            return net(x * rng) / rng
+            sr = net(x * rng) / rng
+        return sr if out is None else to_uint8(sr, 1.0)
 
-    return lambda lr: forward_chopped(run, lr, scale=int(net.scale), tile=tile, overlap=overlap)
+    return lambda lr: forward_chopped(run, lr, scale=int(net.scale), tile=tile, overlap=overlap, out=out)
+
+
+def warn_if_tiled_dynamic(method, tile: int | None, setting: str) -> None:
+    """Tiling changes the output of a method with per-image activation statistics (DAQ, DDTB's dynamic
+    gates: each tile gets its own statistics; up to 37/255 apart reported for DAQ); say so when ``tile`` is set."""
+    if tile and method.per_image_statistics:
+        warnings.warn(f"{setting}={tile}: method {method.name!r} quantizes activations with statistics of the "
+                      f"whole input, so a tiled result differs from the whole-image one (not only round-off); "
+                      f"leave {setting} unset for reported numbers.", UserWarning, stacklevel=2)
 
 
 def eval_upscale(net: torch.nn.Module, eval_cfg: Mapping[str, Any]) -> Upscaler:

@@ -25,23 +25,25 @@ def _starts(length: int, core: int) -> list[int]:
 
 
 def forward_chopped(
-    model_fn: Callable[[Tensor], Tensor], lr: Tensor, scale: int, tile: int | None, overlap: int
+    model_fn: Callable[[Tensor], Tensor], lr: Tensor, scale: int, tile: int | None, overlap: int,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Run ``model_fn`` on (N, C, H, W) ``lr`` in overlapping tiles; returns (N, C', scale*H, scale*W).
 
     ``tile`` is the LR side of the block kept from each run, ``overlap`` the LR context added on each side
     (so inputs are at most ``tile + 2 * overlap`` on a side). ``None``, or a tile covering the whole
-    image, runs the whole image at once.
+    image, runs the whole image at once. ``out``: a destination of that shape (e.g. a uint8 view of an
+    (N, H, W, C) image buffer, with a ``model_fn`` that returns uint8), written and returned, so that no
+    full-size float output is ever held.
     """
     if lr.dim() != 4:
         raise ValueError(f"lr must be (N, C, H, W), got shape {tuple(lr.shape)}")
     n, _, h, w = lr.shape
     if tile is None or (h <= tile and w <= tile):
-        return model_fn(lr)
+        return model_fn(lr) if out is None else out.copy_(model_fn(lr))
     if tile <= 0 or overlap < 0:
         raise ValueError(f"need tile > 0 and overlap >= 0, got tile={tile}, overlap={overlap}")
     core = tile
-    out: Tensor | None = None
     for y0 in _starts(h, core):
         y1 = min(y0 + core, h)
         for x0 in _starts(w, core):

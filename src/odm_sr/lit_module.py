@@ -126,9 +126,7 @@ class SRLitModule(L.LightningModule):
             prefix = "rank {}: " if world_size() > 1 else ""
             terms = "; ".join(prefix.format(r) + ", ".join(f"{k}={v:.4g}" for k, v in t.items())
                               for r, t in bad.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {self.global_step_count} ({terms}); stopping. The last good "
-                f"checkpoint is kept; lower the learning rate or check the data, then resume from it.")
+            raise NonFiniteLossError(self._non_finite_message(terms))
         logs = self.method.backward(out, self.net, self.manual_backward)
         clip = float(self.optim_cfg.get("grad_clip", 0.0))
         if clip > 0:
@@ -139,6 +137,15 @@ class SRLitModule(L.LightningModule):
         self._step_count += 1
         self._log_train(loss, out.terms, {**out.logs, **logs}, opt)
         return None
+
+    def _non_finite_message(self, terms: str) -> str:
+        # resume applies the new optim.* values (trainer_checkpoint.CurrentOptimSettingsOnResume): the advice works
+        callback = self.trainer.checkpoint_callback
+        last = (callback.last_model_path if callback is not None else "") or "<run>/checkpoints/last.ckpt"
+        lower = float(self.optim_cfg.get("lr", 1e-4)) / 10
+        return (f"non-finite training loss at step {self.global_step_count} ({terms}); stopping. The last good "
+                f"checkpoint is kept: continue from it with a lower learning rate, resume={last} "
+                f"optim.lr={lower:.3g} (the new optim.* values replace the checkpoint's), or check the data.")
 
     @property
     def global_step_count(self) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,19 @@ from .builders import (
     pretrained_network,
     selected_checkpoint,
 )
-from .checkpoint import AtomicCheckpointIO, atomic_write
 from .config import CONFIG_DIR, register_resolvers, validate_config
-from .evaluation import bicubic_upscale, eval_upscale, evaluate_sets, metrics_table, rows_as_json
+from .evaluation import (
+    bicubic_upscale,
+    eval_upscale,
+    evaluate_sets,
+    metrics_table,
+    rows_as_json,
+    warn_if_tiled_dynamic,
+)
+from .files import write_json
 from .lit_module import SRLitModule
 from .precision import apply_precision
+from .trainer_checkpoint import AtomicCheckpointIO, CurrentOptimSettingsOnResume, check_resume_checkpoint
 
 register_resolvers()
 
@@ -41,21 +50,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
         print(f"skipping {out_dir}: results.json exists (skip_done=true)")
         return json.loads((out_dir / "results.json").read_text())
-    resume = cfg.get("resume")
-    if resume is None and cfg.get("auto_resume", False) and (out_dir / "checkpoints" / "last.ckpt").is_file():
-        resume = str(out_dir / "checkpoints" / "last.ckpt")
-        print(f"resuming the interrupted run from {resume} (auto_resume=true)")
+    resume = resume_path(cfg, out_dir)
+    warn_random_start(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
+    lit, datamodule = build_module(cfg)
+    net, method = lit.net, lit.method
+    if resume is not None:
+        check_resume_checkpoint(resume, lit)
     out_dir.mkdir(parents=True, exist_ok=True)
-    net, method, teacher = build_network(cfg)
-    datamodule = build_datamodule(cfg)
-    lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim), teacher=teacher,
-                      eval_cfg=OmegaConf.to_container(cfg.eval),
-                      calibration_batches=int(getattr(method, "calibration_batches", 0) or 0),
-                      hparams={"cfg": OmegaConf.to_container(cfg, resolve=True)})
-    lit.set_names = {"val": list(cfg.data.val), "test": list(cfg.data.test)}
+    callbacks = [*build_callbacks(cfg), CurrentOptimSettingsOnResume()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
-                                                 callbacks=build_callbacks(cfg), plugins=[AtomicCheckpointIO()])
+                                                 callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     start = time.perf_counter()
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
     train_seconds = time.perf_counter() - start - lit.validation_seconds  # S12: training incl. calibration
@@ -82,22 +87,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:
             print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
     if trainer.is_global_zero and cfg.get("analyze") and cfg.analyze.after_fit:
+        tested = (results.get("test_checkpoint") or {}).get("path")  # eval.select_best_on: best.ckpt
         results["analysis"] = analyses_after_fit(out_dir, list(cfg.analyze.after_fit), str(cfg.analyze.data),
-                                                 str(cfg.paths.data_root))
+                                                 str(cfg.paths.data_root), tested)
     if trainer.is_global_zero:
         # atomic: an interrupted write must not leave a results.json that skip_done would take for a finished run
-        atomic_write(out_dir / "results.json", lambda f: f.write(json.dumps(results, indent=2).encode()))
+        write_json(out_dir / "results.json", results)
     finish_loggers(trainer)
     return results
 
 
-def analyses_after_fit(out_dir: Path, names: list[str], data: str, data_root: str) -> dict[str, Any]:
-    """Run ``odm-sr-analyze <name> --ckpt <run>/checkpoints/last.ckpt --data <data>`` for each name (its table
-    printed, its JSON in ``<run>/analysis/``) and return the headline numbers of each for results.json."""
+def analyses_after_fit(out_dir: Path, names: list[str], data: str, data_root: str,
+                       ckpt: str | Path | None = None) -> dict[str, Any]:
+    """Run ``odm-sr-analyze <name> --ckpt <ckpt> --data <data>`` for each name (its table printed, its JSON in
+    ``<run>/analysis/``) and return the headline numbers of each for results.json. ``ckpt``: the weights the test
+    rows come from (``eval.select_best_on``'s best.ckpt), else ``<run>/checkpoints/last.ckpt``."""
     from .analysis.cli import analysis_summary
     from .analysis.cli import main as analyze
 
-    ckpt = out_dir / "checkpoints" / "last.ckpt"
+    ckpt = Path(ckpt) if ckpt else out_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"{ckpt}: analyze.after_fit needs the run's last checkpoint (callbacks."
                                 f"model_checkpoint.save_last)")
@@ -106,6 +114,49 @@ def analyses_after_fit(out_dir: Path, names: list[str], data: str, data_root: st
         analyze([name, "--ckpt", str(ckpt), "--data", data, "--data-root", data_root])
         summary[name] = analysis_summary(name, out_dir / "analysis" / f"{name}.json")
     return summary
+
+
+def build_module(cfg: DictConfig) -> tuple[SRLitModule, Any]:
+    """The LightningModule and the data module of ``cfg``; every val/test image is opened here, so that a broken
+    one fails now and not after hours of training."""
+    net, method, teacher = build_network(cfg)
+    datamodule = build_datamodule(cfg)
+    datamodule.check_eval_sets()
+    warn_if_tiled_dynamic(method, cfg.eval.get("tile"), "eval.tile")
+    lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim), teacher=teacher,
+                      eval_cfg=OmegaConf.to_container(cfg.eval),
+                      calibration_batches=int(getattr(method, "calibration_batches", 0) or 0),
+                      hparams={"cfg": OmegaConf.to_container(cfg, resolve=True)})
+    lit.set_names = {"val": list(cfg.data.val), "test": list(cfg.data.test)}
+    return lit, datamodule
+
+
+def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint to continue from: ``resume``, else (``auto_resume=true``) the folder's own ``last.ckpt``.
+    A fresh run (neither) refuses a folder that holds another run's checkpoint or results, which it would
+    otherwise mix with its own (an old ``last.ckpt`` beside a new ``results.json``)."""
+    resume = cfg.get("resume")
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if resume is None and cfg.get("auto_resume", False) and last.is_file():
+        print(f"resuming the interrupted run from {last} (auto_resume=true)")
+        return str(last)
+    if resume is None and not cfg.get("auto_resume", False):
+        found = sorted(str(p.relative_to(out_dir)) for p in [*out_dir.glob("checkpoints/*.ckpt"),
+                                                              *out_dir.glob("results.json")])
+        if found:
+            raise FileExistsError(
+                f"run folder {out_dir} already holds another run ({', '.join(found[:3])}); a fresh run would mix "
+                f"its files with that one. Continue it with resume={last} (or auto_resume=true), or start "
+                f"elsewhere (hydra.run.dir=<new folder>; the default timestamped folders are always new).")
+    return resume
+
+
+def warn_random_start(cfg: DictConfig) -> None:
+    """Quantization-aware training normally starts from FP weights; say loudly when it does not."""
+    if cfg.method.name != "fp" and not cfg.model.get("pretrained"):
+        warnings.warn(f"method={cfg.method.name} starts from RANDOM weights: model.pretrained is not set. "
+                      f"QAT is meant to start from a trained FP model (model.pretrained=<fp .ckpt/.pt>); "
+                      f"ignore this only if a random start is what you want.", UserWarning, stacklevel=2)
 
 
 def device_name() -> str:

@@ -3,36 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from .checkpoint import load_trained
 from .data.io import read_image, save_image, to_tensor
-from .evaluation import EVAL_PAD_MODES, network_upscale
+from .evaluation import EVAL_PAD_MODES, network_upscale, warn_if_tiled_dynamic
 from .precision import set_tf32
+from .quant import build_method
 
 
 def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int | None = None,
                  overlap: int = 16, pad_mode: str = "official", tf32: bool = False, engine: str = "torch",
-                 threads: int | None = None) -> Path:
+                 threads: int | None = None, overwrite: bool = False) -> Path:
     """Read ``src`` (grayscale/RGBA converted to RGB), super-resolve it, write ``dst`` (PNG recommended).
+    Refuses ``dst`` = ``src`` unless ``overwrite``; a checkpoint with NaN/inf weights is an error.
 
     ``engine="onnx"``: the integer graph in ONNX Runtime (``export.runtime``; ``ckpt`` may also be an exported
     .onnx/.odmq), with ``threads`` intra-op threads."""
+    src, dst = Path(src), Path(dst)
+    if not overwrite and src.exists() and dst.exists() and os.path.samefile(src, dst):
+        raise FileExistsError(f"output {dst} is the input image {src}: writing it would destroy the input; "
+                              f"choose another output path (or pass --overwrite to replace the input)")
     set_tf32(tf32)  # fp32 as in training unless asked
     if engine == "onnx":
         from .export.runtime import load_engine, onnx_upscale
 
-        upscale = onnx_upscale(load_engine(ckpt, threads, pad_mode), tile, overlap)
-    else:
-        upscale = network_upscale(load_trained(ckpt)[0], tile, overlap, pad_mode)
+        onnx = load_engine(ckpt, threads, pad_mode)
+        return write_upscaled(lambda out: onnx_upscale(onnx, tile, overlap, out=out), onnx.scale, src, dst)
+    net, cfg = load_trained(ckpt)
+    warn_if_tiled_dynamic(build_method(cfg.method, cfg.bits), tile, "--tile")
+    return upscale_image(net, src, dst, tile, overlap, pad_mode)
+
+
+def upscale_image(net: nn.Module, src: str | Path, dst: str | Path, tile: int | None = None,
+                  overlap: int = 16, pad_mode: str = "official") -> Path:
+    """``net`` on the image file ``src``, written to ``dst`` (``write_upscaled``)."""
+    return write_upscaled(lambda out: network_upscale(net, tile, overlap, pad_mode, out=out), int(net.scale),
+                          src, dst)
+
+
+def write_upscaled(make_upscaler: Callable[[Tensor], Callable[[Tensor], Tensor]], scale: int, src: str | Path,
+                   dst: str | Path) -> Path:
+    """The image file ``src`` through ``make_upscaler(out)`` (an upscaler that rounds each tile to uint8 into
+    ``out``), written to ``dst`` atomically (a temporary file renamed over ``dst``: a killed run leaves no
+    truncated image under the final name). The destination is an (H, W, 3) uint8 buffer, the layout the encoder
+    takes: with tiling, memory is the uint8 output plus one tile, never a float copy of the whole output."""
     img, _ = read_image(src, mode="RGB")
     lr = to_tensor(img).unsqueeze(0)
+    del img
+    buffer = torch.empty((1, scale * lr.shape[-2], scale * lr.shape[-1], 3), dtype=torch.uint8)
     with torch.no_grad():
-        sr = upscale(lr)
+        make_upscaler(buffer.permute(0, 3, 1, 2))(lr)
+    del lr
     dst = Path(dst)
-    save_image(sr[0], dst)  # creates the parent folders
+    save_image(buffer[0].numpy(), dst)  # creates the parent folders; atomic
     return dst
 
 
@@ -50,9 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine", default="torch", choices=("torch", "onnx"),
                         help="torch: the PyTorch (fake-quant) model; onnx: its integer graph in ONNX Runtime (CPU)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (--engine onnx)")
+    parser.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the INPUT file")
     args = parser.parse_args(argv)
     out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32,
-                       args.engine, args.threads)
+                       args.engine, args.threads, args.overwrite)
     print(f"wrote {out}")
 
 

@@ -149,3 +149,15 @@ def test_training_time(sweep_root):
     assert odm["paper_hours"] == 2.4 and odm["accelerator"] == "cpu"
     assert timing["methods"]["daq"]["seconds_per_iter"] == pytest.approx(90.0)
     assert "| EDSR-baseline x4 DAQ W2A2 | cpu x1 | 40 | 3600.0 | 1.000 | 90.0000 | 3.7 |" in timing_table(timing)
+
+
+def test_an_exact_reconstruction_inf_psnr_is_valid_json_and_reported(tmp_path):
+    from odm_sr.files import write_json
+
+    run = fake_run(tmp_path / "perfect", ["method=odm"], float("inf"))
+    write_json(run / "results.json", json.loads((run / "results.json").read_text()))  # as train.py writes it
+    assert "Infinity" not in (run / "results.json").read_text()
+    report = write_report(tmp_path, tmp_path / "out", SETS)
+    assert "inf/0.8712" in report["markdown"]
+    json.loads(report["paths"]["json"].read_text())  # strict
+    assert "Infinity" not in report["paths"]["json"].read_text() and report["paths"]["png"].is_file()

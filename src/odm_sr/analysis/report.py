@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from odm_sr.analysis.paper import SETS, bits_label, config_value_or, paper_entry
+from odm_sr.files import write_json
 
 RESULTS_FILE = "results.json"
 MODEL_LABELS = {"edsr": "EDSR", "edsr_baseline": "EDSR-baseline", "rdn": "RDN", "swinir_light": "SwinIR-light",
@@ -328,7 +329,9 @@ def plot_report(rows: Sequence[Row], sets: Sequence[str], path: str | Path | Non
         values, labelled = [], False
         for i, row in enumerate(members):
             xs = [j + (i - (len(members) - 1) / 2) * width for j in range(len(sets))]
-            ys = [row.metrics[s][0] if s in row.metrics else math.nan for s in sets]
+            # an exact reconstruction has PSNR inf: no bar (the tables print "inf")
+            ys = [row.metrics[s][0] if s in row.metrics and math.isfinite(row.metrics[s][0]) else math.nan
+                  for s in sets]
             ax.bar(xs, ys, width, label=row.label)
             refs = [row.paper[s][0] if s in row.paper else math.nan for s in sets]
             has_paper = any(not math.isnan(v) for v in refs)
@@ -359,6 +362,6 @@ def write_report(root: str | Path, out: str | Path | None = None, sets: Sequence
     paths = {ext: out / f"report.{ext}" for ext in ("md", "tex", "json", "png")}
     paths["md"].write_text(markdown + "\n")
     paths["tex"].write_text(to_latex(rows, sets))
-    paths["json"].write_text(json.dumps(to_json(rows, sets), indent=2))
+    write_json(paths["json"], to_json(rows, sets))  # strict JSON: inf PSNR as "inf"
     plot_report(rows, sets, paths["png"])
     return {"markdown": markdown, "rows": rows, "sets": sets, "paths": paths}

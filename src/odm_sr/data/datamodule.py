@@ -101,6 +101,21 @@ class SRDataModule(L.LightningDataModule):
                 build_dataset(n, "test", self.scale, self.data_root) for n in self.test_set_names
             ]
 
+    def check_eval_sets(self) -> None:
+        """Open every validation and test image now (decode it, check the LR/HR pairing and sizes): a truncated
+        or mismatched file fails before training starts, naming itself, instead of at the first validation or
+        after training. Each set is read once (a set used for both validation and test too)."""
+        self.setup("validate")
+        self.setup("test")
+        checked = set()
+        named = [*zip(self.val_set_names, self.val_sets, strict=True),
+                 *zip(self.test_set_names, self.test_sets, strict=True)]
+        for name, dataset in named:
+            if name not in checked:
+                checked.add(name)
+                for index in range(len(dataset)):
+                    dataset.load_pair(index)
+
     def _loader_kwargs(self) -> dict:
         return {
             "num_workers": self.num_workers,

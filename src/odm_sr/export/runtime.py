@@ -68,16 +68,19 @@ def onnx_eval_upscale(path: str | Path, eval_cfg) -> object:
     return onnx_upscale(engine, eval_cfg.get("tile"), int(eval_cfg.get("tile_overlap", 16)))
 
 
-def onnx_upscale(engine: OnnxEngine, tile: int | None = None, overlap: int = 16):
-    """The ``evaluation.network_upscale`` contract ([0, 1] in and out, tiled as ``forward_chopped``) on ORT."""
+def onnx_upscale(engine: OnnxEngine, tile: int | None = None, overlap: int = 16, out: Tensor | None = None):
+    """The ``evaluation.network_upscale`` contract ([0, 1] in and out, tiled as ``forward_chopped``; with ``out``,
+    each tile rounded to uint8 into it) on ORT."""
     from odm_sr.inference import forward_chopped
+    from odm_sr.metrics import to_uint8
 
     rng = engine.pixel_range
 
     def run(x: Tensor) -> Tensor:
-        return torch.from_numpy(engine((x * rng).numpy())) / rng
+        sr = torch.from_numpy(engine((x * rng).numpy())) / rng
+        return sr if out is None else to_uint8(sr, 1.0)
 
-    return lambda lr: forward_chopped(run, lr, scale=engine.scale, tile=tile, overlap=overlap)
+    return lambda lr: forward_chopped(run, lr, scale=engine.scale, tile=tile, overlap=overlap, out=out)
 
 
 def trained_integer(ckpt: str | Path) -> tuple[nn.Module, IntegerSpec, nn.Module, DictConfig]:

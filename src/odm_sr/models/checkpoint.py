@@ -61,6 +61,9 @@ def extract_state_dict(checkpoint: Any, source: str = "<in-memory>") -> dict[str
 
 def load_torch_file(path: str | os.PathLike) -> Any:
     """torch.load(path, map_location='cpu', weights_only=True); a missing or unreadable file names itself."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path}: is a directory, expected a checkpoint file "
+                                f"(e.g. {os.path.join(path, 'checkpoints', 'last.ckpt')})")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path}: no such file")
     try:
@@ -96,10 +99,13 @@ def guess_scale(state: Mapping[str, torch.Tensor]) -> int | None:
     return root if root > 1 and root * root * in_ch == out_ch else None
 
 
-def _mismatch_report(model: nn.Module, target: dict, state: dict) -> list[str]:
+def mismatch_report(model: nn.Module, target: dict, state: dict) -> list[str]:
+    """Missing/unexpected keys and shape mismatches of ``state`` against ``target`` (``model``'s state dict),
+    with the scale the checkpoint looks like when it differs from ``model.scale``; empty when they match."""
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
-    wrong_shape = [k for k in target if k in state and target[k].shape != state[k].shape]
+    wrong_shape = [k for k in target if k in state  # non-tensor entries (extra state) have no shape
+                   and getattr(target[k], "shape", None) != getattr(state[k], "shape", None)]
     lines = []
     if missing:
         lines.append(f"{len(missing)} missing key(s), e.g. {missing[:_SHOWN]}")
@@ -131,7 +137,7 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
         source, state = str(path_or_state), read_checkpoint(path_or_state)
     state = {k: v for k, v in state.items() if not is_quantizer_key(k)}
     target = {k: v for k, v in model.state_dict().items() if not is_quantizer_key(k)}
-    problems = _mismatch_report(model, target, state)
+    problems = mismatch_report(model, target, state)
     if problems and strict:
         name = getattr(model, "name", type(model).__name__)
         raise ValueError(f"{source}: does not match model {name!r}:\n  " + "\n  ".join(problems))

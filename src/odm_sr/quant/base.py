@@ -91,6 +91,8 @@ class QuantMethod:
     needs_teacher = False  # True: the LightningModule keeps a frozen FP copy and passes it as ``teacher``
     supported_backbones: tuple[str, ...] = ("edsr", "rdn", "swinir", "hat")
     backbone_note = ""  # why a backbone is unsupported, appended to the error
+    per_image_statistics = False  # True: activations are quantized with statistics of the whole input image,
+    # so a tiled forward (eval.tile, odm-sr-upscale --tile) differs from the whole-image one
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None):
         self.cfg = to_dict(cfg)

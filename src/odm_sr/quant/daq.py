@@ -176,6 +176,7 @@ class DAQ(QuantMethod):
     """DAQ: W + A on the placement's layers, L1 only (base ``training_losses``), nothing learnable."""
 
     name = "daq"
+    per_image_statistics = True  # per-image, per-channel mean/std of every quantized activation
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None):
         super().__init__(cfg, bits)

@@ -242,6 +242,7 @@ class DDTB(QuantMethod):
 
     name = "ddtb"
     needs_teacher = True
+    per_image_statistics = True  # the dynamic gates read GAP(x) of the whole input
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None):
         super().__init__(cfg, bits)

@@ -1,0 +1,80 @@
+"""The trainer's side of checkpoints: atomic writes, checks of ``resume=`` before any work, and the current
+config's optimizer settings applied on resume."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
+
+from .checkpoint import read_checkpoint
+from .files import atomic_write
+from .models.checkpoint import mismatch_report
+
+
+def check_resume_checkpoint(path: str | Path, module: nn.Module) -> None:
+    """Before any work: ``resume=path`` must be a full odm-sr training checkpoint (weights, optimizer and
+    schedule) of the network the current config builds; clear errors naming the file otherwise."""
+    ckpt = read_checkpoint(path, what="resume")
+    missing = [k for k in ("optimizer_states", "lr_schedulers", "loops") if k not in ckpt]
+    if missing:
+        raise ValueError(f"resume={path}: holds weights only (no {missing}); to start a new run from its "
+                         f"weights use model.pretrained={path}")
+    target = module.state_dict()
+    problems = mismatch_report(module.net, target, ckpt["state_dict"])
+    if problems:
+        raise ValueError(f"resume={path}: does not match the network of the current config "
+                         f"(model/method/bits must be those of the run being resumed):\n  " + "\n  ".join(problems))
+
+
+class CurrentOptimSettingsOnResume(L.Callback):
+    """On resume, the optimizer and lr-schedule settings of the current config (``optim.lr``, ``betas``,
+    ``eps``, ``weight_decay``, ``milestones``, ``gamma``, per-group lr factors) replace those stored in the
+    checkpoint; Adam's moments and the step count are kept. So ``resume=<ckpt> optim.lr=1e-5`` trains at
+    1e-5 (decayed by the milestones already passed), as results.json records."""
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        fresh = pl_module.configure_optimizers()
+        apply_optim_settings(checkpoint, fresh["optimizer"], fresh["lr_scheduler"]["scheduler"])
+
+
+def apply_optim_settings(checkpoint: dict, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Rewrite the first optimizer/scheduler state of ``checkpoint`` (before Lightning loads it) with the
+    hyperparameters of ``optimizer``/``scheduler`` (a MultiStepLR), the lr at the checkpoint's step being
+    base_lr * gamma ** (milestones passed), as ``MultiStepLR`` computes it."""
+    saved_opt, saved_sched = checkpoint["optimizer_states"][0], checkpoint["lr_schedulers"][0]
+    new_groups, new_sched = optimizer.state_dict()["param_groups"], scheduler.state_dict()
+    if len(saved_opt["param_groups"]) != len(new_groups):
+        raise ValueError(f"resume: the checkpoint has {len(saved_opt['param_groups'])} parameter groups, the "
+                         f"current config builds {len(new_groups)} (was the method changed?)")
+    passed = bisect_right(sorted(new_sched["milestones"].elements()), int(saved_sched["last_epoch"]))
+    lrs = [base * new_sched["gamma"] ** passed for base in new_sched["base_lrs"]]
+    changed = {k for saved, new in zip(saved_opt["param_groups"], new_groups, strict=True)
+               for k, v in new.items() if k not in ("params", "lr") and saved.get(k) != v}
+    changed |= {k for k in ("milestones", "gamma") if saved_sched.get(k) != new_sched[k]}
+    for saved, new, lr in zip(saved_opt["param_groups"], new_groups, lrs, strict=True):
+        saved.update({k: v for k, v in new.items() if k != "params"}, lr=lr)
+    saved_sched.update(milestones=new_sched["milestones"], gamma=new_sched["gamma"],
+                       base_lrs=new_sched["base_lrs"], _last_lr=lrs)
+    if changed:
+        print(f"resume: the current config's {sorted(changed)} replace the checkpoint's (lr now {lrs})")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that never leaves a half-written checkpoint that looks valid: it writes
+    ``.<name>.tmp`` beside the target, fsyncs it and renames it over the target (``os.replace`` is atomic on
+    POSIX). Loading uses ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume checkpoint {path}: no such file")
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
