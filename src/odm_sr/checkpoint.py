@@ -42,7 +42,8 @@ def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
 
 def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
     """ValueError naming the tensors that hold NaN/inf (a diverged run's weights give black images, no error)."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"checkpoint {path}: {len(bad)} tensor(s) hold NaN or inf, e.g. {bad[:5]}; the run "
                          f"diverged before this checkpoint was written. Use an earlier checkpoint of the run.")
