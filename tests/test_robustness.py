@@ -60,7 +60,18 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(uninterrupted, tmp_p
     state, step = _final_state(killed)
     assert step == 4  # the last checkpoint before the crash, mid-epoch (epochs of 3 steps)
     monkeypatch.setattr(train_mod, "build_callbacks", real_build_callbacks)
-    resumed = train(compose_config(RESUMABLE + [f"resume={killed / 'checkpoints' / 'last.ckpt'}"], killed))
+    last = killed / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert 0 < ckpt["odm_sr_seconds"]["train"] < 600
+    ckpt["odm_sr_seconds"] = {"train": 1000.0, "validation": 50.0}  # as if the first part had run that long
+    torch.save(ckpt, last)
+    import time
+
+    started = time.perf_counter()
+    resumed = train(compose_config(RESUMABLE + [f"resume={last}"], killed))
+    own = time.perf_counter() - started
+    # the whole run's training time: the first part's (from the checkpoint) plus the resumed part's
+    assert 1000.0 < resumed["train_seconds"] < 1000.0 + own and resumed["validation_seconds"] >= 50.0
     final, step = _final_state(killed)
     reference, ref_step = _final_state(out)
     assert step == ref_step == 8 and resumed["steps"] == 8

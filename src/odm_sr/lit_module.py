@@ -68,7 +68,11 @@ class SRLitModule(L.LightningModule):
         self.register_buffer("calibrated", torch.tensor(calibration_batches <= 0))
         self._metrics: dict[str, MetricAccumulator] = {}
         self.set_names: dict[str, list[str]] = {"val": [], "test": []}
-        self.validation_seconds = 0.0  # wall time spent validating during fit (excluded from training time)
+        # wall time of training (calibration included) and of validating during fit; a resumed run adds the time of
+        # the run it continues (from the checkpoint), so results.json reports the whole run
+        self.seconds_before = {"train": 0.0, "validation": 0.0}
+        self._fit_started: float | None = None
+        self._validation_this_fit = 0.0
         self.balance_sum, self.balance_steps = 0.0, 0  # running sum of mr/rho (ODM): its run mean in results
         if hparams:
             self.save_hyperparameters(hparams)
@@ -97,6 +101,7 @@ class SRLitModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
         if self.teacher is not None:
             self.teacher.to(self.device)
         if not bool(self.calibrated):
@@ -159,12 +164,28 @@ class SRLitModule(L.LightningModule):
         checkpoint["odm_sr_step_count"] = int(self._step_count)
         checkpoint["odm_sr_torch_rng"] = torch.get_rng_state()
         checkpoint["odm_sr_balance"] = [self.balance_sum, self.balance_steps]
+        checkpoint["odm_sr_seconds"] = {"train": self.train_seconds, "validation": self.validation_seconds}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._step_count = int(checkpoint.get("odm_sr_step_count", 0))
         self.balance_sum, self.balance_steps = checkpoint.get("odm_sr_balance", [0.0, 0])
+        self.seconds_before = dict(checkpoint.get("odm_sr_seconds", {"train": 0.0, "validation": 0.0}))
         if "odm_sr_torch_rng" in checkpoint:
             torch.set_rng_state(checkpoint["odm_sr_torch_rng"])
+
+    @property
+    def validation_seconds(self) -> float:
+        """Wall time spent validating during fit, over the whole run (excluded from ``train_seconds``)."""
+        return self.seconds_before["validation"] + self._validation_this_fit
+
+    @property
+    def train_seconds(self) -> float:
+        """Wall time of training so far (calibration included, validation excluded), over the whole run: the
+        run a resume continues counts too (S12's training time)."""
+        if self._fit_started is None:
+            return self.seconds_before["train"]
+        now = time.perf_counter() - self._fit_started - self._validation_this_fit
+        return self.seconds_before["train"] + now
 
     @property
     def balance_mean(self) -> float | None:
@@ -220,7 +241,7 @@ class SRLitModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._flush("val")
-        self.validation_seconds += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
+        self._validation_this_fit += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
 
     def on_test_epoch_end(self) -> None:
         self._flush("test")

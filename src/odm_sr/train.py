@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -61,9 +60,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [*build_callbacks(cfg), CurrentOptimSettingsOnResume()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
                                                  callbacks=callbacks, plugins=[AtomicCheckpointIO()])
-    start = time.perf_counter()
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
-    train_seconds = time.perf_counter() - start - lit.validation_seconds  # S12: training incl. calibration
+    train_seconds = lit.train_seconds  # S12: training incl. calibration, the whole run (resumes included)
     complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64), placement=cfg.method.get("placement"))
     for logger in trainer.loggers:
         logger.log_metrics({**complexity, "time/train_seconds": train_seconds}, step=lit.global_step_count)
