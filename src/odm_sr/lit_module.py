@@ -145,7 +145,7 @@ class SRLitModule(L.LightningModule):
 
     def _non_finite_message(self, terms: str) -> str:
         # resume applies the new optim.* values (trainer_checkpoint.CurrentOptimSettingsOnResume): the advice works
-        callback = self.trainer.checkpoint_callback
+        callback = self._trainer.checkpoint_callback if self._trainer is not None else None  # None: no Trainer
         last = (callback.last_model_path if callback is not None else "") or "<run>/checkpoints/last.ckpt"
         lower = float(self.optim_cfg.get("lr", 1e-4)) / 10
         return (f"non-finite training loss at step {self.global_step_count} ({terms}); stopping. The last good "
