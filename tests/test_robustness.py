@@ -163,3 +163,29 @@ def test_unknown_method_name_is_a_clear_compose_error(tmp_path):
 
     with pytest.raises(ConfigCompositionException, match="method"):
         compose_config(["method=nope"], tmp_path)
+
+
+def test_cuda_rng_states_are_saved_and_restored(monkeypatch):
+    """A resumed GPU run continues the CUDA generators too (drop-path, random draws on the device); simulated with
+    stand-ins for torch.cuda's RNG functions, as this machine has no GPU."""
+    from odm_sr.lit_module import SRLitModule
+    from odm_sr.models import build_model
+    from odm_sr.quant.base import FullPrecision
+
+    states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new: restored.append([s.clone() for s in new]))
+    lit = SRLitModule(build_model("edsr", 2, n_resblocks=1, n_feats=8), FullPrecision(), {"lr": 1e-4})
+    checkpoint: dict = {}
+    lit.on_save_checkpoint(checkpoint)
+    assert [s.tolist() for s in checkpoint["odm_sr_cuda_rng"]] == [[1, 2, 3], [4, 5]]
+    lit.on_load_checkpoint(checkpoint)
+    assert [[s.tolist() for s in r] for r in restored] == [[[1, 2, 3], [4, 5]]]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # another machine: warn, do not half-restore
+    with pytest.warns(UserWarning, match="2 GPUs"):
+        lit.on_load_checkpoint(checkpoint)
+    assert len(restored) == 1

@@ -8,6 +8,7 @@ update writes ``.grad`` itself) → optimizer step → per-iteration lr schedule
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 
 import lightning as L
@@ -163,6 +164,8 @@ class SRLitModule(L.LightningModule):
         # the torch RNG (drop-path, DataLoader base seeds) so that a resumed run continues bit for bit
         checkpoint["odm_sr_step_count"] = int(self._step_count)
         checkpoint["odm_sr_torch_rng"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout/drop-path draws on the GPU
+            checkpoint["odm_sr_cuda_rng"] = torch.cuda.get_rng_state_all()
         checkpoint["odm_sr_balance"] = [self.balance_sum, self.balance_steps]
         checkpoint["odm_sr_seconds"] = {"train": self.train_seconds, "validation": self.validation_seconds}
 
@@ -172,6 +175,13 @@ class SRLitModule(L.LightningModule):
         self.seconds_before = dict(checkpoint.get("odm_sr_seconds", {"train": 0.0, "validation": 0.0}))
         if "odm_sr_torch_rng" in checkpoint:
             torch.set_rng_state(checkpoint["odm_sr_torch_rng"])
+        cuda_states = checkpoint.get("odm_sr_cuda_rng")
+        if cuda_states is not None and torch.cuda.is_available():
+            if len(cuda_states) != torch.cuda.device_count():
+                warnings.warn(f"the checkpoint holds the CUDA RNG states of {len(cuda_states)} GPUs, this machine "
+                              f"has {torch.cuda.device_count()}: the resumed run is not bit-identical", stacklevel=2)
+            else:
+                torch.cuda.set_rng_state_all(cuda_states)
 
     @property
     def validation_seconds(self) -> float:

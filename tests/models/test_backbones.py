@@ -238,3 +238,18 @@ def test_build_model_rejects_bad_arguments() -> None:
         build_model("edsr", 2, n_blocks=4)
     with pytest.raises(ValueError, match="pad_mode"):
         build_model("swinir_light", 2, pad_mode="zeros")
+
+
+def test_hat_channel_attention_pools_without_adaptive_pooling():
+    """HAT's channel attention averages over H, W with a plain mean: AdaptiveAvgPool2d(1)'s values, a backward
+    CUDA runs deterministically (trainer.deterministic=true), and the same state-dict keys."""
+    from odm_sr.models.hat import ChannelAttention
+
+    net = build_model("hat_s", 4, **TINY["hat_s"])
+    assert not [m for m in net.modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)]
+    ca = ChannelAttention(12, 3)
+    x = torch.randn(2, 12, 5, 7, requires_grad=True)
+    ref = torch.nn.AdaptiveAvgPool2d(1)(x)
+    assert torch.allclose(ca.attention[0](x), ref, rtol=0, atol=1e-7)
+    assert [k for k, _ in ca.state_dict().items()] == ["attention.1.weight", "attention.1.bias",
+                                                        "attention.3.weight", "attention.3.bias"]

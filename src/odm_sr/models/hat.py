@@ -34,13 +34,22 @@ from odm_sr.models.windows import (
 )
 
 
+class GlobalAvgPool(nn.Module):
+    """The mean over H and W, keeping them as 1 x 1: ``nn.AdaptiveAvgPool2d(1)``'s values, but its backward is a
+    plain broadcast, which CUDA runs deterministically (adaptive pooling's backward has no deterministic CUDA
+    kernel, so ``trainer.deterministic=true`` would stop HAT). No parameters: checkpoint keys are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1), keepdim=True)
+
+
 class ChannelAttention(nn.Module):
     """RCAN channel attention: x * sigmoid(conv(relu(conv(avgpool(x)))))."""
 
     def __init__(self, num_feat: int, squeeze_factor: int) -> None:
         super().__init__()
         self.attention = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
+            GlobalAvgPool(),
             nn.Conv2d(num_feat, num_feat // squeeze_factor, 1, padding=0),
             nn.ReLU(inplace=True),
             nn.Conv2d(num_feat // squeeze_factor, num_feat, 1, padding=0),
