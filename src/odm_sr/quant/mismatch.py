@@ -1,9 +1,9 @@
 """ODM's mismatch regularisation and cooperative gradient update as plain functions (METHODS.md §5.4, §5.5).
 
 Nothing here knows about Lightning or a model: ``mismatch_loss`` turns features and their quantized targets
-into L_M, ``cooperative_weight`` maps a cosine to a weight, and ``combine_gradients`` merges g_R and g_M into
-the gradient the optimizer sees. ``MismatchRegistry`` is the context in which ODM's activation quantizers
-report their M_i during one training forward.
+into L_M; ``MismatchRegistry`` is the context in which ODM's activation quantizers report their M_i during one
+training forward. The cooperative update (``cooperative_weight``, ``combine_gradients``) lives in
+``cooperative.py`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .cooperative import (  # noqa: F401 - the cooperative update, re-exported beside L_M
+    COS_SCOPES,
+    WEIGHT_FNS,
+    balance_by_group,
+    combine_gradients,
+    cooperative_weight,
+)
 from .distributed import all_reduce_sum_, world_size
 from .functional import uniform_quantize
 
 NORMS = ("l2", "l2sq", "mse", "rms")
-WEIGHT_FNS = ("half_cos", "cos", "cos_signed", "step")
-COS_SCOPES = ("global", "per_tensor")
 
 _ACTIVE: contextvars.ContextVar[MismatchRegistry | None] = contextvars.ContextVar("odm_mismatch",
                                                                                    default=None)
@@ -157,125 +162,3 @@ class MismatchRegistry:
 def active_registry() -> MismatchRegistry | None:
     """The registry of the innermost ``with MismatchRegistry(...)`` block, or None."""
     return _ACTIVE.get()
-
-
-def cooperative_weight(cos: Tensor, weight_fn: str = "half_cos") -> Tensor:
-    """w(c) of the cooperative update (§5.5 table; compared in the paper's Table S11).
-
-    half_cos: ½(c + 1) (default); cos: max(0, c); cos_signed: c; step: 1[c > 0]; one: 1 (``mr.mode=naive``).
-    """
-    if weight_fn == "half_cos":
-        return 0.5 * (cos + 1.0)
-    if weight_fn == "cos":
-        return cos.clamp(min=0.0)
-    if weight_fn == "cos_signed":
-        return cos
-    if weight_fn == "step":
-        return (cos > 0).to(cos.dtype)
-    if weight_fn == "one":
-        return torch.ones_like(cos)
-    raise ValueError(f"mr.weight_fn={weight_fn!r}: expected one of {WEIGHT_FNS} (or 'one' for naive MR)")
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Σ a·b in one pass without a temporary (``torch.dot`` of the flattened tensors)."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
-
-
-def _sq(t: Tensor) -> Tensor:
-    return _dot(t, t)
-
-
-def _sign_counts(r: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    """(#elements where both are non-zero, #elements with opposite signs), as float64 0-d tensors.
-
-    With s = sign(r)·sign(m) ∈ {−1, 0, 1}: both = Σ s², conflict = (Σ s² − Σ s)/2; float passes only (boolean
-    masks are several times slower on CPU), exact because per-tensor sums of ±1 stay far below 2^24.
-    """
-    s = r.sign().mul_(m.sign())
-    both = _dot(s, s).double()
-    return both, (both - s.sum().double()) / 2
-
-
-def _zero_like_stats(grads: Sequence[Tensor | None]) -> Tensor:
-    first = next((g for g in grads if g is not None), None)
-    return torch.zeros(()) if first is None else first.new_zeros(())
-
-
-def combine_gradients(g_r: Sequence[Tensor | None], g_m: Sequence[Tensor | None], lambda_r: float = 1.0,
-                      lambda_m: float = 1e-5, weight_fn: str = "half_cos", scope: str = "global",
-                      include_unreached: bool = True, eps: float = 1e-12
-                      ) -> tuple[list[Tensor | None], dict[str, Tensor]]:
-    """θ.grad = λ_R g_R + λ_M w(cos(g_R, g_M)) g_M (METHODS.md §5.5, pseudo-code §5.7).
-
-    ``g_r[k]``/``g_m[k]`` are the gradients of parameter k; None means "not reached" (0).
-    ``scope=global``: one cosine over the concatenation of all parameters, c = ⟨g_R, g_M⟩/(‖g_R‖‖g_M‖ + eps),
-    where ‖g_R‖ also covers parameters L_M does not reach unless ``include_unreached=False``
-    (``mr.cos_include_unreached``). ``per_tensor``: one cosine and weight per parameter.
-    Returns the combined gradients (None where both are None) and stats in the gradients' dtype, 0-d:
-    cos, weight (per_tensor: means over reached tensors), grad_norm_rec, grad_norm_mismatch, sign_conflict
-    (share of elements with sign(g_R) ≠ sign(g_M) among those where both are non-zero), balance
-    ρ = ‖λ_M w g_M‖ / ‖λ_R g_R‖ (= λ_M·w·‖g_M‖ / (λ_R‖g_R‖) for the global scope: what MR contributes to θ's
-    gradient relative to L_R); and one entry per parameter (``rec_sq`` = ‖λ_R g_R,k‖², ``coop_sq`` =
-    ‖λ_M w_k g_M,k‖²) from which ``balance_by_group`` forms the ratio of any group of parameters.
-    """
-    if len(g_r) != len(g_m):
-        raise ValueError(f"{len(g_r)} reconstruction grads but {len(g_m)} mismatch grads")
-    if scope not in COS_SCOPES:
-        raise ValueError(f"mr.cos_scope={scope!r}: expected one of {COS_SCOPES}")
-    zero = _zero_like_stats(list(g_r) + list(g_m))
-    sq_r = [_sq(r) if r is not None else zero for r in g_r]
-    sq_m = [_sq(m) if m is not None else zero for m in g_m]
-    reached = [r is not None and m is not None for r, m in zip(g_r, g_m, strict=True)]
-    norm_r_sq = sum(sq_r, zero)
-    norm_m = torch.sqrt(sum(sq_m, zero))
-    if scope == "global":
-        dot = sum((_dot(r, m) for r, m, ok in zip(g_r, g_m, reached, strict=True) if ok), zero)
-        cos_r_sq = norm_r_sq if include_unreached else sum((q for q, ok in zip(sq_r, reached, strict=True) if ok),
-                                                          zero)
-        cos = dot / (torch.sqrt(cos_r_sq) * norm_m + eps)
-        weight = cooperative_weight(cos, weight_fn)
-        weights = [weight] * len(g_r)
-        cos_stat, weight_stat = cos, weight
-    else:
-        cosines = [_dot(r, m) / (torch.sqrt(qr) * torch.sqrt(qm) + eps) if ok else None
-                   for r, m, qr, qm, ok in zip(g_r, g_m, sq_r, sq_m, reached, strict=True)]
-        weights = [cooperative_weight(c, weight_fn) if c is not None else None for c in cosines]
-        pairs_cw = [(c, w) for c, w in zip(cosines, weights, strict=True) if c is not None]
-        cos_stat = torch.stack([c for c, _ in pairs_cw]).mean() if pairs_cw else zero
-        weight_stat = torch.stack([w for _, w in pairs_cw]).mean() if pairs_cw else zero
-    combined = [_combine_one(r, m, w, lambda_r, lambda_m) for r, m, w in zip(g_r, g_m, weights, strict=True)]
-    counts = [_sign_counts(r, m) for r, m, ok in zip(g_r, g_m, reached, strict=True) if ok]
-    both = sum((b for b, _ in counts), zero.double())
-    conflict = sum((c for _, c in counts), zero.double())
-    rec_sq = torch.stack(sq_r) * lambda_r ** 2 if sq_r else zero.reshape(1)[:0]
-    coop_sq = (torch.stack([q * (lambda_m * w) ** 2 if w is not None and m is not None else zero
-                            for q, w, m in zip(sq_m, weights, g_m, strict=True)]) if sq_m else zero.reshape(1)[:0])
-    stats = {"cos": cos_stat, "weight": weight_stat, "grad_norm_rec": torch.sqrt(norm_r_sq),
-             "grad_norm_mismatch": norm_m, "sign_conflict": (conflict / both.clamp(min=1)).to(zero.dtype),
-             "balance": _ratio(coop_sq.sum(), rec_sq.sum()), "rec_sq": rec_sq, "coop_sq": coop_sq}
-    return combined, stats
-
-
-def _ratio(coop_sq: Tensor, rec_sq: Tensor) -> Tensor:
-    """√coop_sq / √rec_sq, 0 where the reconstruction gradient is 0."""
-    return torch.where(rec_sq > 0, torch.sqrt(coop_sq / rec_sq.clamp(min=torch.finfo(rec_sq.dtype).tiny)),
-                       torch.zeros_like(rec_sq))
-
-
-def balance_by_group(stats: dict[str, Tensor], group_of: Sequence[int], num_groups: int) -> Tensor:
-    """ρ_g = ‖λ_M w g_M‖ / ‖λ_R g_R‖ over the parameters of each group g (``group_of[k]``: the group of
-    parameter k of ``combine_gradients``, −1 for none); one tensor op, no host sync."""
-    index = torch.as_tensor([g if g >= 0 else num_groups for g in group_of], dtype=torch.long,
-                            device=stats["rec_sq"].device)  # the extra last bin collects the ungrouped
-    rec = stats["rec_sq"].new_zeros(num_groups + 1).index_add_(0, index, stats["rec_sq"])[:num_groups]
-    coop = stats["coop_sq"].new_zeros(num_groups + 1).index_add_(0, index, stats["coop_sq"])[:num_groups]
-    return _ratio(coop, rec)
-
-
-def _combine_one(r: Tensor | None, m: Tensor | None, w: Tensor | None, lambda_r: float,
-                 lambda_m: float) -> Tensor | None:
-    if m is None or w is None:
-        return None if r is None else lambda_r * r
-    coop = (lambda_m * w).to(m.dtype) * m
-    return coop if r is None else lambda_r * r + coop
