@@ -152,3 +152,15 @@ def test_percentile_matches_numpy_linear():
     assert percentile(x, 99).item() == pytest.approx(ref[2], rel=1e-12)
     assert percentile(x, 100).item() == x.max().item() and percentile(x, 0).item() == x.min().item()
     assert percentile(x.float(), 99).item() == pytest.approx(ref[2], rel=1e-5)
+
+
+def test_tail_percentile_makes_no_host_transfer():
+    """WCC and DDTB take a weight percentile every step: it must not stop at the host (GPU readiness)."""
+    from odm_sr.analysis.profiling import step_profile
+    from odm_sr.quant.functional import percentile
+
+    w = torch.randn(32, 32, 3, 3)
+    with step_profile() as p:
+        got = percentile(w.abs(), 99.0)
+    assert p.total_syncs == 0
+    assert got.item() == torch.quantile(w.abs().reshape(-1), torch.tensor(0.99)).item()

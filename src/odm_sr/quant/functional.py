@@ -7,6 +7,7 @@ quantizer module is a thin shell around them.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -145,11 +146,17 @@ def percentile(x: Tensor, q: float | Sequence[float]) -> Tensor:
     return out[0] if scalar else out
 
 
+def _round_to(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to float32 (as a float32 tensor would hold it) unless ``dtype`` is float64."""
+    return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _tail_percentiles(flat: Tensor, qs: list[float]) -> Tensor:
     """``torch.quantile(flat, qs/100)`` (linear) for percentiles within 12.5 % of either end, via ``topk``."""
     n = flat.numel()
-    # ranks as ATen's quantile computes them: q/100 rounded to the input dtype, times (n − 1) in double
-    ranks = [v * (n - 1) for v in (torch.tensor(qs, dtype=flat.dtype) / 100.0).tolist()]
+    # ranks as ATen's quantile computes them: q/100 rounded to the input dtype, times (n − 1) in double; the
+    # rounding in Python (no tensor, no host transfer: this runs every step for every WCC/DDTB weight)
+    ranks = [_round_to(v / 100.0, flat.dtype) * (n - 1) for v in qs]
     values = []
     for rank in ranks:
         below, above = int(rank), min(int(math.ceil(rank)), n - 1)
