@@ -136,3 +136,15 @@ def test_checkpoint_with_non_finite_weights_is_refused_for_eval_and_upscale(tiny
     with pytest.raises(ValueError, match=message):
         upscale_file(bad, _input_image(tmp_path / "in.png"), tmp_path / "out.png")
     assert not (tmp_path / "out.png").exists()
+
+
+def test_upscale_reads_a_webp_input(tiny_run, tmp_path):
+    from odm_sr.upscale import main as upscale_main
+
+    out, _ = tiny_run
+    rgb = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "in.webp", lossless=True)
+    Image.fromarray(rgb).save(tmp_path / "in.png")
+    upscale_main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "in.webp"), str(tmp_path / "a.png")])
+    upscale_main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "in.png"), str(tmp_path / "b.png")])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
+from .console import quiet_known_noise
 from .data import SRDataModule
 from .evaluation import (
     bicubic_upscale,
@@ -62,6 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
     rows = evaluate(cfg)
     print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
     out = Path(cfg.output_json)

@@ -25,6 +25,7 @@ from .builders import (
     selected_checkpoint,
 )
 from .config import CONFIG_DIR, register_resolvers, validate_config
+from .console import quiet_known_noise
 from .evaluation import (
     bicubic_upscale,
     eval_upscale,
@@ -191,6 +192,7 @@ def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: li
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
     train(cfg)
 
 

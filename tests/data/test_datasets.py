@@ -222,3 +222,22 @@ def test_registry_errors_and_default_root(monkeypatch, tmp_path):
         build_dataset("Set5", "train", 2, tmp_path)
     monkeypatch.setenv(DATA_ENV_VAR, str(tmp_path))
     assert default_data_root() == tmp_path
+
+
+def test_any_format_pillow_reads_is_a_data_image(tmp_path):
+    """WebP (lossless) HR/LR pairs and a TIFF HR folder load like PNGs; a stray .h5 or .txt is not an image."""
+    hr, lr = _rand(24, 20), _rand(12, 10, seed=1)
+    (tmp_path / "HR").mkdir()
+    (tmp_path / "LR").mkdir()
+    Image.fromarray(hr).save(tmp_path / "HR" / "a.webp", lossless=True)
+    Image.fromarray(lr).save(tmp_path / "LR" / "ax2.webp", lossless=True)
+    (tmp_path / "HR" / "notes.txt").write_text("not an image")
+    (tmp_path / "HR" / "features.h5").write_bytes(b"\x89HDF")
+    pair = PairedFolderDataset(tmp_path / "HR", tmp_path / "LR", scale=2)
+    assert pair.names == ["a"]
+    item = pair[0]
+    assert torch.equal((item["hr"] * 255).round().byte(), torch.from_numpy(hr).permute(2, 0, 1))
+    assert torch.equal((item["lr"] * 255).round().byte(), torch.from_numpy(lr).permute(2, 0, 1))
+    (tmp_path / "tiff").mkdir()
+    Image.fromarray(hr).save(tmp_path / "tiff" / "b.tiff")
+    assert HRFolderDataset(tmp_path / "tiff", scale=2).names == ["b"]

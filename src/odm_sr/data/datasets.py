@@ -26,7 +26,8 @@ PathLike = str | Path
 
 
 def list_images(folder: PathLike, recursive: bool = False, layout: str = "") -> list[Path]:
-    """Image files (png/jpg/jpeg/bmp/tif) in ``folder``, sorted; FileNotFoundError if none."""
+    """Image files (any format Pillow opens: ``io.IMAGE_EXTENSIONS``) in ``folder``, sorted; FileNotFoundError
+    if none."""
     folder = Path(folder)
     hint = f" Expected layout: {layout}" if layout else ""
     if not folder.is_dir():
@@ -35,7 +36,8 @@ def list_images(folder: PathLike, recursive: bool = False, layout: str = "") -> 
     files = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}{' or below' if recursive else ''}.{hint}"
+            f"no images ({', '.join(IMAGE_EXTENSIONS[:6])}, or another format Pillow reads) in {folder}"
+            f"{' or below' if recursive else ''}.{hint}"
         )
     return files
 

@@ -42,7 +42,22 @@ __all__ = [
     "write_png",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Not still raster images, or only stubs / external tools in Pillow: never picked up from a data folder
+_NOT_IMAGES = {".eps", ".ps", ".mpeg", ".mpg", ".h5", ".hdf", ".bufr", ".grib", ".emf", ".wmf", ".fit", ".fits"}
+
+
+def _pil_extensions() -> tuple[str, ...]:
+    """Every file extension of a format this Pillow can open (WebP, AVIF, TIFF, GIF, PPM, ...), the common SR
+    ones first (png, jpg, jpeg, bmp, tif, tiff: the order in which a paired LR file is looked up)."""
+    from PIL import Image
+
+    Image.init()
+    common = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+    found = {ext for ext, fmt in Image.EXTENSION.items() if fmt in Image.OPEN} - _NOT_IMAGES
+    return common + tuple(sorted(found - set(common)))
+
+
+IMAGE_EXTENSIONS = _pil_extensions()
 
 _EXPECTED = "an 8-bit grayscale/RGB(A)/palette or 16-bit grayscale image (png, jpg, bmp, tif)"
 _TO_RGB_MODES = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"}
