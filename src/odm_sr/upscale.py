@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="odm-sr-upscale", description=__doc__)
     parser.add_argument("ckpt", help="checkpoint written by odm-sr-train (.ckpt); with --engine onnx also an "
                                      "odm-sr-export .onnx/.odmq")
-    parser.add_argument("input", help="LR image file (png/jpg/bmp/tif)")
+    parser.add_argument("input", help="LR image file (any format Pillow reads: png, jpg, bmp, tif, webp, ...)")
     parser.add_argument("output", help="where to write the SR image")
     parser.add_argument("--tile", type=int, default=None, help="LR tile side for chopped inference")
     parser.add_argument("--overlap", type=int, default=16, help="LR context pixels around each tile")
