@@ -270,6 +270,11 @@ class DDTB(QuantMethod):
         self.placement = c["placement"]
         self.family = "edsr"
 
+    @property
+    def ddp_unused_parameters(self) -> bool:
+        """The gates of non-dynamic quantizers never run (and bounds are idle in the calibration epoch)."""
+        return self.bits.a < 32
+
     # -- set-up ---------------------------------------------------------------------------------------
     def resolved(self) -> dict[str, Any]:
         """The 'auto' settings for the quantized backbone: EDSR (and transformers) 0.3 / p99 / percentile

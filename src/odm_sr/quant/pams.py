@@ -161,6 +161,11 @@ class PAMS(QuantMethod):
         self.placement = c["placement"]
 
     @property
+    def ddp_unused_parameters(self) -> bool:
+        """α is detached in the tracking epoch (unless quirk ``alpha_grad_while_tracking``)."""
+        return self.bits.a < 32 and self.ema_epochs > 0 and not self.quirks["alpha_grad_while_tracking"]
+
+    @property
     def init_from_fp(self) -> bool:
         """False under ``quirks.random_student_init``: the loader then leaves the student randomly initialised
         (only the teacher gets the FP weights, `colorjam/PAMS#15`)."""
