@@ -58,9 +58,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_resume_checkpoint(resume, lit)
     out_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [*build_callbacks(cfg), CurrentOptimSettingsOnResume()]
-    strategy = {"strategy": ddp_strategy(cfg.trainer.strategy, method)} if "strategy" in cfg.trainer else {}
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
-                                                 callbacks=callbacks, plugins=[AtomicCheckpointIO()], **strategy)
+                                                 callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                                                 **trainer_overrides(cfg.trainer, method))
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
     train_seconds = lit.train_seconds  # S12: training incl. calibration, the whole run (resumes included)
     complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64), placement=cfg.method.get("placement"))
@@ -148,6 +148,17 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
                 f"its files with that one. Continue it with resume={last} (or auto_resume=true), or start "
                 f"elsewhere (hydra.run.dir=<new folder>; the default timestamped folders are always new).")
     return resume
+
+
+def trainer_overrides(trainer_cfg: Any, method: Any) -> dict[str, Any]:
+    """Trainer arguments derived from ``trainer.*`` and the method: ``benchmark`` (cuDNN autotuning, i.e.
+    ``torch.backends.cudnn.benchmark``, which Lightning sets from it) true unless ``trainer.deterministic`` or
+    set explicitly; ``strategy`` as ``ddp_strategy`` says."""
+    benchmark = trainer_cfg.get("benchmark")
+    out = {"benchmark": not trainer_cfg.get("deterministic", False) if benchmark is None else bool(benchmark)}
+    if "strategy" in trainer_cfg:
+        out["strategy"] = ddp_strategy(trainer_cfg.strategy, method)
+    return out
 
 
 def ddp_strategy(strategy: Any, method: Any) -> Any:
