@@ -121,3 +121,14 @@ def test_evaluate_pair_and_accumulator_average_per_image():
     assert acc.count == 3
     acc.reset()
     assert acc.count == 0
+
+
+def test_metric_planes_stay_on_the_device_of_the_output():
+    """PSNR/SSIM are computed where the network's output is (issue 14: not copied to the CPU); the ``meta``
+    device stands in for a GPU, and the HR image follows the output there."""
+    from odm_sr.metrics import _compare_channels
+
+    sr = torch.zeros(3, 16, 16, dtype=torch.uint8, device="meta")
+    hr = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    planes = _compare_channels(sr, hr, border=2)
+    assert [p.device for p in planes] == [torch.device("meta")] * 2 and planes[0].shape == (12, 12)

@@ -148,3 +148,54 @@ def test_upscale_reads_a_webp_input(tiny_run, tmp_path):
     upscale_main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "in.webp"), str(tmp_path / "a.png")])
     upscale_main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "in.png"), str(tmp_path / "b.png")])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_eval_and_upscale_run_the_network_on_the_configured_device(tiny_run, tmp_path, monkeypatch):
+    """``eval.device`` / ``--device`` (issue 14): the network moves there, the LR batches follow it and the
+    metrics get its output where it is. The ``meta`` device stands in for a GPU (shapes only, so the metrics are
+    stubbed); real CUDA is not exercised on a CPU-only machine."""
+    from odm_sr import evaluation, upscale
+    from odm_sr.eval import evaluate
+    from odm_sr.evaluation import module_device
+
+    out, _ = tiny_run
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate_pair", lambda sr, hr, scale: seen.append(sr.device) or (30.0, 0.9))
+    cfg = compose_config([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "data=sample", "eval.device=meta",
+                          "eval.bicubic_row=false"], tmp_path, "eval")
+    evaluate(cfg)
+    assert seen and set(seen) == {torch.device("meta")}
+    nets = []
+    monkeypatch.setattr(upscale, "upscale_image", lambda net, *args: nets.append(module_device(net)))
+    upscale.main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "in.png"), str(tmp_path / "o.png"),
+                  "--device", "meta"])
+    assert nets == [torch.device("meta")]
+
+
+def test_eval_device_defaults_to_cuda_where_available(monkeypatch):
+    """Only the choice: ``torch.cuda.is_available`` is faked, no CUDA runs here."""
+    from odm_sr.evaluation import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == resolve_device("auto") == torch.device("cuda")
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [([], True), (["trainer.deterministic=true"], False),
+                                                     (["trainer.benchmark=false"], False)])
+def test_training_sets_cudnn_benchmark_unless_deterministic(tmp_path, overrides, expected):
+    import hydra
+
+    from odm_sr.quant.base import FullPrecision
+    from odm_sr.train import trainer_overrides
+
+    cfg = compose_config(TINY_TRAIN + overrides, tmp_path)
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = not expected
+        hydra.utils.instantiate(cfg.trainer, logger=False, **trainer_overrides(cfg.trainer, FullPrecision()))
+        assert torch.backends.cudnn.benchmark is expected
+    finally:
+        torch.backends.cudnn.benchmark = saved

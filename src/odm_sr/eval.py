@@ -20,6 +20,7 @@ from .evaluation import (
     eval_upscale,
     evaluate_sets,
     metrics_table,
+    resolve_device,
     rows_as_json,
     warn_if_tiled_dynamic,
 )
@@ -52,7 +53,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
         engine = cfg.eval.get("engine", "torch")
         if engine not in ("torch", "onnx"):
             raise ValueError(f"eval.engine={engine!r}: expected torch or onnx")
-        upscale = eval_upscale(net, cfg.eval)
+        # network and metrics on eval.device (default CUDA where available); the LR batches follow the network
+        upscale = eval_upscale(net.to(resolve_device(cfg.eval.get("device"))), cfg.eval)
         if engine == "onnx":  # the integer graph in ONNX Runtime (export.runtime)
             from .export.runtime import onnx_eval_upscale
 

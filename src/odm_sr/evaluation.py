@@ -101,6 +101,20 @@ def window_padding(net: torch.nn.Module, mode: str | None) -> Iterator[None]:
         net.pad_mode = saved
 
 
+def resolve_device(device: str | None = None) -> torch.device:
+    """``eval.device`` / ``--device``: the device named, or (None, "auto") CUDA where available, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def module_device(net: torch.nn.Module) -> torch.device:
+    """The device of ``net``'s first parameter (or buffer); the CPU for a module without either."""
+    for t in (*net.parameters(), *net.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def network_upscale(net: torch.nn.Module, tile: int | None = None, overlap: int = 16,
                     pad_mode: str = "official", out: Tensor | None = None) -> Upscaler:
     """Inference with a backbone in its own pixel range, tiled when ``tile`` is set; transformers pad to a
@@ -113,6 +127,7 @@ def network_upscale(net: torch.nn.Module, tile: int | None = None, overlap: int 
     mode = eval_pad_mode(net, pad_mode)
 
     def run(x: Tensor) -> Tensor:
+        x = x.to(module_device(net))  # the network's device (a tile at a time when tiled)
         with window_padding(net, mode):
             sr = net(x * rng) / rng
         return sr if out is None else to_uint8(sr, 1.0)

@@ -53,15 +53,15 @@ def to_uint8(x: ArrayLike, pixel_range: float = 1.0) -> Tensor:
     return x.round().clamp(0.0, 255.0).to(torch.uint8)
 
 
-def _as_uint8_tensor(img: ArrayLike, what: str) -> Tensor:
-    t = torch.as_tensor(img)
+def _as_uint8_tensor(img: ArrayLike, what: str, device: torch.device | None = None) -> Tensor:
+    t = torch.as_tensor(img, device=device)
     if t.dtype != torch.uint8:
         raise TypeError(f"{what} must be uint8 (apply to_uint8 first), got {t.dtype}")
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]  # a batch of one, as the evaluation loaders give
     if t.dim() != 3 or t.shape[0] not in (1, 3):
         raise ValueError(f"{what} must have shape (C, H, W) with C in {{1, 3}}, got {tuple(t.shape)}")
-    return t.detach().cpu()
+    return t.detach()
 
 
 def rgb_to_y(img_uint8: ArrayLike) -> Tensor:
@@ -80,8 +80,10 @@ def rgb_to_y(img_uint8: ArrayLike) -> Tensor:
 
 
 def _compare_channels(sr: ArrayLike, hr: ArrayLike, border: int) -> tuple[Tensor, Tensor]:
-    """The two float64 (H, W) planes that PSNR/SSIM compare: Y, or the single gray channel."""
-    sr_t, hr_t = _as_uint8_tensor(sr, "sr"), _as_uint8_tensor(hr, "hr")
+    """The two float64 (H, W) planes that PSNR/SSIM compare: Y, or the single gray channel; on ``sr``'s device
+    (a GPU output is not copied to the CPU: ``hr`` moves instead), where the metrics are then computed."""
+    sr_t = _as_uint8_tensor(sr, "sr")
+    hr_t = _as_uint8_tensor(hr, "hr", sr_t.device)
     if sr_t.shape[-2:] != hr_t.shape[-2:]:
         raise ValueError(f"sr and hr sizes differ: {tuple(sr_t.shape)} vs {tuple(hr_t.shape)}")
     if hr_t.shape[0] == 3:

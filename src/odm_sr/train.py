@@ -60,7 +60,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [*build_callbacks(cfg), CurrentOptimSettingsOnResume()]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
-                                                 callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+                                                 callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                                                 **trainer_overrides(cfg.trainer, method))
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
     train_seconds = lit.train_seconds  # S12: training incl. calibration, the whole run (resumes included)
     complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64), placement=cfg.method.get("placement"))
@@ -148,6 +149,37 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
                 f"its files with that one. Continue it with resume={last} (or auto_resume=true), or start "
                 f"elsewhere (hydra.run.dir=<new folder>; the default timestamped folders are always new).")
     return resume
+
+
+def trainer_overrides(trainer_cfg: Any, method: Any) -> dict[str, Any]:
+    """Trainer arguments derived from ``trainer.*`` and the method: ``benchmark`` (cuDNN autotuning, i.e.
+    ``torch.backends.cudnn.benchmark``, which Lightning sets from it) true unless ``trainer.deterministic`` or
+    set explicitly; ``strategy`` as ``ddp_strategy`` says."""
+    benchmark = trainer_cfg.get("benchmark")
+    out = {"benchmark": not trainer_cfg.get("deterministic", False) if benchmark is None else bool(benchmark)}
+    if "strategy" in trainer_cfg:
+        out["strategy"] = ddp_strategy(trainer_cfg.strategy, method)
+    return out
+
+
+def ddp_strategy(strategy: Any, method: Any) -> Any:
+    """``trainer.strategy`` for ``method``: a DDP strategy name (``ddp``, ``ddp_fork``, ...) becomes its
+    ``*_find_unused_parameters_true`` variant where the method leaves parameters out of some steps' graphs on
+    purpose (``QuantMethod.ddp_unused_parameters``: PAMS's α while it tracks, DDTB's unused gates), which DDP
+    otherwise stops on. DDP then leaves the gradients of parameters no rank used at None, as a single process does
+    (a ``0 * param`` term would give Adam zero gradients and change its state, hence the numbers). Lightning's
+    ``DDPStrategy`` docs: https://lightning.ai/docs/pytorch/stable/api/lightning.pytorch.strategies.DDPStrategy.html
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if not (isinstance(strategy, str) and getattr(method, "ddp_unused_parameters", False)):
+        return strategy
+    if strategy.endswith("_find_unused_parameters_false"):
+        raise ValueError(f"trainer.strategy={strategy}: method={method.name} leaves parameters out of some steps "
+                         f"(e.g. PAMS's alpha while it tracks, DDTB's unused gates), which DDP needs "
+                         f"find_unused_parameters for; use trainer.strategy={strategy.removesuffix('_false')}_true")
+    found = f"{strategy}_find_unused_parameters_true"
+    return found if found in StrategyRegistry else strategy
 
 
 def warn_random_start(cfg: DictConfig) -> None:

@@ -12,19 +12,20 @@ from torch import Tensor, nn
 
 from .checkpoint import load_trained
 from .data.io import read_image, save_image, to_tensor
-from .evaluation import EVAL_PAD_MODES, network_upscale, warn_if_tiled_dynamic
+from .evaluation import EVAL_PAD_MODES, network_upscale, resolve_device, warn_if_tiled_dynamic
 from .precision import set_tf32
 from .quant import build_method
 
 
 def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int | None = None,
                  overlap: int = 16, pad_mode: str = "official", tf32: bool = False, engine: str = "torch",
-                 threads: int | None = None, overwrite: bool = False) -> Path:
+                 threads: int | None = None, overwrite: bool = False, device: str | None = None) -> Path:
     """Read ``src`` (grayscale/RGBA converted to RGB), super-resolve it, write ``dst`` (PNG recommended).
     Refuses ``dst`` = ``src`` unless ``overwrite``; a checkpoint with NaN/inf weights is an error.
 
     ``engine="onnx"``: the integer graph in ONNX Runtime (``export.runtime``; ``ckpt`` may also be an exported
-    .onnx/.odmq), with ``threads`` intra-op threads."""
+    .onnx/.odmq), with ``threads`` intra-op threads. ``device`` (torch engine): where the network runs; None:
+    CUDA where available, else the CPU."""
     src, dst = Path(src), Path(dst)
     if not overwrite and src.exists() and dst.exists() and os.path.samefile(src, dst):
         raise FileExistsError(f"output {dst} is the input image {src}: writing it would destroy the input; "
@@ -37,7 +38,7 @@ def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int |
         return write_upscaled(lambda out: onnx_upscale(onnx, tile, overlap, out=out), onnx.scale, src, dst)
     net, cfg = load_trained(ckpt)
     warn_if_tiled_dynamic(build_method(cfg.method, cfg.bits), tile, "--tile")
-    return upscale_image(net, src, dst, tile, overlap, pad_mode)
+    return upscale_image(net.to(resolve_device(device)), src, dst, tile, overlap, pad_mode)
 
 
 def upscale_image(net: nn.Module, src: str | Path, dst: str | Path, tile: int | None = None,
@@ -80,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch: the PyTorch (fake-quant) model; onnx: its integer graph in ONNX Runtime (CPU)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (--engine onnx)")
     parser.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the INPUT file")
+    parser.add_argument("--device", default=None, help="where the network runs (--engine torch): cuda, cuda:1, "
+                                                       "cpu, ...; default cuda if available, else cpu")
     args = parser.parse_args(argv)
     out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32,
-                       args.engine, args.threads, args.overwrite)
+                       args.engine, args.threads, args.overwrite, args.device)
     print(f"wrote {out}")
 
 

@@ -154,6 +154,25 @@ def test_select_dynamic_by_variance_of_max_and_min():
     assert all(not q.max_history for q in quants.values())
 
 
+def test_select_dynamic_gathers_the_records_on_the_quantizers_device(monkeypatch):
+    """NCCL takes no CPU tensors: the records go to the collective on the quantizer's device (issue 14); the
+    ``meta`` device stands in for a GPU (it holds shapes only, so the fake collective returns zeros)."""
+    from odm_sr.quant import ddtb
+
+    devices = []
+
+    def fake_gather_cat(x, dim=0):
+        devices.append(x.device)
+        return torch.zeros(x.shape, dtype=x.dtype)
+
+    monkeypatch.setattr(ddtb, "gather_cat", fake_gather_cat)
+    quants = {n: DdtbActQuant(2, SITE).to("meta") for n in "ab"}
+    for q in quants.values():
+        q.max_history, q.min_history = [1.0, 2.0], [0.0, -1.0]
+    select_dynamic(quants, 0.5)
+    assert devices == [torch.device("meta")] * 2
+
+
 def test_calibration_epoch_picks_the_high_variance_quantizer():
     model = small_edsr()
     teacher = frozen_copy(model)

@@ -113,10 +113,10 @@ def test_odm_first_batch_ranges_are_those_of_the_union_batch(tmp_path):
 
 
 # -- PAMS α tracking -------------------------------------------------------------------------------------
-def _pams(rank: int, steps: int) -> dict[str, torch.Tensor]:
+def _pams(rank: int, steps: int, epoch: int = 1) -> dict[str, torch.Tensor]:
     model = _edsr()
     teacher = frozen_copy(model)
-    method = PAMS({"iters_per_epoch": 1, "ema_epochs": 1}, Bits(w=2, a=2))
+    method = PAMS({"iters_per_epoch": epoch, "ema_epochs": 1}, Bits(w=2, a=2))
     method.quantize(model)
     for step, lr in zip(range(steps), _batches(rank), strict=False):
         method.training_losses(model.train(), lr, _hr(lr), step, teacher=teacher)
@@ -137,6 +137,41 @@ def test_pams_alpha_is_averaged_when_tracking_ends(tmp_path):
         first, second = float(tracked[0][name][0]), float(tracked[1][name][0])
         assert abs(second - first) > 0.02 * first, name  # the ranks really tracked different α
         torch.testing.assert_close(got, (tracked[0][name] + tracked[1][name]) / 2, rtol=1e-6, atol=0, msg=name)
+
+
+class _PamsStep(torch.nn.Module):
+    """One training step's forward inside ``DistributedDataParallel``, as Lightning runs ``training_step``: DDP
+    broadcasts rank 0's buffers before it."""
+
+    def __init__(self, model: torch.nn.Module, method: PAMS) -> None:
+        super().__init__()
+        self.model, self.method, self.teacher = model, method, [frozen_copy(model)]
+
+    def forward(self, lr: torch.Tensor, step: int) -> torch.Tensor:
+        out = self.method.training_losses(self.model, lr, _hr(lr), step, teacher=self.teacher[0])
+        return sum(out.terms.values())
+
+
+def _pams_under_ddp(rank: int) -> dict[str, torch.Tensor]:
+    model = _edsr()
+    method = PAMS({"iters_per_epoch": 2, "ema_epochs": 1}, Bits(w=2, a=2))
+    method.quantize(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(_PamsStep(model.train(), method), find_unused_parameters=True)
+    for step, lr in enumerate(_batches(rank, n=3)):  # steps 0, 1 track α; step 2 ends the tracking epoch
+        ddp(lr, step).backward()  # no optimizer step: the weights stay those of the single-process reference
+    return {n: m.alpha.detach().clone() for n, m in model.named_modules() if isinstance(m, PamsActQuant)}
+
+
+def test_pams_alpha_under_ddp_is_the_mean_of_the_ranks_tracked_values(tmp_path):
+    """DDP broadcasts buffers from rank 0 before each forward: a tracked maximum kept in a buffer would make
+    every rank continue rank 0's EMA (issue 14). α after the tracking epoch must be the ranks' mean."""
+    ranks = run_on_ranks(_pams_under_ddp, WORLD, tmp_path)
+    _assert_same_on_ranks(ranks)
+    tracked = [_pams(r, steps=2, epoch=2) for r in range(WORLD)]  # one process each: α after 2 tracked batches
+    for name, got in ranks[0].items():
+        own = [float(t[name][0]) for t in tracked]
+        assert abs(own[1] - own[0]) > 0.02 * own[0], name
+        torch.testing.assert_close(got, torch.tensor(sum(own) / 2), rtol=1e-6, atol=0, msg=name)
 
 
 # -- DDTB calibration epoch -------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class QuantMethod:
     backbone_note = ""  # why a backbone is unsupported, appended to the error
     per_image_statistics = False  # True: activations are quantized with statistics of the whole input image,
     # so a tiled forward (eval.tile, odm-sr-upscale --tile) differs from the whole-image one
+    # True: some steps leave parameters out of the loss's graph on purpose, so DDP must look for unused parameters
+    # (odm_sr.train.ddp_strategy); their gradients stay None there as in a single process (Adam skips them)
+    ddp_unused_parameters = False
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None):
         self.cfg = to_dict(cfg)

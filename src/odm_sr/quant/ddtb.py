@@ -228,7 +228,9 @@ def select_dynamic(quantizers: dict[str, DdtbActQuant], ratio: float) -> list[st
     scores = {}
     for name, q in quantizers.items():
         if q.max_history:  # DDP: the records of every rank (the same model records on every rank)
-            history = gather_cat(torch.tensor([q.max_history, q.min_history], dtype=torch.float64), dim=1)
+            # on the quantizer's device: NCCL rejects CPU tensors
+            records = torch.tensor([q.max_history, q.min_history], dtype=torch.float64, device=q.alpha_upper.device)
+            history = gather_cat(records, dim=1)
             scores[name] = float(history[0].var(unbiased=False) + history[1].var(unbiased=False))
         q.max_history, q.min_history = [], []
     chosen = sorted(scores, key=scores.get, reverse=True)[: int(len(scores) * ratio)]
@@ -269,6 +271,11 @@ class DDTB(QuantMethod):
             raise ValueError(f"gate_pool={c['gate_pool']!r}: expected 'image' or 'window'")
         self.placement = c["placement"]
         self.family = "edsr"
+
+    @property
+    def ddp_unused_parameters(self) -> bool:
+        """The gates of non-dynamic quantizers never run (and bounds are idle in the calibration epoch)."""
+        return self.bits.a < 32
 
     # -- set-up ---------------------------------------------------------------------------------------
     def resolved(self) -> dict[str, Any]:

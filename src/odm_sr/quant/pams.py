@@ -106,6 +106,7 @@ class PamsActQuant(nn.Module):
         self.live_alpha = live_alpha
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.register_buffer("running_max", torch.tensor(0.0))
+        self._tracked: Tensor | None = None  # this rank's running max while tracking (see ``tracked_max``)
         self.seen = False  # a batch statistic has been recorded (saved via the extra state)
         self.tracking = True
 
@@ -113,18 +114,31 @@ class PamsActQuant(nn.Module):
     def _track(self, x: Tensor) -> None:
         grouped = group_by_image(x.detach(), self.site)
         stat = grouped.abs().flatten(1).amax(1).mean()
+        tracked = self.tracked_max()
         if self.last_batch or not self.seen:
-            self.running_max.copy_(stat)
+            tracked.copy_(stat)
         else:
-            self.running_max.mul_(self.decay).add_((1.0 - self.decay) * stat)
+            tracked.mul_(self.decay).add_((1.0 - self.decay) * stat)
         self.seen = True
-        self.alpha.copy_(self.running_max)
+        self.running_max.copy_(tracked)
+        self.alpha.copy_(tracked)
+
+    def tracked_max(self) -> Tensor:
+        """This rank's running max of the batch statistic. DDP broadcasts rank 0's buffers before every forward
+        (``broadcast_buffers``), which would make every rank continue rank 0's EMA; so the running value lives
+        outside the buffers, ``running_max`` mirrors it for the state dict, and it is read back from there after
+        a load (``set_extra_state``) or a move to another device or dtype."""
+        t = self._tracked
+        if t is None or t.device != self.running_max.device or t.dtype != self.running_max.dtype:
+            self._tracked = t = self.running_max.detach().clone()
+        return t
 
     def get_extra_state(self) -> dict[str, bool]:
         return {"seen": self.seen}
 
     def set_extra_state(self, state: dict[str, bool]) -> None:
         self.seen = bool(state["seen"])
+        self._tracked = None  # re-read from the loaded running_max
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.tracking:
@@ -161,6 +175,11 @@ class PAMS(QuantMethod):
         self.placement = c["placement"]
 
     @property
+    def ddp_unused_parameters(self) -> bool:
+        """α is detached in the tracking epoch (unless quirk ``alpha_grad_while_tracking``)."""
+        return self.bits.a < 32 and self.ema_epochs > 0 and not self.quirks["alpha_grad_while_tracking"]
+
+    @property
     def init_from_fp(self) -> bool:
         """False under ``quirks.random_student_init``: the loader then leaves the student randomly initialised
         (only the teacher gets the FP weights, `colorjam/PAMS#15`)."""
@@ -186,7 +205,9 @@ class PAMS(QuantMethod):
         quants = [m for m in model.modules() if isinstance(m, PamsActQuant)]
         if not tracking and any(m.tracking for m in quants) and world_size() > 1:
             # DDP: each rank tracked α on its own shard; from here on α is learned, from the ranks' mean
-            all_reduce_mean_([t for m in quants for t in (m.alpha.data, m.running_max)])
+            all_reduce_mean_([t for m in quants for t in (m.alpha.data, m.tracked_max())])
+            for m in quants:
+                m.running_max.copy_(m.tracked_max())
         for m in quants:
             m.tracking = tracking
         sr, terms = distillation_losses(model, teacher, lr, hr, self.skt_weight)
