@@ -90,7 +90,7 @@ gpu-wheels: ## the wheels the GPU machine lacks (hydra-core, omegaconf, antlr4) 
 	@ls -l bench/gpu-wheels
 
 gpu-check: ## GPU machine: step times, op/sync counts, compile, MR balance at paper size (< 5 min); DRY=1: on the CPU
-	bash bench/gpu_check.sh $(if $(DRY),--dry-run) $(ARGS)
+	$(if $(DRY),PYTHON=$(PY)) bash bench/gpu_check.sh $(if $(DRY),--dry-run) $(ARGS)
 
 test: ## run the test suite (tests needing ../shared/data skip with a reason where it is absent)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
