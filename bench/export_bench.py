@@ -6,13 +6,14 @@
 - **Exactness**: every checkpoint given, and a small SwinIR-light x4 (ODM W2A2, random init, calibrated and
   ``--swin-steps`` QAT steps on synthetic pairs), on the test sets at x4: the uint8 output of the ONNX Runtime
   integer graph (``export.runtime.onnx_upscale``, whole images) against the PyTorch model's
-  (``evaluation.network_upscale``, the ``odm-sr-eval`` path): share of equal pixels, largest difference, and
-  both PSNR/SSIM rows (``evaluation.evaluate_sets``).
+  (``evaluation.network_upscale``, the ``odm-sr-eval`` path), both its float32 fake quant (default) and its
+  exact forward (``eval.exact=true``): share of equal pixels, largest difference, and the PSNR/SSIM rows
+  (``evaluation.evaluate_sets``).
 - **Size**: the packed file (``export.packing``) against ``odm-sr-complexity``'s storage figure.
 - **Speed**: EDSR-baseline x4 with random weights (ODM W2A2 calibrated on random images), 128x128 LR, with 1 and
   2 threads: the ORT integer graph, the ORT FP graph (``torch.onnx.export`` of the float backbone) and PyTorch FP
-  eager; median of ``--runs`` runs after 2 warm-ups, engines interleaved. Where the integer graph is slower than
-  the FP graph, ORT's profiler gives the time per op type.
+  eager; median of ``--runs`` runs after 2 warm-ups, engines interleaved; the 1-minute load average. ORT's
+  profiler gives the integer graph's time per op type (and the FP graph's where the integer one is slower).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import time
 import warnings
@@ -92,23 +94,32 @@ def load_models(ckpts: dict[str, str], swin_steps: int, tmp: Path) -> dict:
 
 
 def exactness(net, sets: list[str], threads: int) -> dict:
+    """Per set: the ORT integer graph against the float32 fake-quant forward (``odm-sr-eval``, default) and
+    against the exact PyTorch forward (``odm-sr-eval eval.exact=true``: the integer model in PyTorch)."""
     spec = extract_spec(net)
-    engine = OnnxEngine(integer_model(net, spec), threads)
+    int_model = integer_model(net, spec)
+    engine = OnnxEngine(int_model, threads)
     dm = SRDataModule(train=None, val=[], test=sets, scale=int(net.scale), lr_patch=48, batch_size=1)
-    torch_rec, onnx_rec = Recorder(network_upscale(net)), Recorder(onnx_upscale(engine))
+    recs = {"torch": Recorder(network_upscale(net)), "torch_exact": Recorder(network_upscale(int_model)),
+            "onnx": Recorder(onnx_upscale(engine))}
     with torch.no_grad():
-        torch_rows, onnx_rows = evaluate_sets(torch_rec, dm), evaluate_sets(onnx_rec, dm)
+        rows = {name: evaluate_sets(rec, dm) for name, rec in recs.items()}
     per_set, start = {}, 0
     dm.setup("test")
     for name, source in zip(dm.test_set_names, dm.test_sets, strict=True):
         count = len(source)
-        a = torch.cat([t.flatten() for t in torch_rec.outputs[start:start + count]]).to(torch.int16)
-        b = torch.cat([t.flatten() for t in onnx_rec.outputs[start:start + count]]).to(torch.int16)
+        out = {k: torch.cat([t.flatten() for t in rec.outputs[start:start + count]]).to(torch.int16)
+               for k, rec in recs.items()}
         start += count
-        per_set[name] = {"images": count, "equal_pixels": float((a == b).double().mean()),
-                         "max_diff": int((a - b).abs().max()), "torch": torch_rows[name], "onnx": onnx_rows[name],
-                         "d_psnr": onnx_rows[name][0] - torch_rows[name][0],
-                         "d_ssim": onnx_rows[name][1] - torch_rows[name][1]}
+        cell = {"images": count, "torch": rows["torch"][name], "torch_exact": rows["torch_exact"][name],
+                "onnx": rows["onnx"][name]}
+        for ref in ("torch", "torch_exact"):
+            d = (out["onnx"] - out[ref]).abs()
+            suffix = "" if ref == "torch" else "_vs_exact"
+            cell.update({f"equal_pixels{suffix}": float((d == 0).double().mean()), f"max_diff{suffix}": int(d.max()),
+                         f"d_psnr{suffix}": rows["onnx"][name][0] - rows[ref][name][0],
+                         f"d_ssim{suffix}": rows["onnx"][name][1] - rows[ref][name][1]})
+        per_set[name] = cell
     return per_set
 
 
@@ -154,8 +165,10 @@ def speed(runs: int, threads_list: list[int], tmp: Path) -> dict:
         row = {f"{k}_ms": v for k, v in med.items()}
         row.update(int_over_ort_fp=med["ort_int"] / med["ort_fp"], int_over_torch_fp=med["ort_int"] / med["torch_fp"],
                    ort_fp_over_torch_fp=med["ort_fp"] / med["torch_fp"])
+        row["load_avg_1min"] = os.getloadavg()[0]
+        row["int_profile"] = profile(int_graph, x, threads, tmp)  # share of node time per op type
         if med["ort_int"] > med["ort_fp"]:
-            row["int_profile"] = profile(int_graph, x, threads, tmp)
+            row["fp_profile"] = profile(buf.getvalue(), x, threads, tmp)
         results[str(threads)] = row
     return results
 

@@ -53,6 +53,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
         engine = cfg.eval.get("engine", "torch")
         if engine not in ("torch", "onnx"):
             raise ValueError(f"eval.engine={engine!r}: expected torch or onnx")
+        if engine == "torch" and cfg.eval.get("exact", False):  # exact integer sums, float64 rescale
+            from .export.integer import extract_spec, integer_model
+
+            net = integer_model(net, extract_spec(net))
         # network and metrics on eval.device (default CUDA where available); the LR batches follow the network
         upscale = eval_upscale(net.to(resolve_device(cfg.eval.get("device"))), cfg.eval)
         if engine == "onnx":  # the integer graph in ONNX Runtime (export.runtime)

@@ -23,6 +23,24 @@ def write_checkpoint(net, cfg, path):
     torch.save({"state_dict": state, "hyper_parameters": {"cfg": cfg}}, path)
 
 
+def tiny_checkpoint(backbone: str, method: str, bits: int, tmp_path):
+    """``tmp_path``/tiny.ckpt of ``conftest.tiny_network``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    net, cfg = tiny_network(backbone, method, bits, tmp_path)
+    write_checkpoint(net, cfg, tmp_path / "tiny.ckpt")
+    return tmp_path / "tiny.ckpt"
+
+
+def eval_rows(ckpt, overrides: list[str], out) -> dict:
+    """``odm-sr-eval ckpt=<ckpt> data=sample`` (no bicubic row): the checkpoint's {set: (psnr, ssim)}."""
+    from helpers import compose_config
+
+    from odm_sr.eval import evaluate
+
+    cfg = compose_config([f"ckpt={ckpt}", "data=sample", "eval.bicubic_row=false", *overrides], out, "eval")
+    return evaluate(cfg)["tiny"]
+
+
 @pytest.mark.parametrize(("backbone", "method"), [("edsr", "odm"), ("swinir", "pams")])
 def test_export_then_upscale_with_onnx_runtime(backbone, method, tmp_path, capsys):
     from odm_sr.export_cli import main
@@ -56,16 +74,29 @@ def test_eval_engine_onnx_gives_the_torch_table(tmp_path, monkeypatch):
     real = runtime.onnx_eval_upscale
     monkeypatch.setattr(runtime, "onnx_eval_upscale", lambda *a: calls.append(a) or real(*a))
 
-    net, cfg = tiny_network("edsr", "pams", 4, tmp_path)
-    ckpt = tmp_path / "tiny.ckpt"
-    write_checkpoint(net, cfg, ckpt)
-    rows = {}
-    for engine in ("torch", "onnx"):
-        ecfg = compose_config([f"ckpt={ckpt}", "data=sample", "eval.bicubic_row=false", f"eval.engine={engine}",
-                               "eval.threads=1"], tmp_path / engine, "eval")
-        rows[engine] = evaluate(ecfg)["tiny"]
+    ckpt = tiny_checkpoint("edsr", "pams", 4, tmp_path)
+    rows = {engine: eval_rows(ckpt, [f"eval.engine={engine}", "eval.threads=1"], tmp_path / engine)
+            for engine in ("torch", "onnx")}
     assert len(calls) == 1 and rows["torch"].keys() == rows["onnx"].keys()
     for name, (psnr, ssim) in rows["torch"].items():
         assert abs(rows["onnx"][name][0] - psnr) <= 0.01 and abs(rows["onnx"][name][1] - ssim) <= 1e-4
     with pytest.raises(ValueError, match="eval.engine='tensorrt'"):
         evaluate(compose_config([f"ckpt={ckpt}", "data=sample", "eval.engine=tensorrt"], tmp_path / "x", "eval"))
+
+
+def test_eval_exact_runs_the_integer_model_in_torch(tmp_path, monkeypatch):
+    """``eval.exact=true`` evaluates the integer model's PyTorch forward (exact sums, float64 rescale): the
+    table of the ONNX graph to float round-off of the FP layers; DAQ (dynamic ranges) is refused."""
+    from odm_sr.export import integer
+    from odm_sr.export.spec import ExportError
+
+    built, real = [], integer.integer_model
+    monkeypatch.setattr(integer, "integer_model", lambda *a: built.append(a) or real(*a))
+    ckpt = tiny_checkpoint("edsr", "odm", 2, tmp_path)
+    rows = {"exact": eval_rows(ckpt, ["eval.exact=true"], tmp_path / "exact")}
+    assert len(built) == 1
+    rows["onnx"] = eval_rows(ckpt, ["eval.engine=onnx", "eval.threads=1"], tmp_path / "onnx")
+    for name, (psnr, ssim) in rows["exact"].items():
+        assert abs(rows["onnx"][name][0] - psnr) <= 1e-3 and abs(rows["onnx"][name][1] - ssim) <= 1e-5
+    with pytest.raises(ExportError, match="DAQ"):
+        eval_rows(tiny_checkpoint("edsr", "daq", 2, tmp_path / "daq"), ["eval.exact=true"], tmp_path / "d")

@@ -97,3 +97,57 @@ def test_linear_offset_is_one_constant_per_output(kind):
     values = grid.dequantize(grid.codes(x))  # offset + k·s_a, float64
     expected = values @ (codes.double() * WeightCodes(kind, 4, codes, 0.9).scale).t() + linear.bias.double()
     np.testing.assert_allclose(y, expected.float().detach().numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "padding"), [("odm", 1), ("odm", 0), ("pams", 1)])
+def test_ort_layer_equals_the_exact_value_bit_for_bit(kind, padding):
+    """ConvInteger's int32 sum is exact; the rescale, offset fold and bias must not add float32 round-off:
+    ORT gives float32(exact y) (to one ulp: float64 round-off), bit-identical to the layer's PyTorch forward
+    (``odm-sr-eval eval.exact=true``), which computes the same float64 ops in the same order.
+    A float32 rescale was off by one ulp on ~40 % of these outputs: enough to flip a 2-bit code of the next
+    quantizer where an activation lies that close to a rounding boundary (bench/README.md, B100)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=padding)
+    if kind == "odm":
+        codes, grid = torch.randint(0, 4, (8, 16, 3, 3)) * 2 - 3, ActGrid("odm", 2, (-0.37, 1.91))
+    else:
+        codes, grid = torch.randint(-1, 2, (8, 16, 3, 3)), ActGrid("pams", 2, (0.77,))
+    layer = IntegerConv2d(conv, WeightCodes(kind, 2, codes.to(torch.int8), 0.123), grid)
+    x = torch.randn(1, 16, 40, 33)
+    y = run_onnx(layer, x)
+    np.testing.assert_array_equal(y, layer.reference(x).numpy())
+    exact = nn.functional.conv2d(grid.dequantize(grid.codes(x)), codes.double() * layer.codes.scale,
+                                 conv.bias.detach().double(), padding=padding)
+    np.testing.assert_array_max_ulp(y, exact.float().numpy(), maxulp=1)  # float64 round-off of another order
+
+
+@pytest.mark.parametrize("kind", ["odm", "pams"])
+def test_ort_linear_equals_the_exact_value_bit_for_bit(kind):
+    torch.manual_seed(1)
+    grid = ActGrid("odm", 4, (-0.3, 1.2)) if kind == "odm" else ActGrid("pams", 4, (1.2,))
+    linear = nn.Linear(24, 16)
+    codes = torch.randint(-7, 8, (16, 24)) * (2 if kind == "odm" else 1) + (1 if kind == "odm" else 0)
+    layer = IntegerLinear(linear, WeightCodes(kind, 4, codes.clamp(-15, 15).to(torch.int8), 0.9), grid)
+    x = torch.rand(2, 50, 24) * 2 - 0.5
+    y = run_onnx(layer, x)
+    np.testing.assert_array_equal(y, layer.reference(x).detach().numpy())
+    exact = grid.dequantize(grid.codes(x)) @ layer.weight_values().t() + linear.bias.double()
+    np.testing.assert_array_max_ulp(y, exact.float().detach().numpy(), maxulp=1)
+
+
+def test_fp_conv_before_the_quantizers_is_exact_bit_for_bit():
+    """EDSR's head conv (FP) feeds every block's skip: ORT's float32 Conv (MLAS) and PyTorch's (oneDNN) sum in
+    different orders, a few ulps apart, enough to flip a 2-bit code downstream. ``ExactConv2d`` (exact im2col,
+    float64 MatMul) gives float32(exact) in both."""
+    from odm_sr.export.integer import ExactConv2d
+
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 16, 3, padding=1)
+    layer = ExactConv2d(conv)
+    x = torch.rand(1, 3, 37, 29) * 255 - 120
+    y = run_onnx(layer, x)
+    np.testing.assert_array_equal(y, layer.reference(x).numpy())
+    exact = nn.functional.conv2d(x.double(), conv.weight.detach().double(), conv.bias.detach().double(), padding=1)
+    np.testing.assert_array_max_ulp(y, exact.float().numpy(), maxulp=1)
+    with torch.no_grad():
+        np.testing.assert_array_equal(layer.reference(x).numpy(), exact.float().numpy())

@@ -7,10 +7,24 @@ An integer layer with input grid offset + k·s_a (``spec.ActGrid``) and weight c
 
 The first sum is the int32 accumulator of ``ConvInteger(k, code)``. The second is the grid offset folded
 exactly: at each output position it sums the integer weights over the kernel taps that fall inside the image,
-because zero padding pads the value 0, not l_a. It is ``Conv(ones-mask, Σ_cin code)`` (a border map, constant
-in the interior); for a linear layer or an unpadded conv it is one constant per output channel. PAMS grids have
-zero as a level (code Q), so the offset goes into ``ConvInteger``'s zero point instead, which ONNX Runtime
-also uses as the padding value.
+because zero padding pads the value 0, not l_a. It is ``Conv(ones-mask, Σ_cin code)`` (an integer border count,
+constant in the interior); for a linear layer or an unpadded conv it is one constant per output channel. PAMS
+grids have zero as a level (code Q), so the offset goes into ``ConvInteger``'s zero point instead, which ONNX
+Runtime also uses as the padding value.
+
+The rescale runs in float64 and is rounded to float32 once, at the end: y = ((acc·r + count·c) + b) with
+r = s_a·s_w, c = l_a·s_w and b the bias, all float64 (``Cast(acc, double)``, ``Mul``, ``Add``, ``Cast(float)``).
+The layers' PyTorch forward (``reference``, used by ``odm-sr-eval eval.exact=true``) computes the same float64
+ops in the same order on exact integer sums, so both give the same float32 y bit for bit: float32(exact y) up
+to a float64 round-off. A float32 rescale (or float32 fake quant) is off by a few float32 ulps, and where an
+activation lies that close to a rounding boundary of the next quantizer the two sides pick different codes
+(``bench/export_flips.py``, bench/README.md).
+
+The FP convs whose outputs reach a quantizer through the skips (EDSR ``head.0``, RDN ``SFENet1/2``:
+``EXACT_FP_CONVS``) and an integer layer with an FP input are exact in the same sense (``ExactConv2d``):
+PyTorch (oneDNN) and ORT (MLAS) sum a float32 conv in different orders, a few ulps apart, which was the
+origin of every > 1 grey level pixel of the trained 2-bit EDSR on B100 once the rescale was exact. Their
+graph is an exact im2col (a float32 Conv with one-hot kernels copies the taps) and a float64 ``MatMul``.
 
 Codes are computed in the graph with the quantizer's own float32 operations in the same order
 (``ActGrid.codes``), so they equal fake quant's codes for the same input. Layers without an input quantizer
@@ -32,7 +46,7 @@ from torch import Tensor, nn
 
 from odm_sr.quant.blocks import QuantDenseLayer, QuantRDB, QuantResBlock
 from odm_sr.quant.layers import QuantConv2d, QuantLinear, QuantMixin
-from odm_sr.quant.placement import replace_module
+from odm_sr.quant.placement import backbone_family, replace_module
 
 from .spec import ACT_QUANTIZERS, ActGrid, ExportError, WeightCodes, act_grid, check_static, weight_codes
 
@@ -84,8 +98,9 @@ def extract_spec(model: nn.Module) -> IntegerSpec:
                        fp=fp_parameters(model))
 
 
-def input_grids(model: nn.Module, spec: IntegerSpec) -> dict[str, ActGrid | None]:
-    """The grid of each quantized layer's input: its own quantizer's, else the producing quantizer's."""
+def input_sources(model: nn.Module) -> dict[str, str | None]:
+    """The quantizer that makes each quantized layer's input codes: its own, else the producing one (None: an
+    FP input)."""
     fed: dict[int, str] = {}  # id(conv) -> name of the quantizer that produced its input
     for name, m in model.named_modules():
         if isinstance(m, QuantResBlock) and m.quant_act1 is not None and not m.conv1_raw_input:
@@ -94,15 +109,18 @@ def input_grids(model: nn.Module, spec: IntegerSpec) -> dict[str, ActGrid | None
             fed[id(m.convs[0].conv[0])] = f"{name}.act_quant"
         elif isinstance(m, QuantDenseLayer) and m.act_quant is not None:
             fed[id(m.conv[0])] = f"{name}.act_quant"
-    grids: dict[str, ActGrid | None] = {}
-    for name, layer in weight_layers(model).items():
-        source = f"{name}.act_quant" if layer.act_quant is not None else fed.get(id(layer))
-        grids[name] = spec.grids[source] if source is not None else None
-    return grids
+    return {name: f"{name}.act_quant" if layer.act_quant is not None else fed.get(id(layer))
+            for name, layer in weight_layers(model).items()}
+
+
+def input_grids(model: nn.Module, spec: IntegerSpec) -> dict[str, ActGrid | None]:
+    """The grid of each quantized layer's input: its own quantizer's, else the producing quantizer's."""
+    return {name: None if source is None else spec.grids[source]
+            for name, source in input_sources(model).items()}
 
 
 class _IntegerOp(torch.autograd.Function):
-    """Torch: the layer's exact integer arithmetic (float64 reference); ONNX: ``layer.emit``."""
+    """Torch: the layer's exact integer arithmetic (``layer.reference``, float64); ONNX: ``layer.emit``."""
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: nn.Module) -> Tensor:
@@ -124,16 +142,39 @@ class _IntegerLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return _IntegerOp.apply(x, self)
 
-    def input_values(self, x: Tensor) -> Tensor:
-        """The float64 values the integer path sees: offset + k·s_a, or x itself (FP input)."""
-        return x.double() if self.grid is None else self.grid.dequantize(self.grid.codes(x))
-
     def weight_values(self) -> Tensor:
         return self.codes.codes.double() * self.codes.scale
 
     def rescale(self) -> float:
-        """s_a·s_w in float64 (rounded once to float32 in the graph)."""
+        """r = s_a·s_w in float64 (the grid's float32 step times the weight scale)."""
         return float(self.grid.step()) * self.codes.scale
+
+    def offset_scale(self) -> float:
+        """c = l_a·s_w in float64 (0 for zero-point grids)."""
+        return 0.0 if self.grid.zero_point is not None else self.grid.params[0] * self.codes.scale
+
+    def bias64(self, folded: Tensor | None = None) -> Tensor:
+        """Per-output-channel float64 constant: the bias, plus ``folded``·c (the offset of the taps that are
+        all inside: unpadded conv, linear)."""
+        bias = torch.zeros(self.codes.codes.shape[0], dtype=torch.float64)
+        if self.bias_fp is not None:
+            bias = bias + self.bias_fp.double()
+        if folded is not None and self.grid is not None and self.grid.zero_point is None:
+            bias = bias + folded * self.offset_scale()
+        return bias
+
+    def centred_codes(self, x: Tensor) -> Tensor:
+        """k − zero point in float64 (exact small integers)."""
+        k = self.grid.codes(x).double()
+        return k if self.grid.zero_point is None else k - float(self.grid.zero_point)
+
+    def finish(self, g, acc, count=None, bias: Tensor | None = None):
+        """ONNX: float32(((double(acc)·r + double(count)·c) + b)), the float64 ops of ``reference``."""
+        y = g.op("Mul", g.op("Cast", acc, to_i=11), _const(g, torch.tensor(self.rescale(), dtype=torch.float64)))
+        if count is not None:
+            c = _const(g, torch.tensor(self.offset_scale(), dtype=torch.float64))
+            y = g.op("Add", y, g.op("Mul", g.op("Cast", count, to_i=11), c))
+        return g.op("Cast", g.op("Add", y, _const(g, bias)), to_i=1)  # 11: DOUBLE, 1: FLOAT
 
     def emit_codes(self, g, x):
         """ONNX: uint8 codes of x with the quantizer's float32 ops (``ActGrid.codes``)."""
@@ -153,12 +194,6 @@ class _IntegerLayer(nn.Module):
         zp = self.grid.zero_point
         return [] if zp is None else [_const(g, torch.tensor(zp, dtype=torch.uint8))]
 
-    def offset_weight_sum(self, dims: tuple[int, ...]) -> Tensor:
-        """offset·s_w·Σ code over ``dims`` in float64 (0 for zero-point grids)."""
-        if self.grid.zero_point is not None:
-            return torch.zeros(())
-        return self.codes.codes.double().sum(dim=dims) * (self.grid.params[0] * self.codes.scale)
-
 
 def _const(g, value: Tensor):
     return g.op("Constant", value_t=value)
@@ -167,17 +202,36 @@ def _const(g, value: Tensor):
 class IntegerConv2d(_IntegerLayer):
     def __init__(self, conv: nn.Conv2d, codes: WeightCodes, grid: ActGrid | None) -> None:
         super().__init__(codes, grid, conv.bias)
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ExportError(f"conv padding {conv.padding!r}/{conv.padding_mode!r}: only explicit zero padding")
-        self.stride, self.padding = tuple(conv.stride), tuple(conv.padding)
-        self.dilation, self.groups = tuple(conv.dilation), conv.groups
+        self.stride, self.padding, self.dilation, self.groups = conv_geometry(conv)
+        if grid is None and self.groups != 1:
+            raise ExportError("an integer layer with an FP input and groups > 1 has no exact form")
 
     def _conv(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def code_sums(self) -> Tensor:
+        """Σ_cin code per output channel and tap, (C_o, 1, kh, kw), float64 integers."""
+        return self.codes.codes.double().sum(dim=1, keepdim=True)
+
+    def padded_offset(self) -> bool:
+        """True when the offset needs a border count (an ODM grid and some zero padding)."""
+        return self.grid is not None and self.grid.zero_point is None and any(self.padding)
+
+    def const_bias(self) -> Tensor:
+        """The float64 per-channel constant: bias, plus the whole offset of an unpadded conv."""
+        folded = None if self.padded_offset() else self.code_sums().sum(dim=(1, 2, 3))
+        return self.bias64(folded)
+
     def reference(self, x: Tensor) -> Tensor:
-        bias = None if self.bias_fp is None else self.bias_fp.double()
-        return self._conv(self.input_values(x), self.weight_values(), bias).float()
+        """The layer in PyTorch: the exact integer sums (float64 conv of integers), then ``finish``'s float64
+        ops in the same order; an FP input (no grid): a float64 conv on the dequantized weights."""
+        if self.grid is None:
+            return exact_conv(x, self.weight_values(), self.bias64(), self.stride, self.padding, self.dilation)
+        y = self._conv(self.centred_codes(x), self.codes.codes.double()) * self.rescale()
+        if self.padded_offset():
+            ones = torch.ones(1, 1, *x.shape[-2:], dtype=torch.float64)
+            y = y + self._conv(ones, self.code_sums()) * self.offset_scale()
+        return (y + self.const_bias().reshape(1, -1, 1, 1)).float()
 
     def _attrs(self) -> dict:
         kh, kw = self.codes.codes.shape[-2:]
@@ -187,51 +241,99 @@ class IntegerConv2d(_IntegerLayer):
 
     def emit(self, g, x):
         attrs = self._attrs()
-        bias = torch.zeros(self.codes.codes.shape[0], dtype=torch.float64)
-        if self.bias_fp is not None:
-            bias = bias + self.bias_fp.double()
-        if self.grid is None:  # FP input: float conv on the dequantized b-bit weight
-            w = _const(g, self.weight_values().float())
-            return g.op("Conv", x, w, _const(g, bias.float()), group_i=self.groups, **attrs)
+        if self.grid is None:  # FP input: exact conv (float64 sums) on the dequantized b-bit weight
+            return emit_exact_conv(g, x, self.weight_values(), self.bias64(), attrs)
         acc = g.op("ConvInteger", self.emit_codes(g, x), _const(g, self.codes.codes), *self.zero_point(g),
                    group_i=self.groups, **attrs)
-        y = g.op("Mul", g.op("Cast", acc, to_i=1), _const(g, torch.tensor(self.rescale(), dtype=torch.float32)))
-        if self.grid.zero_point is None:
-            border = self.offset_weight_sum((1,))[:, None]  # (C_o, 1, kh, kw): Σ_cin code · l_a·s_w
-            if any(self.padding):
-                y = g.op("Add", y, self._border_map(g, x, border, attrs))
-            else:  # no padding: every tap is inside, the fold is a constant per channel
-                bias = bias + border.sum(dim=(1, 2, 3))
-        return g.op("Add", y, _const(g, bias.float().reshape(1, -1, 1, 1)))
+        count = self._border_count(g, x, attrs) if self.padded_offset() else None
+        return self.finish(g, acc, count, self.const_bias().reshape(1, -1, 1, 1))
 
-    def _border_map(self, g, x, border: Tensor, attrs: dict):
-        """Conv(ones (1, 1, H, W), border kernel): the folded offset at each output position."""
+    def _border_count(self, g, x, attrs: dict):
+        """Conv(ones (1, 1, H, W), Σ_cin code): at each output position the sum of the weight codes over the
+        taps inside the image (float32 Conv of small integers: exact)."""
         shape = g.op("Shape", x)
         hw = g.op("Slice", shape, _const(g, torch.tensor([2])), _const(g, torch.tensor([4])))
         size = g.op("Concat", _const(g, torch.tensor([1, 1])), hw, axis_i=0)
         ones = g.op("ConstantOfShape", size, value_t=torch.tensor([1.0]))
-        return g.op("Conv", ones, _const(g, border.float()), **attrs)
+        return g.op("Conv", ones, _const(g, self.code_sums().float()), **attrs)
+
+
+def conv_geometry(conv: nn.Conv2d) -> tuple[tuple, tuple, tuple, int]:
+    """(stride, padding, dilation, groups) of a conv with explicit zero padding (else ExportError)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ExportError(f"conv padding {conv.padding!r}/{conv.padding_mode!r}: only explicit zero padding")
+    return tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
+
+
+def exact_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
+    """float32(conv(x, weight) + bias) with float64 sums (``weight``, ``bias``: float64)."""
+    return F.conv2d(x.double(), weight, bias, stride, padding, dilation).float()
+
+
+def emit_exact_conv(g, x, weight: Tensor, bias: Tensor | None, attrs: dict):
+    """ONNX of ``exact_conv``: the taps copied by a float32 Conv with one-hot kernels (exact: x·1 + 0s), then
+    a float64 MatMul with the weight and the float64 bias, rounded to float32 once."""
+    c_out, c_in, kh, kw = weight.shape
+    taps = c_in * kh * kw
+    one_hot = torch.eye(taps, dtype=torch.float32).reshape(taps, c_in, kh, kw)
+    patches = g.op("Transpose", g.op("Cast", g.op("Conv", x, _const(g, one_hot), **attrs), to_i=11),
+                   perm_i=[0, 2, 3, 1])  # (N, H', W', taps), float64
+    y = g.op("MatMul", patches, _const(g, weight.reshape(c_out, taps).t().contiguous()))
+    if bias is not None:
+        y = g.op("Add", y, _const(g, bias))
+    return g.op("Cast", g.op("Transpose", y, perm_i=[0, 3, 1, 2]), to_i=1)
+
+
+class ExactConv2d(nn.Module):
+    """An FP conv computed exactly (``exact_conv``) in PyTorch and in the graph (``emit_exact_conv``)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation, groups = conv_geometry(conv)
+        if groups != 1:
+            raise ExportError("ExactConv2d: groups > 1")
+        self.weight64 = conv.weight.detach().double().clone()
+        self.bias64 = None if conv.bias is None else conv.bias.detach().double().clone()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _IntegerOp.apply(x, self)
+
+    def reference(self, x: Tensor) -> Tensor:
+        return exact_conv(x, self.weight64, self.bias64, self.stride, self.padding, self.dilation)
+
+    def emit(self, g, x):
+        kh, kw = self.weight64.shape[-2:]
+        ph, pw = self.padding
+        attrs = {"kernel_shape_i": [kh, kw], "pads_i": [ph, pw, ph, pw], "strides_i": list(self.stride),
+                 "dilations_i": list(self.dilation)}
+        return emit_exact_conv(g, x, self.weight64, self.bias64, attrs)
+
+
+# FP convs whose outputs reach an activation quantizer (through the skips too), per backbone family
+EXACT_FP_CONVS = {"edsr": ("head.0",), "rdn": ("SFENet1", "SFENet2")}
 
 
 class IntegerLinear(_IntegerLayer):
     def __init__(self, linear: nn.Linear, codes: WeightCodes, grid: ActGrid | None) -> None:
         super().__init__(codes, grid, linear.bias)
 
+    def const_bias(self) -> Tensor:
+        """The float64 per-output constant: bias + l_a·s_w·Σ code (every input is inside)."""
+        return self.bias64(self.codes.codes.double().sum(dim=1))
+
     def reference(self, x: Tensor) -> Tensor:
-        bias = None if self.bias_fp is None else self.bias_fp.double()
-        return F.linear(self.input_values(x), self.weight_values(), bias).float()
+        if self.grid is None:
+            return F.linear(x.double(), self.weight_values(), self.bias64()).float()
+        y = F.linear(self.centred_codes(x), self.codes.codes.double()) * self.rescale()
+        return (y + self.const_bias()).float()
 
     def emit(self, g, x):
-        bias = torch.zeros(self.codes.codes.shape[0], dtype=torch.float64)
-        if self.bias_fp is not None:
-            bias = bias + self.bias_fp.double()
         if self.grid is None:
             y = g.op("MatMul", x, _const(g, self.weight_values().float().t().contiguous()))
-            return g.op("Add", y, _const(g, bias.float()))
+            return g.op("Add", y, _const(g, self.bias64().float()))
         acc = g.op("MatMulInteger", self.emit_codes(g, x), _const(g, self.codes.codes.t().contiguous()),
                    *self.zero_point(g))
-        y = g.op("Mul", g.op("Cast", acc, to_i=1), _const(g, torch.tensor(self.rescale(), dtype=torch.float32)))
-        return g.op("Add", y, _const(g, (bias + self.offset_weight_sum((1,))).float()))
+        return self.finish(g, acc, None, self.const_bias())
 
 
 class FakeQuant(nn.Module):
@@ -256,6 +358,10 @@ def integer_model(model: nn.Module, spec: IntegerSpec) -> nn.Module:
     for name, layer in weight_layers(out).items():
         cls = IntegerConv2d if isinstance(layer, nn.Conv2d) else IntegerLinear
         replace_module(out, name, cls(layer, spec.weights[name], grids[name]))
+    modules = dict(out.named_modules())
+    for name in EXACT_FP_CONVS.get(backbone_family(out), ()):
+        if type(modules.get(name)) is nn.Conv2d:  # a quantized one is an integer layer already
+            replace_module(out, name, ExactConv2d(modules[name]))
     for name in act_quantizers(out):
         if not _is_consumed(name, spec):
             replace_module(out, name, FakeQuant(spec.grids[name]))
