@@ -129,10 +129,7 @@ class SRLitModule(L.LightningModule):
         loss = out.loss.detach()
         bad = non_finite_ranks(loss, out.terms)
         if bad:
-            prefix = "rank {}: " if world_size() > 1 else ""
-            terms = "; ".join(prefix.format(r) + ", ".join(f"{k}={v:.4g}" for k, v in t.items())
-                              for r, t in bad.items())
-            raise NonFiniteLossError(self._non_finite_message(terms))
+            raise NonFiniteLossError(self._non_finite_message(bad))
         logs = self.method.backward(out, self.net, self.manual_backward)
         clip = float(self.optim_cfg.get("grad_clip", 0.0))
         if clip > 0:
@@ -144,8 +141,11 @@ class SRLitModule(L.LightningModule):
         self._log_train(loss, out.terms, {**out.logs, **logs}, opt)
         return None
 
-    def _non_finite_message(self, terms: str) -> str:
-        # resume applies the new optim.* values (trainer_checkpoint.CurrentOptimSettingsOnResume): the advice works
+    def _non_finite_message(self, bad: dict[int, dict[str, float]]) -> str:
+        """The stop message: each bad rank's loss terms (rank-prefixed under DDP) and advice that works (resume
+        applies the new optim.* values: ``trainer_checkpoint.CurrentOptimSettingsOnResume``)."""
+        prefix = "rank {}: " if world_size() > 1 else ""
+        terms = "; ".join(prefix.format(r) + ", ".join(f"{k}={v:.4g}" for k, v in t.items()) for r, t in bad.items())
         callback = self._trainer.checkpoint_callback if self._trainer is not None else None  # None: no Trainer
         last = (callback.last_model_path if callback is not None else "") or "<run>/checkpoints/last.ckpt"
         lower = float(self.optim_cfg.get("lr", 1e-4)) / 10

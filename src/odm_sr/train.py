@@ -74,18 +74,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                "complexity": complexity, "metrics": {}}
     if cfg.get("test_after_fit", True):
         results["test_checkpoint"] = selected = selected_checkpoint(trainer)  # eval.select_best_on: best.ckpt
-        own = test_metrics(trainer, lit, datamodule, list(cfg.data.test), selected["path"])  # every rank (collective)
-        rows = {}
-        if trainer.is_global_zero:  # the reference rows once, not on every DDP rank
-            if cfg.eval.get("bicubic_row", True):
-                rows["bicubic"] = evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule)
-            if cfg.eval.get("pretrained_row", False) and cfg.model.get("pretrained"):
-                fp_net = pretrained_network(cfg.model).eval()
-                rows["FP (model.pretrained)"] = evaluate_sets(eval_upscale(fp_net, cfg.eval), datamodule)
-        rows[cfg.run_name] = own
-        results["metrics"] = rows_as_json(rows)
-        if trainer.is_global_zero:
-            print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
+        results["metrics"] = test_rows(cfg, trainer, lit, datamodule, selected["path"])
     if trainer.is_global_zero and cfg.get("analyze") and cfg.analyze.after_fit:
         tested = (results.get("test_checkpoint") or {}).get("path")  # eval.select_best_on: best.ckpt
         results["analysis"] = analyses_after_fit(out_dir, list(cfg.analyze.after_fit), str(cfg.analyze.data),
@@ -95,6 +84,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_json(out_dir / "results.json", results)
     finish_loggers(trainer)
     return results
+
+
+def test_rows(cfg: DictConfig, trainer: L.Trainer, lit: SRLitModule, datamodule, ckpt_path: str | None) -> dict:
+    """The test table as results.json holds it: the run's own row (``ckpt_path``: the selected weights) and, on
+    rank 0, the bicubic and FP (``model.pretrained``) reference rows; printed on rank 0."""
+    own = test_metrics(trainer, lit, datamodule, list(cfg.data.test), ckpt_path)  # every rank (a collective)
+    rows = {}
+    if trainer.is_global_zero:  # the reference rows once, not on every DDP rank
+        if cfg.eval.get("bicubic_row", True):
+            rows["bicubic"] = evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule)
+        if cfg.eval.get("pretrained_row", False) and cfg.model.get("pretrained"):
+            fp_net = pretrained_network(cfg.model).eval()
+            rows["FP (model.pretrained)"] = evaluate_sets(eval_upscale(fp_net, cfg.eval), datamodule)
+    rows[cfg.run_name] = own
+    if trainer.is_global_zero:
+        print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
+    return rows_as_json(rows)
 
 
 def analyses_after_fit(out_dir: Path, names: list[str], data: str, data_root: str,

@@ -26,20 +26,13 @@ from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
+from .cooperative import COS_SCOPES, WEIGHT_FNS, balance_by_group, combine_gradients
 from .distributed import average_across_ranks, gather_cat
 from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
 from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
-from .mismatch import (
-    COS_SCOPES,
-    NORMS,
-    WEIGHT_FNS,
-    MismatchRegistry,
-    active_registry,
-    balance_by_group,
-    combine_gradients,
-)
+from .mismatch import NORMS, MismatchRegistry, active_registry
 from .placement import select_layers, swap_layers
 
 WEIGHT_STATS = ("p99_abs", "max_abs")
