@@ -20,9 +20,9 @@ MAIN_DIR ?= logs/main
 
 train: ## the main job: FP small EDSR x4 on the embedded sample images (reused once trained), then 2-bit ODM QAT; prints the table
 	@if [ -f $(MAIN_DIR)/fp/results.json ]; then echo "reusing the FP model of $(MAIN_DIR)/fp (make clean-main retrains it)"; \
-	else $(VENV)/bin/odm-sr-train experiment=main_fp hydra.run.dir=$(MAIN_DIR)/fp; fi
+	else $(VENV)/bin/odm-sr-train experiment=main_fp hydra.run.dir=$(MAIN_DIR)/fp auto_resume=true; fi
 	$(VENV)/bin/odm-sr-train experiment=main_odm model.pretrained=$(MAIN_DIR)/fp/checkpoints/last.ckpt \
-		hydra.run.dir=$(MAIN_DIR)/odm_w2a2 $(ARGS)
+		hydra.run.dir=$(MAIN_DIR)/odm_w2a2 auto_resume=true $(ARGS)
 
 clean-main: ## forget the main job's cached FP model
 	rm -rf $(MAIN_DIR)
