@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .base import Bits, QuantMethod, merge_config
 from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, read_quirks, ungroup
 from .placement import backbone_family
+from .quantizer import Quantizer
 
 DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps", "nonpositive_sigma_offset")
 # Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
@@ -80,7 +81,7 @@ def relu_stats(grouped: Tensor) -> tuple[Tensor, Tensor]:
     return mu, (second - mu.pow(2)).clamp_min(0).sqrt()
 
 
-class DaqActQuant(nn.Module):
+class DaqActQuantizer(Quantizer):
     """Per-image, per-channel activation quantizer with detached runtime μ_c, σ_c and Δ_c = t_b·σ_c.
 
     - Post-ReLU input (tensor minimum == 0): x → Int(x/Δ)·Δ on {0, Δ, …, (2^b − 1)Δ} (the upper clamp is
@@ -142,7 +143,7 @@ class DaqActQuant(nn.Module):
         return f"bits={self.bits}, sigma_bits={self.sigma_bits}, unbounded={self.unbounded}"
 
 
-class DaqWeightQuant(nn.Module):
+class DaqWeightQuantizer(Quantizer):
     """Per-layer zero-centred mid-rise weights, Δ = t_b·std(W) (unbiased), ±(2^(b−1) − ½)Δ, identity STE;
     ``fixed_steps``: Δ = 1.596·std(W) in training mode only (the release's ``--finetune``)."""
 
@@ -204,6 +205,6 @@ class DAQ(QuantMethod):
         fixed = self.quirks["finetune_fixed_steps"] and backbone_family(model) == "edsr"
         unbounded, offset = self.quirks["unbounded_relu_branch"], self.quirks["nonpositive_sigma_offset"]
         make_act = None if self.bits.a >= 32 else (
-            lambda site: DaqActQuant(self.bits.a, site, sigma_bits, unbounded, fixed, offset))
-        make_weight = None if self.bits.w >= 32 else (lambda name, layer: DaqWeightQuant(self.bits.w, fixed))
+            lambda site: DaqActQuantizer(self.bits.a, site, sigma_bits, unbounded, fixed, offset))
+        make_weight = None if self.bits.w >= 32 else (lambda name, layer: DaqWeightQuantizer(self.bits.w, fixed))
         return apply_placement(model, self.placement, make_act, make_weight)

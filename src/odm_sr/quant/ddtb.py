@@ -33,6 +33,7 @@ from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
 from .functional import dot_to_shape, max_abs_weight_quantize, percentile
 from .placement import backbone_family
+from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
 
 DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",
@@ -103,7 +104,7 @@ def zero_anchored_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -
     return _ZeroAnchoredQuant.apply(x, lower, upper, 2**bits - 1)
 
 
-class DdtbWeightQuant(nn.Module):
+class DdtbWeightQuantizer(Quantizer):
     """Weights clipped to [p1, p99] (``clip='percentile'``, EDSR) or [min, max] (``'minmax'``, RDN),
     recomputed each forward and detached, then the zero-anchored grid; ∂q/∂W = 1 inside the clip range."""
 
@@ -154,7 +155,7 @@ class DynamicGate(nn.Module):
         return F.conv2d(h, max_abs_weight_quantize(self.conv2.weight, GATE_BITS)).flatten(1)
 
 
-class DdtbActQuant(nn.Module):
+class DdtbActQuantizer(Quantizer):
     """Learnable bounds ``alpha_lower`` = l, ``alpha_upper`` = u on the zero-anchored grid, optionally gated.
 
     - ``enabled=False`` (calibration epoch): identity; with ``recording`` it appends max(x), min(x).
@@ -221,7 +222,7 @@ class DdtbActQuant(nn.Module):
         return f"bits={self.bits}, percentile_m={self.percentile_m}, calibrate={self.calibrate}"
 
 
-def select_dynamic(quantizers: dict[str, DdtbActQuant], ratio: float) -> list[str]:
+def select_dynamic(quantizers: dict[str, DdtbActQuantizer], ratio: float) -> list[str]:
     """Mark the top ⌊ratio·N⌋ quantizers by var(max) + var(min) of their recorded inputs as dynamic
     (population variance, `np.var`; under DDP over the records of all ranks, so that every rank chooses the
     same layers); clears the records and returns the chosen names."""
@@ -292,10 +293,10 @@ class DDTB(QuantMethod):
         auto = self.resolved()
         calibrate = not (self.quirks["bounds_pm10_above_2bit"] and self.bits.a > 2)
         make_act = None if self.bits.a >= 32 else (
-            lambda site: DdtbActQuant(self.bits.a, site, float(auto["init_percentile"]), calibrate,
+            lambda site: DdtbActQuantizer(self.bits.a, site, float(auto["init_percentile"]), calibrate,
                                       self.quirks["gate_frozen_first_conv"]))
         make_weight = None if self.bits.w >= 32 else (
-            lambda name, layer: DdtbWeightQuant(self.bits.w, auto["weight_clip"]))
+            lambda name, layer: DdtbWeightQuantizer(self.bits.w, auto["weight_clip"]))
         return apply_placement(model, self.placement, make_act, make_weight,
                                conv1_raw_input=self.quirks["conv1_raw_input"],
                                gff3_fp_input=self.quirks["rdn_gff3_fp_input"])  # as released (and PAMS)
@@ -313,15 +314,15 @@ class DDTB(QuantMethod):
 
     # -- training -------------------------------------------------------------------------------------
     @staticmethod
-    def act_quantizers(model: nn.Module) -> dict[str, DdtbActQuant]:
-        return {n: m for n, m in model.named_modules() if isinstance(m, DdtbActQuant)}
+    def act_quantizers(model: nn.Module) -> dict[str, DdtbActQuantizer]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, DdtbActQuantizer)}
 
     def _set_quantized(self, model: nn.Module, on: bool, recording: bool = False) -> None:
         keep_weights = self.quirks["rdn_calib_quantized_weights"] and self.family == "rdn"
         for m in model.modules():
-            if isinstance(m, DdtbActQuant):
+            if isinstance(m, DdtbActQuantizer):
                 m.enabled, m.recording = on, recording
-            elif isinstance(m, DdtbWeightQuant):
+            elif isinstance(m, DdtbWeightQuantizer):
                 m.enabled = on or keep_weights
 
     def _calibration_forward(self, model: nn.Module, lr: Tensor) -> None:

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from .functional import grad_scale, percentile, round_ste, symmetric_quantize
+from .quantizer import Quantizer
 
 GRIDS = ("lsq_integer", "odm_symmetric")
 
 
-class LsqWeightQuantizer(nn.Module):
+class LsqWeightQuantizer(Quantizer):
     """One learnable step per layer.
 
     ``grid=lsq_integer`` (published LSQ): W_q = s·Int(clip(W/s, −Q_N, Q_P)), Q_N = 2^(b−1), Q_P = 2^(b−1) − 1,

@@ -34,6 +34,7 @@ from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
 from .mismatch import NORMS, MismatchRegistry, active_registry
 from .placement import select_layers, swap_layers
+from .quantizer import Quantizer
 
 WEIGHT_STATS = ("p99_abs", "max_abs")
 MR_MODES = ("coop", "naive", "off")
@@ -60,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
 _EXTRA_KEYS = ("calibration_batches",)  # read by the training entry point; must equal init.num_batches
 
 
-class OdmActQuantizer(nn.Module):
+class OdmActQuantizer(Quantizer):
     """q(X; l_a, u_a) on 2^b levels l_a + k·s_a (METHODS.md §3, §5.1), learnable scalar bounds.
 
     Inside an active ``MismatchRegistry`` it also reports M_i (§5.4). Until calibrated (``set_range``) the
@@ -106,7 +107,7 @@ class OdmActQuantizer(nn.Module):
         return f"bits={self.bits}"
 
 
-class WeightClipQuantizer(nn.Module):
+class WeightClipQuantizer(Quantizer):
     """Weight clipping correction (METHODS.md §5.3): W_q = q(W; −u_w, u_w), u_w = f(W)·γ_w.
 
     f = P_99(|W|) over the whole tensor (``stat=p99_abs``) or max|W| (``max_abs``), recomputed from the

@@ -23,6 +23,7 @@ from .blocks import (
 )
 from .distributed import all_reduce_mean_, world_size
 from .functional import max_abs_weight_quantize, round_ste, split_outside
+from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
 
 PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input",
@@ -74,7 +75,7 @@ def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     return _SymmetricZeroQuant.apply(x, alpha, float(2 ** (bits - 1) - 1))
 
 
-class PamsWeightQuant(nn.Module):
+class PamsWeightQuantizer(Quantizer):
     """Max-abs symmetric weight quantizer (nothing learnable)."""
 
     def __init__(self, bits: int) -> None:
@@ -88,7 +89,7 @@ class PamsWeightQuant(nn.Module):
         return f"bits={self.bits}"
 
 
-class PamsActQuant(nn.Module):
+class PamsActQuantizer(Quantizer):
     """Activation quantizer with one learnable α (`pams_quant_act`).
 
     While ``tracking`` (epoch 1) and training, nothing is clipped and α is set from the batch statistic
@@ -188,21 +189,21 @@ class PAMS(QuantMethod):
     def quantize(self, model: nn.Module) -> nn.Module:
         self.check_backbone(model)
         make_act = None if self.bits.a >= 32 else (
-            lambda site: PamsActQuant(self.bits.a, site, self.alpha_init, self.ema_decay,
+            lambda site: PamsActQuantizer(self.bits.a, site, self.alpha_init, self.ema_decay,
                                       self.quirks["alpha_last_batch"], self.quirks["alpha_grad_while_tracking"]))
-        make_weight = None if self.bits.w >= 32 else (lambda name, layer: PamsWeightQuant(self.bits.w))
+        make_weight = None if self.bits.w >= 32 else (lambda name, layer: PamsWeightQuantizer(self.bits.w))
         return apply_placement(model, self.placement, make_act, make_weight,
                                conv1_raw_input=self.quirks["conv1_raw_input"],
                                gff3_fp_input=self.quirks["rdn_gff3_fp_input"])
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuant)]
+        alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuantizer)]
         return clip_param_groups(model, alphas, lr, self.qparam_lr)
 
     def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
                         teacher: nn.Module | None = None) -> StepOutput:
         tracking = step // self.iters_per_epoch < self.ema_epochs
-        quants = [m for m in model.modules() if isinstance(m, PamsActQuant)]
+        quants = [m for m in model.modules() if isinstance(m, PamsActQuantizer)]
         if not tracking and any(m.tracking for m in quants) and world_size() > 1:
             # DDP: each rank tracked α on its own shard; from here on α is learned, from the ranks' mean
             all_reduce_mean_([t for m in quants for t in (m.alpha.data, m.tracked_max())])
@@ -214,7 +215,7 @@ class PAMS(QuantMethod):
         return StepOutput(sr=sr, terms=terms, logs={"alpha_tracking": float(tracking)})
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
-        quants = {n: m for n, m in model.named_modules() if isinstance(m, PamsActQuant)}
+        quants = {n: m for n, m in model.named_modules() if isinstance(m, PamsActQuantizer)}
         stats = to_floats({f"alpha/{n}": m.alpha for n, m in quants.items()})
         if quants:
             stats["alpha/mean"] = sum(stats.values()) / len(quants)
