@@ -31,7 +31,7 @@ from .blocks import (
 )
 from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
-from .functional import dot_to_shape, max_abs_weight_quantize, percentile
+from .functional import max_abs_weight_quantize, percentile, row_grads
 from .placement import backbone_family
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
@@ -55,38 +55,52 @@ DDTB_DEFAULTS = {
 }
 
 
+_HALF: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _half(like: Tensor) -> Tensor:
+    """A cached 0-d ½ of ``like``'s dtype and device (``heaviside``'s value at 0), made once."""
+    key = (like.dtype, like.device)
+    if key not in _HALF:
+        _HALF[key] = torch.full((), 0.5, dtype=like.dtype, device=like.device)
+    return _HALF[key]
+
+
 class _ZeroAnchoredQuant(torch.autograd.Function):
-    """The fused form of ``round_ste(σ·max(min(X, u), l))/σ`` (one forward temporary, no boolean masks), with
-    the gradients autograd gives through that composed expression; see ``zero_anchored_quantize``."""
+    """The fused form of ``round_ste(σ·max(min(X, u), l))/σ``, with the gradients autograd gives through that
+    composed expression; see ``zero_anchored_quantize``. The forward saves ∂q/∂X and, when a bound needs a
+    gradient, ∂q/∂l and ∂q/∂u per element (two rows of one tensor); the backward is one multiply and one
+    matrix-vector product (per-image bounds: one product and one sum per bound)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, levels: int) -> Tensor:
+        n = float(levels)
+        need_bounds = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         sigma = levels / (upper - lower)
-        v = torch.maximum(x, lower)
-        v = torch.minimum(v, upper, out=v) if v.shape == x.shape else torch.minimum(v, upper)
-        v.mul_(sigma)
+        # The released clip max(min(X, u), l) splits the gradient half-half where X equals a bound, and
+        # post-ReLU inputs tie with a calibrated l = 0 on every zero: h_l = H(l − X), h_u = H(X − u) with H(0) = ½
+        # give ∂c/∂l = h_l, ∂c/∂u = h_u and ∂c/∂X = 1 − h_l − h_u.
+        shape = torch.broadcast_shapes(x.shape, lower.shape, upper.shape)
+        rows = x.new_empty((2, *shape)) if need_bounds else None
+        h_l = torch.heaviside(lower - x, _half(x), out=rows[0]) if need_bounds else torch.heaviside(lower - x, _half(x))
+        h_u = torch.heaviside(x - upper, _half(x), out=rows[1]) if need_bounds else torch.heaviside(x - upper, _half(x))
+        grad_x = torch.rsub(h_l, 1).sub_(h_u)
+        v = torch.clamp(x, lower, upper).mul_(sigma)
         r = torch.round(v)
-        ctx.save_for_backward(x, lower, upper, v.sub_(r))  # v − R, also outside (the grid is anchored at 0)
-        ctx.n = float(levels)
+        if need_bounds:  # + (v − R)/n on l, − (v − R)/n on u (the grid is anchored at 0: also outside)
+            frac = v.sub_(r)
+            rows[0].add_(frac, alpha=1.0 / n)
+            rows[1].sub_(frac, alpha=1.0 / n)
+        ctx.save_for_backward(grad_x, rows, lower, upper)
         return r.div_(sigma)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, lower, upper, frac = ctx.saved_tensors
-        need_x, need_l, need_u = ctx.needs_input_grad[:3]
-        # The released clip max(min(X, u), l) splits the gradient half-half where X equals a bound, and
-        # post-ReLU inputs tie with a calibrated l = 0 on every zero. With s_l = sign(X − l), s_u = sign(u − X)
-        # (float ops, no boolean masks): ∂c/∂X = ¼(1 + s_l)(1 + s_u), ∂c/∂l = ½(1 − s_l), ∂c/∂u = ½(1 − s_u).
-        s_l = torch.sub(x, lower).sign_()
-        s_u = torch.sub(upper, x).sign_()
+        grad_x, rows, lower, upper = ctx.saved_tensors
         grad_l = grad_u = None
-        if need_l:  # ½Σ g(1 − s_l) + Σ g·(v − R)/n
-            grad_l = 0.5 * dot_to_shape(grad_out, torch.rsub(s_l, 1), lower) + \
-                dot_to_shape(grad_out, frac, lower) / ctx.n
-        if need_u:  # ½Σ g(1 − s_u) + Σ g·(R − v)/n
-            grad_u = 0.5 * dot_to_shape(grad_out, torch.rsub(s_u, 1), upper) - \
-                dot_to_shape(grad_out, frac, upper) / ctx.n
-        grad_in = s_l.add_(1).mul_(s_u.add_(1)).mul_(grad_out).mul_(0.25) if need_x else None
+        if rows is not None:
+            grad_l, grad_u = row_grads(rows, grad_out, (lower, upper))
+        grad_in = grad_out * grad_x if ctx.needs_input_grad[0] else None
         return grad_in, grad_l, grad_u, None
 
 

@@ -72,7 +72,6 @@ class OdmActQuantizer(Quantizer):
         super().__init__()
         self.bits = int(bits)
         self.init_j = float(init_j)
-        self.enabled = True
         self.lower = nn.Parameter(torch.tensor(0.0))
         self.upper = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
@@ -92,8 +91,6 @@ class OdmActQuantizer(Quantizer):
         self._ready = bool(self.initialized)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled or self.bits >= 32:
-            return x
         if not self._ready:  # no calibration ran: this batch's range (DDP: of the ranks' inputs gathered)
             first = batch_range(gather_cat(x), self.init_j)
             self.set_range(*first.tolist())
@@ -122,7 +119,6 @@ class WeightClipQuantizer(Quantizer):
         self.bits = int(bits)
         self.stat = stat
         self.detach_stat = bool(detach_stat)
-        self.enabled = True
         self.gamma = nn.Parameter(torch.tensor(1.0), requires_grad=bool(learn_gamma))
 
     def weight_stat(self, w: Tensor) -> Tensor:
@@ -139,8 +135,6 @@ class WeightClipQuantizer(Quantizer):
         return self.weight_stat(w) * self.gamma.to(w.dtype)
 
     def forward(self, w: Tensor) -> Tensor:
-        if not self.enabled or self.bits >= 32:
-            return w
         return symmetric_quantize(w, self.clip_bound(w), self.bits)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ from .blocks import (
     read_quirks,
 )
 from .distributed import all_reduce_mean_, world_size
-from .functional import max_abs_weight_quantize, round_ste, split_outside
+from .functional import max_abs_weight_quantize, round_ste, row_grads
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
 
@@ -46,28 +46,25 @@ class _SymmetricZeroQuant(torch.autograd.Function):
     """q = Int(clip(X, −α, α)·Q/α)·α/Q, Q = 2^(b−1) − 1 (2^b − 1 levels, zero included).
 
     With v = X·Q/α and R = Int(v): ∂q/∂X = 1[|X| ≤ α]; ∂q/∂α = (R − v)/Q inside, sign(X) outside
-    (METHODS.md §3, what autograd gives through the released clip + STE round). The forward works in place
-    on one temporary; the backward uses ``split_outside`` (no boolean masks) and one dot product.
+    (METHODS.md §3, what autograd gives through the released clip + STE round). The forward saves the inside
+    mask and ∂q/∂α per element; the backward is one multiply and one dot product.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, q_max: float) -> Tensor:
-        v = torch.maximum(x, -alpha)
-        v = torch.minimum(v, alpha, out=v).mul_(q_max).div_(alpha)
+        c = torch.clamp(x, -alpha, alpha)
+        inside = c == x
+        v = c.mul_(q_max).div_(alpha)
         r = torch.round(v)
-        ctx.save_for_backward(x, alpha, v.sub_(r))  # v − R: in [−1/2, 1/2] inside, 0 outside
-        ctx.q_max = q_max
+        d = torch.where(inside, v.sub_(r).div_(-q_max), torch.sign(x)) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(inside, d, alpha)
         return r.mul_(alpha).div_(q_max)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, alpha, frac = ctx.saved_tensors
-        grad_in, below, above = split_outside(grad_out, x, -alpha, alpha)
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
-            inside = torch.dot(grad_in.reshape(-1), frac.reshape(-1)) / ctx.q_max  # Σ g·(v − R)/Q inside
-            grad_alpha = (above.sum() - below.sum() - inside).reshape(alpha.shape)
-        return (grad_in if ctx.needs_input_grad[0] else None), grad_alpha, None
+        inside, d, alpha = ctx.saved_tensors
+        grad_alpha = row_grads(d.unsqueeze(0), grad_out, (alpha,))[0] if d is not None else None
+        return (grad_out * inside if ctx.needs_input_grad[0] else None), grad_alpha, None
 
 
 def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
