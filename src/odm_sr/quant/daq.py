@@ -86,7 +86,8 @@ class DaqActQuantizer(Quantizer):
     """Per-image, per-channel activation quantizer with detached runtime μ_c, σ_c and Δ_c = t_b·σ_c.
 
     - Post-ReLU input (tensor minimum == 0, decided on the first forward: whether a layer's input comes out of
-      a ReLU is the architecture's, and a per-call test would be a host sync per layer and step): x → Int(x/Δ)·Δ on {0, Δ, …, (2^b − 1)Δ} (the upper clamp is
+      a ReLU is the architecture's, and a per-call test would be a host sync per layer and step):
+      x → Int(x/Δ)·Δ on {0, Δ, …, (2^b − 1)Δ} (the upper clamp is
       dropped under ``unbounded``), with μ, σ from :func:`relu_stats`.
     - Otherwise: μ_c + midrise(x − μ_c) clamped to ±(2^(b−1) − ½)Δ, with μ_c and σ_c (unbiased std) over the
       image's positions (all tokens of all windows for transformer layers).

@@ -31,7 +31,7 @@ from .blocks import (
 )
 from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
-from .functional import max_abs_weight_quantize, percentile, row_grads
+from .functional import max_abs_weight_quantize, percentile, row_grads, wanted
 from .placement import backbone_family
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
@@ -98,9 +98,9 @@ class _ZeroAnchoredQuant(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_x, rows, lower, upper = ctx.saved_tensors
         grad_l = grad_u = None
-        if rows is not None:
+        if rows is not None and (wanted(ctx, 1) or wanted(ctx, 2)):
             grad_l, grad_u = row_grads(rows, grad_out, (lower, upper))
-        grad_in = grad_out * grad_x if ctx.needs_input_grad[0] else None
+        grad_in = grad_out * grad_x if wanted(ctx, 0) else None
         return grad_in, grad_l, grad_u, None
 
 

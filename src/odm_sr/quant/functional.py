@@ -30,6 +30,25 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
+def wanted(ctx, index: int) -> bool:
+    """Whether a custom Function's backward must return the gradient of input ``index`` in this backward pass.
+
+    ``ctx.needs_input_grad`` is fixed in the forward; a pass that does not reach the input (ODM's g_M pass
+    ``autograd.grad(L_M, θ)`` never needs the quantizer bounds' gradients, METHODS.md §5.5) asks the engine
+    whether it will run the input's gradient node. A leaf that is an ``autograd.grad`` input cannot be asked
+    (the engine raises): it is wanted. Under ``torch.compile`` the static flag is used.
+    """
+    if not ctx.needs_input_grad[index]:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    node = ctx.next_functions[index][0]
+    try:
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (RuntimeError, AttributeError):  # an autograd.grad input (leaf), or an engine without the query
+        return True
+
+
 def row_grads(rows: Tensor, grad: Tensor, likes: Sequence[Tensor]) -> list[Tensor]:
     """Σ grad·rows[i] reduced to the shape of ``likes[i]``: the bound gradients of a fused quantizer.
 
@@ -79,9 +98,9 @@ class _UniformQuant(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         inside, rows, lower, upper = ctx.saved_tensors
         grad_l = grad_u = None
-        if rows is not None:
+        if rows is not None and (wanted(ctx, 1) or wanted(ctx, 2)):
             grad_l, grad_u = row_grads(rows, grad_out, (lower, upper))
-        grad_in = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_in = grad_out * inside if wanted(ctx, 0) else None
         return grad_in, grad_l, grad_u, None
 
 
@@ -109,11 +128,11 @@ class _SymmetricQuant(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         inside, d, bound = ctx.saved_tensors
         grad_b = None
-        if d is not None:
+        if d is not None and wanted(ctx, 1):
             (grad_b,) = row_grads(d.unsqueeze(0), grad_out, (bound,))
             if ctx.factor != 1.0:
                 grad_b = grad_b * ctx.factor
-        grad_in = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_in = grad_out * inside if wanted(ctx, 0) else None
         return grad_in, grad_b, None, None
 
 

@@ -11,14 +11,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .functional import grad_scale, percentile, row_grads, symmetric_quantize
+from .functional import grad_scale, percentile, row_grads, symmetric_quantize, wanted
 from .quantizer import Quantizer
 
 GRIDS = ("lsq_integer", "odm_symmetric")
 
 
 class _LsqQuant(torch.autograd.Function):
-    """W_q = s·Int(clip(W/s, −Q_N, Q_P)) with ∂W_q/∂W = 1[−Q_N ≤ W/s ≤ Q_P] and ∂W_q/∂s = factor·(Int(W/s) − W/s)
+    """W_q = s·Int(clip(W/s, −Q_N, Q_P)) with ∂W_q/∂W = 1[−Q_N < W/s < Q_P] and ∂W_q/∂s = factor·(Int(W/s) − W/s)
     inside, factor·(−Q_N) below and factor·Q_P above (Esser et al. 2020, eqs. 3–5; ``factor`` is the gradient
     scale g). The forward uses s's value as ``grad_scale`` gives it, (s − g·s) + g·s, which the export
     reproduces (``export.spec``)."""
@@ -28,7 +28,8 @@ class _LsqQuant(torch.autograd.Function):
         s = scale if factor == 1.0 else (scale - scale * factor) + scale * factor
         v = w / s
         c = torch.clamp(v, -q_n, q_p)
-        inside = c == v
+        inside = torch.gt(v, -q_n).logical_and_(torch.lt(v, q_p))  # strict, as torch.clamp's gradient: W/s on a
+        # bound counts as clipped (∂/∂W = 0, ∂/∂s = the bound)
         r = torch.round(c)
         d = torch.where(inside, r - v, c) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(inside, d, scale)
@@ -39,11 +40,11 @@ class _LsqQuant(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         inside, d, scale = ctx.saved_tensors
         grad_s = None
-        if d is not None:
+        if d is not None and wanted(ctx, 1):
             (grad_s,) = row_grads(d.unsqueeze(0), grad_out, (scale,))
             if ctx.factor != 1.0:
                 grad_s = grad_s * ctx.factor
-        grad_w = grad_out * inside if ctx.needs_input_grad[0] else None
+        grad_w = grad_out * inside if wanted(ctx, 0) else None
         return grad_w, grad_s, None, None, None
 
 

@@ -22,7 +22,7 @@ from .blocks import (
     read_quirks,
 )
 from .distributed import all_reduce_mean_, world_size
-from .functional import max_abs_weight_quantize, round_ste, row_grads
+from .functional import max_abs_weight_quantize, round_ste, row_grads, wanted
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
 
@@ -63,8 +63,8 @@ class _SymmetricZeroQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         inside, d, alpha = ctx.saved_tensors
-        grad_alpha = row_grads(d.unsqueeze(0), grad_out, (alpha,))[0] if d is not None else None
-        return (grad_out * inside if ctx.needs_input_grad[0] else None), grad_alpha, None
+        grad_alpha = row_grads(d.unsqueeze(0), grad_out, (alpha,))[0] if d is not None and wanted(ctx, 1) else None
+        return (grad_out * inside if wanted(ctx, 0) else None), grad_alpha, None
 
 
 def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
