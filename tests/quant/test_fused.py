@@ -13,7 +13,7 @@ import torch
 from odm_sr.analysis.profiling import step_profile
 from odm_sr.quant.blocks import ActSite
 from odm_sr.quant.daq import DaqActQuantizer
-from odm_sr.quant.ddtb import DdtbActQuantizer, DdtbWeightQuantizer, zero_anchored_quantize
+from odm_sr.quant.ddtb import DdtbActQuantizer, DdtbWeightQuantizer, gate_act_quantize, zero_anchored_quantize
 from odm_sr.quant.fq import SkipQuantizer
 from odm_sr.quant.functional import max_abs_weight_quantize, percentile, symmetric_quantize, uniform_quantize
 from odm_sr.quant.lsq import LsqWeightQuantizer
@@ -190,6 +190,22 @@ def test_zero_anchored_matches_composed_with_ties(bits):
     lo_w, hi_w = torch.tensor(0.0, dtype=DT), torch.tensor(2.0, dtype=DT)
     compare(lambda t: zero_anchored_quantize(t, lo_w, hi_w, bits), lambda t: ref_zero_anchored(t, lo_w, hi_w, bits),
             [x])
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_ddtb_gate_quantizer_matches_composed(detach):
+    x = torch.randn(2, 32, 1, 1, dtype=DT, requires_grad=True)
+
+    def ref(t):
+        lo, hi = t.detach().min(), t.detach().max()
+        sigma = 3 / (hi - lo).clamp_min(1e-8)
+        q = torch.round(sigma * t.detach()) / sigma
+        return q if detach else t + (q - t).detach()
+
+    if detach:
+        torch.testing.assert_close(gate_act_quantize(x, 2, True), ref(x), rtol=RTOL, atol=0)
+    else:
+        compare(lambda t: gate_act_quantize(t, 2, False), ref, [x])
 
 
 def test_ddtb_weight_quantizer_matches_composed():

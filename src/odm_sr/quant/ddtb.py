@@ -31,7 +31,7 @@ from .blocks import (
 )
 from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
-from .functional import max_abs_weight_quantize, percentile, row_grads, wanted
+from .functional import max_abs_weight_quantize, percentile, row_grads, straight_through, wanted
 from .placement import backbone_family
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
@@ -145,10 +145,10 @@ def gate_act_quantize(x: Tensor, bits: int, detach: bool) -> Tensor:
 
     Released, it quantizes ``x.detach()`` so nothing before it learns (``detach=True``); otherwise STE.
     """
-    lo, hi = x.detach().min(), x.detach().max()
+    lo, hi = torch.aminmax(x.detach())
     sigma = (2 ** bits - 1) / (hi - lo).clamp_min(1e-8)
     q = torch.round(sigma * x.detach()) / sigma
-    return q if detach else x + (q - x).detach()
+    return q if detach else straight_through(x, q)
 
 
 class DynamicGate(nn.Module):

@@ -226,12 +226,32 @@ class _MaxAbsQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: Tensor, q_max: float) -> Tensor:
-        m = w.abs().max() + 1e-8
+        m = torch.linalg.vector_norm(w, float("inf")) + 1e-8  # max|W| in one reduction
+        if q_max == 1.0:  # Q/m and m/Q without the multiplications by 1 (same values)
+            return torch.round(w * m.reciprocal()).mul_(m)
         return torch.round(w * (q_max / m)).mul_(m / q_max)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         return grad_out, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The value of ``q`` with the gradient of ``x`` (∂/∂x = 1): ``x + (q − x).detach()`` without its two ops
+    (and without its round-off on the levels)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor) -> Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out, None
+
+
+def straight_through(x: Tensor, q: Tensor) -> Tensor:
+    """Forward ``q`` (computed without gradient), backward the identity to ``x``."""
+    return _StraightThrough.apply(x, q)
 
 
 def max_abs_weight_quantize(w: Tensor, bits: int) -> Tensor:
