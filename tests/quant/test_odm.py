@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from odm_sr.models import build_model
 from odm_sr.quant import build_method
 from odm_sr.quant.base import Bits
-from odm_sr.quant.functional import symmetric_quantize, uniform_quantize
 from odm_sr.quant.calibration import quantizers_off
+from odm_sr.quant.functional import symmetric_quantize, uniform_quantize
 from odm_sr.quant.layers import QuantConv2d, quantized_layers
 from odm_sr.quant.odm import DEFAULTS, ODM, OdmActQuantizer, WeightClipQuantizer, odm_config
 
