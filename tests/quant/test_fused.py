@@ -172,6 +172,27 @@ def test_pams_act_and_weight_match_composed(bits):
     compare(PamsWeightQuantizer(bits), lambda t: ref_max_abs(t, bits), [w])
 
 
+@pytest.mark.parametrize("live", [True, False])
+def test_pams_tracking_epoch_matches_composed(live):
+    site = ActSite("q", 3, False)
+    x = torch.randn(2, 3, 5, 5, dtype=DT, generator=torch.Generator().manual_seed(5)) * 2
+    quant = PamsActQuantizer(3, site, live_alpha=live).double().train()  # tracking: α ← this batch's statistic
+    out = quant(x.clone().requires_grad_())
+    alpha = quant.alpha.detach().clone().requires_grad_(live)
+
+    def ref(t, a):
+        a = a if live else a.detach().clamp_min(1e-8)
+        return ste(t * 3 / a) * a / 3
+
+    def fused(t, a):  # the module with the same α (already tracked: a second call tracks the same batch again)
+        with torch.no_grad():
+            quant.alpha.copy_(a)
+        return quant(t) if not live else torch.func.functional_call(quant, {"alpha": a}, (t,))
+
+    torch.testing.assert_close(out, ref(x, alpha), rtol=RTOL, atol=0)
+    compare(fused, ref, [x.clone().requires_grad_(), alpha])
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_zero_anchored_matches_composed_with_ties(bits):
     x = with_edges((2, 3, 5, 5), 0.0, 2.0, seed=4)

@@ -22,7 +22,7 @@ from .blocks import (
     read_quirks,
 )
 from .distributed import all_reduce_mean_, world_size
-from .functional import max_abs_weight_quantize, round_ste, row_grads, wanted
+from .functional import max_abs_weight_quantize, row_grads, wanted
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
 
@@ -65,6 +65,24 @@ class _SymmetricZeroQuant(torch.autograd.Function):
         inside, d, alpha = ctx.saved_tensors
         grad_alpha = row_grads(d.unsqueeze(0), grad_out, (alpha,))[0] if d is not None and wanted(ctx, 1) else None
         return (grad_out * inside if wanted(ctx, 0) else None), grad_alpha, None
+
+
+class _UnclippedQuant(torch.autograd.Function):
+    """The tracking epoch's q = Int(X·Q/α)·α/Q without a clip: ∂q/∂X = 1 (STE), ∂q/∂α = (R − v)/Q with
+    v = X·Q/α, R = Int(v) (what autograd gives through the released ``round_ste(x·Q/α)·α/Q``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, q_max: float) -> Tensor:
+        v = x * q_max / alpha
+        r = torch.round(v)
+        ctx.save_for_backward(v.sub_(r).div_(-q_max) if ctx.needs_input_grad[1] else None, alpha)
+        return r.mul_(alpha).div_(q_max)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        d, alpha = ctx.saved_tensors
+        grad_alpha = row_grads(d.unsqueeze(0), grad_out, (alpha,))[0] if d is not None and wanted(ctx, 1) else None
+        return grad_out, grad_alpha, None
 
 
 def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
@@ -143,7 +161,7 @@ class PamsActQuantizer(Quantizer):
             self._track(x)
             q_max = float(2 ** (self.bits - 1) - 1)
             alpha = self.alpha if self.live_alpha else self.alpha.detach().clamp_min(1e-8)
-            return round_ste(x * q_max / alpha) * alpha / q_max  # no clipping in the tracking epoch
+            return _UnclippedQuant.apply(x, alpha, q_max)  # no clipping in the tracking epoch
         return pams_act_quantize(x, self.alpha, self.bits)
 
     def extra_repr(self) -> str:
