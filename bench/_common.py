@@ -39,6 +39,7 @@ VARIANTS: dict[str, list[str]] = {
     "daq": ["method=daq", "bits=w2a2"],
     "ddtb": ["method=ddtb", "bits=w2a2"],
     "odm": ["method=odm", "bits=w2a2"],
+    "lsq": ["method=lsq", "bits=w2a2"],  # ODM with the LSQ weight quantizer (Table S7)
     "quant_only": ["method=odm", "bits=w2a2", "method.mr.mode=off"],
     "teacher": ["method=pams", "bits=w2a2"],  # only PAMS/DDTB's teacher forward up to the SKT feature
 }

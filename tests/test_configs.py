@@ -241,5 +241,8 @@ def test_ddp_trainer_composes_and_instantiates(tmp_path, monkeypatch):
     cfg = compose_config(["experiment=paper_edsr_baseline_x4_odm", "trainer=ddp"], tmp_path)
     assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == 2 and cfg.trainer.accelerator == "gpu"
     assert cfg.trainer.use_distributed_sampler and not cfg.trainer.sync_batchnorm
-    trainer = hydra.utils.instantiate(cfg.trainer, accelerator="cpu", logger=False)  # no GPU needed to build it
+    from odm_sr.train import lightning_trainer_config  # trainer.* less the LightningModule's keys (compile), as train()
+
+    trainer = hydra.utils.instantiate(lightning_trainer_config(cfg.trainer), accelerator="cpu",
+                                      logger=False)  # no GPU needed to build it
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2

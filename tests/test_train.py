@@ -189,13 +189,14 @@ def test_training_sets_cudnn_benchmark_unless_deterministic(tmp_path, overrides,
     import hydra
 
     from odm_sr.quant.base import FullPrecision
-    from odm_sr.train import trainer_overrides
+    from odm_sr.train import lightning_trainer_config, trainer_overrides
 
     cfg = compose_config(TINY_TRAIN + overrides, tmp_path)
     saved = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = not expected
-        hydra.utils.instantiate(cfg.trainer, logger=False, **trainer_overrides(cfg.trainer, FullPrecision()))
+        hydra.utils.instantiate(lightning_trainer_config(cfg.trainer), logger=False,
+                                **trainer_overrides(cfg.trainer, FullPrecision()))
         assert torch.backends.cudnn.benchmark is expected
     finally:
         torch.backends.cudnn.benchmark = saved

@@ -56,7 +56,8 @@ class SRLitModule(L.LightningModule):
     """
 
     def __init__(self, net: nn.Module, method: QuantMethod, optim: dict, teacher: nn.Module | None = None,
-                 eval_cfg: dict | None = None, calibration_batches: int = 0, hparams: dict | None = None):
+                 eval_cfg: dict | None = None, calibration_batches: int = 0, hparams: dict | None = None,
+                 compile_backend: str | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.net = net
@@ -75,6 +76,10 @@ class SRLitModule(L.LightningModule):
         self._fit_started: float | None = None
         self._validation_this_fit = 0.0
         self.balance_sum, self.balance_steps = 0.0, 0  # running sum of mr/rho (ODM): its run mean in results
+        # trainer.compile: torch.compile the student in place (keys unchanged) after calibration; None: eager
+        self.compile_backend = compile_backend
+        self._compile_breaks_before: int | None = None
+        self.graph_breaks: int | None = None  # of the first compiled training step (``_report_compile``)
         if hparams:
             self.save_hyperparameters(hparams)
 
@@ -108,6 +113,11 @@ class SRLitModule(L.LightningModule):
         if not bool(self.calibrated):
             self.method.calibrate(self.net, self._calibration_batches(), teacher=self.teacher)
             self.calibrated.fill_(True)
+        if self.compile_backend and self._compile_breaks_before is None:
+            from torch._dynamo.utils import counters
+
+            self._compile_breaks_before = sum(counters["graph_break"].values())
+            self.net.compile(backend=self.compile_backend)
 
     def _calibration_batches(self) -> Iterator[Tensor]:
         loader = self.trainer.datamodule.train_dataloader()
@@ -138,8 +148,21 @@ class SRLitModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         sched.step()
         self._step_count += 1
+        if self._compile_breaks_before is not None and self.graph_breaks is None:
+            self._report_compile()
         self._log_train(loss, out.terms, {**out.logs, **logs}, opt)
         return None
+
+    def _report_compile(self) -> None:
+        """Print and log, once, the graph breaks torch.compile hit in the first compiled training step."""
+        from torch._dynamo.utils import counters
+
+        self.graph_breaks = sum(counters["graph_break"].values()) - int(self._compile_breaks_before or 0)
+        reasons = ", ".join(f"{r[:80]} ({n})" for r, n in counters["graph_break"].most_common(3))
+        print(f"trainer.compile ({self.compile_backend}): {self.graph_breaks} graph breaks in the first training "
+              f"step{': ' + reasons if reasons else ''}", flush=True)
+        if self._trainer is not None:
+            self.log("compile/graph_breaks", float(self.graph_breaks), rank_zero_only=True)
 
     def _non_finite_message(self, bad: dict[int, dict[str, float]]) -> str:
         """The stop message: each bad rank's loss terms (rank-prefixed under DDP) and advice that works (resume

@@ -59,8 +59,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_resume_checkpoint(resume, lit)
     out_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [*build_callbacks(cfg), CurrentOptimSettingsOnResume()]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=build_loggers(cfg) or False,
-                                                 callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+    trainer: L.Trainer = hydra.utils.instantiate(lightning_trainer_config(cfg.trainer),
+                                                 logger=build_loggers(cfg) or False, callbacks=callbacks,
+                                                 plugins=[AtomicCheckpointIO()],
                                                  **trainer_overrides(cfg.trainer, method))
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
     train_seconds = lit.train_seconds  # S12: training incl. calibration, the whole run (resumes included)
@@ -132,7 +133,9 @@ def build_module(cfg: DictConfig) -> tuple[SRLitModule, Any]:
     lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim), teacher=teacher,
                       eval_cfg=OmegaConf.to_container(cfg.eval),
                       calibration_batches=int(getattr(method, "calibration_batches", 0) or 0),
-                      hparams={"cfg": OmegaConf.to_container(cfg, resolve=True)})
+                      hparams={"cfg": OmegaConf.to_container(cfg, resolve=True)},
+                      compile_backend=str(cfg.trainer.get("compile_backend", "inductor"))
+                      if cfg.trainer.get("compile", False) else None)
     lit.set_names = {"val": list(cfg.data.val), "test": list(cfg.data.test)}
     return lit, datamodule
 
@@ -155,6 +158,15 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
                 f"its files with that one. Continue it with resume={last} (or auto_resume=true), or start "
                 f"elsewhere (hydra.run.dir=<new folder>; the default timestamped folders are always new).")
     return resume
+
+
+LIT_TRAINER_KEYS = ("compile", "compile_backend")  # trainer.* keys read by SRLitModule, not by L.Trainer
+
+
+def lightning_trainer_config(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """``trainer.*`` (resolved) less the keys that are the LightningModule's (``LIT_TRAINER_KEYS``)."""
+    resolved = OmegaConf.to_container(trainer_cfg, resolve=True)
+    return {k: v for k, v in resolved.items() if k not in LIT_TRAINER_KEYS}
 
 
 def trainer_overrides(trainer_cfg: Any, method: Any) -> dict[str, Any]:

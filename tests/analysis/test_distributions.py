@@ -25,7 +25,7 @@ from odm_sr.quant import build_method
 from odm_sr.quant.blocks import ActSite
 from odm_sr.quant.layers import QuantConv2d
 from odm_sr.quant.odm import OdmActQuantizer
-from odm_sr.quant.pams import PamsActQuant
+from odm_sr.quant.pams import PamsActQuantizer
 
 torch.set_num_threads(1)
 RANGES = {"conv1": (0.1, 0.7), "conv2": (0.2, 0.6)}
@@ -135,7 +135,7 @@ def test_histogram_levels_of_an_odm_quantizer(images, tmp_path):
 
 
 def test_static_levels_of_other_quantizers():
-    pams = PamsActQuant(3, ActSite("x", 3, False))
+    pams = PamsActQuantizer(3, ActSite("x", 3, False))
     with torch.no_grad():
         pams.alpha.fill_(1.5)
     np.testing.assert_allclose(static_levels(pams), [-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5])

@@ -24,7 +24,7 @@ def tiny_network(backbone: str, method: str, bits: int, tmp_path, seed: int = 0)
     """(eval-mode quantized network, config): ODM ranges calibrated on random images, PAMS α drawn at random
     between 2 % and 50 % of the pixel range (both away from their init, so a wrong grid shows)."""
     from odm_sr.builders import build_network
-    from odm_sr.quant.pams import PamsActQuant
+    from odm_sr.quant.pams import PamsActQuantizer
 
     torch.manual_seed(seed)
     cfg = tiny_config(backbone, method, bits, tmp_path)
@@ -37,6 +37,6 @@ def tiny_network(backbone: str, method: str, bits: int, tmp_path, seed: int = 0)
                 p.add_(torch.randn_like(p) * 0.05 * (rng / 255 if rng > 1 else 1))
         quant_method.calibrate(net, [torch.rand(2, 3, 12, 12) * rng for _ in range(2)])
         for q in net.modules():
-            if isinstance(q, PamsActQuant):
+            if isinstance(q, PamsActQuantizer):
                 q.alpha.fill_(float(torch.empty(()).uniform_(0.02, 0.5)) * rng)
     return net, cfg

@@ -85,7 +85,7 @@ def test_bit_packing(bits):
         assert pack_bits(torch.tensor([1, 2, 3, 0]), 2) == bytes([0b00111001])  # 4 codes per byte, LSB first
 
 
-@pytest.mark.parametrize(("method", "module"), [("daq", "DaqActQuant"), ("ddtb", "DdtbActQuant")])
+@pytest.mark.parametrize(("method", "module"), [("daq", "DaqActQuantizer"), ("ddtb", "DdtbActQuantizer")])
 def test_dynamic_methods_are_refused(method, module, tmp_path):
     from odm_sr.builders import build_network
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from odm_sr.models import build_model, guess_scale, is_quantizer_key, load_pretrained
+from odm_sr.quant.quantizer import Quantizer
 
 TINY_SWINIR = dict(embed_dim=12, depths=(2,), num_heads=(2,), img_size=16)
 TINY_HAT = dict(embed_dim=24, depths=(2,), num_heads=(2,), compress_ratio=6, squeeze_factor=6, img_size=32)
@@ -67,7 +68,7 @@ def test_quantizer_keys_are_ignored_on_both_sides() -> None:
     model = build_model("edsr", 2, n_resblocks=2, n_feats=8)
     state = randomized_state(model, seed=7)
 
-    class FakeQuantizer(nn.Module):
+    class FakeQuantizer(Quantizer):  # the model side is recognised by the base class, not by the module name
         def __init__(self) -> None:
             super().__init__()
             self.lower = nn.Parameter(torch.tensor(-3.0))
@@ -77,6 +78,21 @@ def test_quantizer_keys_are_ignored_on_both_sides() -> None:
     load_pretrained(model, with_quant)
     assert_loaded(model, state)
     assert model.body[0].body[0].act_quant.lower.item() == -3.0
+
+
+def test_model_side_quantizers_are_found_by_class_under_any_name() -> None:
+    model = build_model("edsr", 2, n_resblocks=2, n_feats=8)
+    state = randomized_state(model, seed=8)
+
+    class Clip(Quantizer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bound = nn.Parameter(torch.tensor(2.0))
+
+    model.body[0].clip = Clip()  # no quantizer-like name: only the class says what it is
+    load_pretrained(model, state)  # strict: the model's body.0.clip.bound is not a missing key
+    assert_loaded(model, state)
+    assert model.body[0].clip.bound.item() == 2.0
 
 
 def test_quantizer_key_rule() -> None:

@@ -10,7 +10,7 @@ import torch
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
 from odm_sr.quant.blocks import ActSite, ImageCount
-from odm_sr.quant.daq import DAQ, GAUSSIAN_STEPS, DaqActQuant, DaqWeightQuant, auto_sigma_bits
+from odm_sr.quant.daq import DAQ, GAUSSIAN_STEPS, DaqActQuantizer, DaqWeightQuantizer, auto_sigma_bits
 from odm_sr.quant.layers import quantized_layers
 
 CONV = ActSite("q", 3, False)
@@ -36,7 +36,7 @@ def test_step_table():
 def test_weight_midrise_levels(bits):
     w = heavy_tailed().requires_grad_(True)
     step = T[bits] * w.detach().std()
-    q = DaqWeightQuant(bits)(w)
+    q = DaqWeightQuantizer(bits)(w)
     k = torch.arange(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1) + 1)
     assert torch.allclose(q.detach().unique(), (k - 0.5) * step, atol=1e-5)  # 2^b levels, no zero
     q.sum().backward()
@@ -47,7 +47,7 @@ def test_weight_midrise_levels(bits):
 def test_signed_activation_levels(bits):
     # one image, one channel: μ = 0 by symmetry, σ = its std; output on (k − ½)Δ around μ
     x = heavy_tailed().reshape(1, 1, 1, -1)
-    quant = DaqActQuant(bits, ActSite("q", 1, False))
+    quant = DaqActQuantizer(bits, ActSite("q", 1, False))
     step = T[bits] * x.std()
     k = torch.arange(-(2 ** (bits - 1)) + 1, 2 ** (bits - 1) + 1)
     assert torch.allclose(quant(x).unique(), (k - 0.5) * step, atol=1e-5)
@@ -57,7 +57,7 @@ def test_signed_activation_levels(bits):
 @pytest.mark.parametrize("unbounded", [False, True])
 def test_post_relu_levels_are_multiples_of_step(bits, unbounded):
     x = torch.cat([torch.zeros(50), torch.linspace(0.01, 4, 400), torch.tensor([60.0])]).reshape(1, 1, 1, -1)
-    quant = DaqActQuant(bits, ActSite("q", 1, False), unbounded=unbounded)
+    quant = DaqActQuantizer(bits, ActSite("q", 1, False), unbounded=unbounded)
     out = quant(x)
     nonzero = x[x > 0]
     count = nonzero.numel() + 1
@@ -89,14 +89,14 @@ def test_signed_statistics_match_numpy(sigma_bits):
     rng = np.random.default_rng(0)
     scales = np.array([1.0, 3.0, 0.2])[None, :, None, None]
     x = rng.normal(size=(2, 3, 5, 6)) * scales + rng.normal(size=(2, 3, 1, 1))
-    out = DaqActQuant(3, CONV, sigma_bits=sigma_bits)(torch.tensor(x, dtype=torch.float64))
+    out = DaqActQuantizer(3, CONV, sigma_bits=sigma_bits)(torch.tensor(x, dtype=torch.float64))
     np.testing.assert_allclose(out.numpy(), numpy_reference(x, 3, sigma_bits), rtol=1e-10, atol=1e-10)
 
 
 def test_post_relu_statistics_match_numpy():
     rng = np.random.default_rng(1)
     x = np.maximum(rng.normal(size=(2, 3, 4, 5)), 0.0)
-    out = DaqActQuant(2, CONV)(torch.tensor(x)).numpy()
+    out = DaqActQuantizer(2, CONV)(torch.tensor(x)).numpy()
     count = (x > 0).sum(axis=(2, 3), keepdims=True) + 1
     mu = x.sum(axis=(2, 3), keepdims=True) / count
     sigma = np.sqrt((x ** 2).sum(axis=(2, 3), keepdims=True) / count - mu ** 2)
@@ -109,17 +109,17 @@ def test_zero_sigma_channels():
     relu = torch.rand(2, 3, 4, 4)
     relu[0, 1] = 0.0  # an all-zero channel after ReLU
     relu[1, 2] = 0.0
-    out = DaqActQuant(2, CONV)(relu)
+    out = DaqActQuantizer(2, CONV)(relu)
     assert torch.equal(out[0, 1], torch.zeros(4, 4)) and torch.equal(out[1, 2], torch.zeros(4, 4))
     signed = torch.randn(1, 3, 4, 4)
     signed[0, 0] = -0.7  # constant channel: σ_c = 0, output is its mean (no quantization noise)
-    out = DaqActQuant(2, CONV)(signed)
+    out = DaqActQuantizer(2, CONV)(signed)
     assert torch.allclose(out[0, 0], torch.full((4, 4), -0.7))
 
 
 def test_activation_identity_ste():
     x = (torch.randn(2, 3, 4, 4) * 5).requires_grad_(True)
-    DaqActQuant(2, CONV)(x).sum().backward()
+    DaqActQuantizer(2, CONV)(x).sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
@@ -127,11 +127,11 @@ def test_token_layout_uses_per_image_statistics():
     """(B·nW, N, C) windows regrouped per image give the same result as the conv layout (B, C, H, W)."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4)
-    conv_out = DaqActQuant(3, CONV, sigma_bits=8)(x)
+    conv_out = DaqActQuantizer(3, CONV, sigma_bits=8)(x)
     images = ImageCount()
     images.value = 2
     tokens = x.flatten(2).transpose(1, 2).reshape(4, 8, 3)  # 2 "windows" per image
-    token_out = DaqActQuant(3, ActSite("q", 3, True, images), sigma_bits=8)(tokens)
+    token_out = DaqActQuantizer(3, ActSite("q", 3, True, images), sigma_bits=8)(tokens)
     back = token_out.reshape(2, 16, 3).transpose(1, 2).reshape(2, 3, 4, 4)
     assert torch.allclose(back, conv_out, atol=1e-6)
 
@@ -144,12 +144,12 @@ def test_auto_sigma_bits():
 def test_finetune_fixed_steps_apply_in_training_only():
     """The release's --finetune factors (1.596, σ: 0.057) while training; its test scripts omit the flag, so
     evaluation uses t_b and t_qq."""
-    quant = DaqActQuant(4, CONV, sigma_bits=4, fixed_steps=True)
+    quant = DaqActQuantizer(4, CONV, sigma_bits=4, fixed_steps=True)
     assert quant.train().factors() == (1.596, 0.057)
     assert quant.eval().factors() == (0.586, 0.586)
-    assert DaqActQuant(4, CONV, sigma_bits=4).train().factors() == (0.586, 0.586)
+    assert DaqActQuantizer(4, CONV, sigma_bits=4).train().factors() == (0.586, 0.586)
     w = heavy_tailed()
-    weight_q = DaqWeightQuant(3, fixed_steps=True)
+    weight_q = DaqWeightQuantizer(3, fixed_steps=True)
     for mode, t in ((True, 1.596), (False, 0.996)):
         levels = weight_q.train(mode)(w).unique()
         assert torch.allclose(levels, (torch.arange(-3, 5) - 0.5) * t * w.std(), atol=1e-5), mode
@@ -161,9 +161,9 @@ def test_finetune_fixed_steps_only_on_edsr():
     edsr = DAQ(quirk, Bits(4, 4)).quantize(build_model("edsr", 2, n_resblocks=1, n_feats=8)).train()
     rdn = DAQ(quirk, Bits(4, 4)).quantize(build_model("rdn", 2, G0=8, D=2, C=2, G=4)).train()
     for model, fixed in ((edsr, True), (rdn, False)):
-        quants = [m for m in model.modules() if isinstance(m, (DaqActQuant, DaqWeightQuant))]
+        quants = [m for m in model.modules() if isinstance(m, (DaqActQuantizer, DaqWeightQuantizer))]
         assert quants and all(q.fixed_steps == fixed for q in quants)
-    assert all(m.factors()[0] == 0.586 for m in rdn.modules() if isinstance(m, DaqActQuant))
+    assert all(m.factors()[0] == 0.586 for m in rdn.modules() if isinstance(m, DaqActQuantizer))
 
 
 def released_sigma(sigma, qq, t_qq):
@@ -219,9 +219,9 @@ def test_nonpositive_sigma_offset_reproduces_the_release(bits, qq):
             thr = (2 ** (bits - 1) - 0.5) * T[bits] * sigma_q[b, c, 0, 0]  # negative
             const = thr if relu else x[b, c, 0, 0] + abs(thr)  # post-ReLU: thr; signed: μ_c + |thr|
             np.testing.assert_allclose(want[b, c], const, rtol=1e-12)
-        quirk = DaqActQuant(bits, ActSite("q", 6, False), sigma_bits=qq, unbounded=True, nonpositive_offset=True)
+        quirk = DaqActQuantizer(bits, ActSite("q", 6, False), sigma_bits=qq, unbounded=True, nonpositive_offset=True)
         np.testing.assert_allclose(quirk(torch.tensor(x)).numpy(), want, rtol=1e-9, atol=1e-9)
-        default = DaqActQuant(bits, ActSite("q", 6, False), sigma_bits=qq)(torch.tensor(x)).numpy()
+        default = DaqActQuantizer(bits, ActSite("q", 6, False), sigma_bits=qq)(torch.tensor(x)).numpy()
         for b, c in channels:  # default: the channel's offset, 0 after ReLU and μ_c (its constant) otherwise
             np.testing.assert_allclose(default[b, c], 0.0 if relu else x[b, c], rtol=1e-12)
 
@@ -245,7 +245,7 @@ def test_method_on_small_edsr_trains():
     method.quantize(model)
     layers = quantized_layers(model)
     assert sorted(layers) == [f"body.{i}.body.{j}" for i in range(2) for j in (0, 2)]  # block_convs
-    assert all(isinstance(m.act_quant, DaqActQuant) for m in layers.values())
+    assert all(isinstance(m.act_quant, DaqActQuantizer) for m in layers.values())
     opt = torch.optim.Adam(method.param_groups(model, 1e-4))
     before = model.body[0].body[2].weight.detach().clone()
     for step in range(3):

@@ -14,8 +14,8 @@ from odm_sr.quant.base import Bits, frozen_copy
 from odm_sr.quant.blocks import ActSite
 from odm_sr.quant.ddtb import (
     DDTB,
-    DdtbActQuant,
-    DdtbWeightQuant,
+    DdtbActQuantizer,
+    DdtbWeightQuantizer,
     select_dynamic,
     zero_anchored_quantize,
 )
@@ -80,20 +80,20 @@ def test_zero_anchored_matches_released_zero_point_form():
 
 def test_weight_quantizer_clips_to_percentiles():
     w = torch.arange(101.0).requires_grad_(True)  # p1 = 1, p99 = 99
-    out = DdtbWeightQuant(2, "percentile")(w)
+    out = DdtbWeightQuantizer(2, "percentile")(w)
     sigma = 3 / 98
     assert torch.allclose(out.unique(), torch.tensor([0.0, 1.0, 2.0, 3.0]) / sigma)
     out.sum().backward()
     # outside [p1, p99] 0, inside 1 (at the clip points themselves autograd's min/max ties give ½)
     assert w.grad[0] == 0 and w.grad[100] == 0 and torch.all(w.grad[2:99] == 1)
     w.grad = None
-    DdtbWeightQuant(2, "minmax")(w).sum().backward()
+    DdtbWeightQuantizer(2, "minmax")(w).sum().backward()
     assert torch.all(w.grad[1:100] == 1)
 
 
 def test_bounds_init_on_first_training_forward():
     x = torch.arange(1000.0).reshape(2, 4, 5, 25) - 300
-    quant = DdtbActQuant(2, SITE, percentile_m=99.0).train()
+    quant = DdtbActQuantizer(2, SITE, percentile_m=99.0).train()
     quant(x)
     lo, hi = np.percentile(x.numpy(), [1, 99])
     assert quant.alpha_lower.item() == pytest.approx(lo) and quant.alpha_upper.item() == pytest.approx(hi)
@@ -113,7 +113,7 @@ def test_bounds_pm10_quirk(bits, quirk, calibrated):
 
 
 def test_gate_scales_bounds_per_image(monkeypatch):
-    quant = DdtbActQuant(2, SITE).eval()
+    quant = DdtbActQuantizer(2, SITE).eval()
     quant.is_dynamic = True
     quant.use_gate = True
     logits = torch.tensor([[0.0, 0.0], [math.log(3), -math.log(3)]])  # 2·sigmoid: (1, 1) and (1.5, 0.5)
@@ -130,7 +130,7 @@ def test_gate_scales_bounds_per_image(monkeypatch):
 @pytest.mark.parametrize("frozen", [False, True])
 def test_gate_first_conv_learns_unless_quirk(frozen):
     torch.manual_seed(0)
-    quant = DdtbActQuant(2, SITE, gate_frozen_first_conv=frozen).train()
+    quant = DdtbActQuantizer(2, SITE, gate_frozen_first_conv=frozen).train()
     quant.is_dynamic = True
     quant.use_gate = True
     quant(torch.randn(4, 4, 3, 3) * 5).sum().backward()
@@ -143,7 +143,7 @@ def test_gate_first_conv_learns_unless_quirk(frozen):
 # -- choosing the dynamic quantizers --------------------------------------------------------------------
 def test_select_dynamic_by_variance_of_max_and_min():
     spreads = {"a": 0.0, "b": 5.0, "c": 1.0, "d": 3.0, "e": 0.5}  # per-batch amplitude spread
-    quants = {n: DdtbActQuant(2, SITE) for n in spreads}
+    quants = {n: DdtbActQuantizer(2, SITE) for n in spreads}
     for q in quants.values():
         q.enabled, q.recording = False, True
     for i in range(4):
@@ -166,7 +166,7 @@ def test_select_dynamic_gathers_the_records_on_the_quantizers_device(monkeypatch
         return torch.zeros(x.shape, dtype=x.dtype)
 
     monkeypatch.setattr(ddtb, "gather_cat", fake_gather_cat)
-    quants = {n: DdtbActQuant(2, SITE).to("meta") for n in "ab"}
+    quants = {n: DdtbActQuantizer(2, SITE).to("meta") for n in "ab"}
     for q in quants.values():
         q.max_history, q.min_history = [1.0, 2.0], [0.0, -1.0]
     select_dynamic(quants, 0.5)
@@ -249,7 +249,7 @@ def test_rdn_calibration_weights_quirk(monkeypatch):
         method.quantize(model)
         assert method.resolved() == {"dynamic_ratio": 0.5, "init_percentile": 95.0, "weight_clip": "minmax"}
         method._set_quantized(model, False)
-        weight_quants = [m for m in model.modules() if isinstance(m, DdtbWeightQuant)]
+        weight_quants = [m for m in model.modules() if isinstance(m, DdtbWeightQuantizer)]
         assert len(weight_quants) == 2 * 4 + 2 and all(q.enabled == quirk for q in weight_quants)
 
 

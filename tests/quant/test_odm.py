@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from odm_sr.models import build_model
 from odm_sr.quant import build_method
 from odm_sr.quant.base import Bits
+from odm_sr.quant.calibration import quantizers_off
 from odm_sr.quant.functional import symmetric_quantize, uniform_quantize
-from odm_sr.quant.layers import quantized_layers
+from odm_sr.quant.layers import QuantConv2d, quantized_layers
 from odm_sr.quant.odm import DEFAULTS, ODM, OdmActQuantizer, WeightClipQuantizer, odm_config
 
 LAYERS = ["body.0.body.0", "body.0.body.2", "body.1.body.0", "body.1.body.2"]
@@ -83,8 +84,10 @@ def test_act_quantizer_forward_state_and_lazy_init():
     lazy = OdmActQuantizer(2, init_j=100)
     lazy(x)
     assert (lazy.lower.item(), lazy.upper.item()) == (-2.0, 4.0)
-    q.enabled = False
-    assert torch.equal(q(x), x)
+    # switched off the only way there is (the ``enabled`` flag was never cleared and is gone): the layer's float op
+    layer = QuantConv2d.from_float(torch.nn.Conv2d(1, 1, 1, bias=False), q, None)
+    with quantizers_off([layer]):
+        assert torch.equal(layer(x.reshape(1, 1, 1, 5)), layer._conv_forward(x.reshape(1, 1, 1, 5), layer.weight, None))
 
 
 def test_wcc_bound_is_p99_abs_times_gamma():

@@ -10,7 +10,7 @@ from odm_sr.quant.base import Bits, frozen_copy
 from odm_sr.quant.blocks import ActSite, QuantResBlock
 from odm_sr.quant.functional import round_ste
 from odm_sr.quant.layers import QuantConv2d, quantized_layers
-from odm_sr.quant.pams import PAMS, PamsActQuant, max_abs_weight_quantize, pams_act_quantize
+from odm_sr.quant.pams import PAMS, PamsActQuantizer, max_abs_weight_quantize, pams_act_quantize
 
 SITE = ActSite("q", 4, False)
 
@@ -78,7 +78,7 @@ def test_activation_gradients_match_composed_reference():
 
 
 def test_alpha_epoch1_rule_then_clip_and_learn():
-    quant = PamsActQuant(2, SITE).train()
+    quant = PamsActQuantizer(2, SITE).train()
     assert quant.alpha.item() == 10.0
     x1 = torch.zeros(2, 4, 3, 3)
     x1[0, 1, 0, 0], x1[1, 2, 1, 1] = -3.0, 5.0  # per-image max|x| = 3, 5
@@ -102,7 +102,7 @@ def test_alpha_epoch1_rule_then_clip_and_learn():
 
 
 def test_alpha_last_batch_quirk():
-    quant = PamsActQuant(2, SITE, last_batch=True).train()
+    quant = PamsActQuantizer(2, SITE, last_batch=True).train()
     quant(torch.full((1, 4, 2, 2), 4.0))
     quant(torch.full((1, 4, 2, 2), 10.0))
     assert quant.alpha.item() == pytest.approx(10.0)
@@ -115,14 +115,14 @@ def test_alpha_grad_while_tracking_quirk_by_hand():
     x[0, 0] = torch.tensor([0.5, -1.2, 2.0])
     x[0, 1] = torch.tensor([0.9, 3.1, -0.4])  # max|x| = 3.1 = α; Q = 3 at 3 bits
     grad_out = torch.arange(12, dtype=torch.float32).reshape(1, 4, 1, 3) / 10 - 0.3
-    quant = PamsActQuant(3, SITE, live_alpha=True).train()
+    quant = PamsActQuantizer(3, SITE, live_alpha=True).train()
     out = quant(x.clone().requires_grad_(True))
     out.backward(grad_out)
     v = x * 3 / 3.1
     assert torch.allclose(out, torch.round(v) * 3.1 / 3)
     assert quant.alpha.item() == pytest.approx(3.1)
     assert quant.alpha.grad.item() == pytest.approx(float((grad_out * (torch.round(v) - v) / 3).sum()), rel=1e-5)
-    default = PamsActQuant(3, SITE).train()
+    default = PamsActQuantizer(3, SITE).train()
     default(x.clone().requires_grad_(True)).backward(grad_out)
     assert default.alpha.grad is None
 
@@ -156,8 +156,8 @@ def test_edsr_placement_and_checkpoint_keys():
     layers = quantized_layers(model)
     assert sorted(layers) == [f"body.{i}.body.{j}" for i in range(2) for j in (0, 2)]
     assert all(layers[n].act_quant is None for n in layers if n.endswith(".0"))
-    assert all(isinstance(layers[n].act_quant, PamsActQuant) for n in layers if n.endswith(".2"))
-    assert all(isinstance(model.body[i].quant_act1, PamsActQuant) for i in range(2))
+    assert all(isinstance(layers[n].act_quant, PamsActQuantizer) for n in layers if n.endswith(".2"))
+    assert all(isinstance(model.body[i].quant_act1, PamsActQuantizer) for i in range(2))
     missing, unexpected = model.load_state_dict(fp_state, strict=False)
     assert not unexpected and all("quant" in k for k in missing)
 
@@ -224,7 +224,7 @@ def test_rdn_official_placement(monkeypatch):
     model = build_model("rdn", 2, config="tiny", G0=8)
     fp_state = model.state_dict()
     PAMS({}, Bits(4, 4)).quantize(model)
-    acts = [n for n, m in model.named_modules() if isinstance(m, PamsActQuant)]
+    acts = [n for n, m in model.named_modules() if isinstance(m, PamsActQuantizer)]
     # per RDB: input, dense concats c = 1, 2, LFF input; then GFF.0 and GFF.1 inputs
     assert len(acts) == 2 * 4 + 2
     expected = {"RDBs.0.act_quant", "RDBs.0.convs.1.act_quant", "RDBs.1.LFF.act_quant", "GFF.1.act_quant"}

@@ -18,7 +18,7 @@ from odm_sr.quant.calibration import batch_range, forward_order, range_quantized
 from odm_sr.quant.ddtb import DDTB
 from odm_sr.quant.distributed import all_reduce_mean_, gather_cat, world_size
 from odm_sr.quant.odm import ODM
-from odm_sr.quant.pams import PAMS, PamsActQuant
+from odm_sr.quant.pams import PAMS, PamsActQuantizer
 
 WORLD = 2
 
@@ -121,7 +121,7 @@ def _pams(rank: int, steps: int, epoch: int = 1) -> dict[str, torch.Tensor]:
     for step, lr in zip(range(steps), _batches(rank), strict=False):
         method.training_losses(model.train(), lr, _hr(lr), step, teacher=teacher)
     return {n: torch.stack([m.alpha.detach(), m.running_max]) for n, m in model.named_modules()
-            if isinstance(m, PamsActQuant)}
+            if isinstance(m, PamsActQuantizer)}
 
 
 def _pams_two_steps(rank: int) -> dict[str, torch.Tensor]:
@@ -159,7 +159,7 @@ def _pams_under_ddp(rank: int) -> dict[str, torch.Tensor]:
     ddp = torch.nn.parallel.DistributedDataParallel(_PamsStep(model.train(), method), find_unused_parameters=True)
     for step, lr in enumerate(_batches(rank, n=3)):  # steps 0, 1 track α; step 2 ends the tracking epoch
         ddp(lr, step).backward()  # no optimizer step: the weights stay those of the single-process reference
-    return {n: m.alpha.detach().clone() for n, m in model.named_modules() if isinstance(m, PamsActQuant)}
+    return {n: m.alpha.detach().clone() for n, m in model.named_modules() if isinstance(m, PamsActQuantizer)}
 
 
 def test_pams_alpha_under_ddp_is_the_mean_of_the_ranks_tracked_values(tmp_path):

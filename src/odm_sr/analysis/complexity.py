@@ -1,10 +1,9 @@
 """Complexity accounting (METHODS.md §6, Table S8 style): storage in K 32-bit-equivalent params and BitOPs.
 
-**Quantizers** are found generically: a module is a quantizer if it is registered under a name matching
-``act_quant`` / ``weight_quant`` / ``quant_act<k>`` (``quant.layers``, ``quant.blocks``) or has a ``bits``
-attribute without being a conv/linear. Only the top-most one counts; what lives inside it (DDTB's
-``gate``) belongs to it. ``weight_quant`` children are weight quantizers, every other one an activation
-quantizer.
+**Quantizers** are the ``quant.quantizer.Quantizer`` modules that are not layers themselves (ODM-FQ's
+``SkipQuantizer`` hosts an ``act_quant``, which is the quantizer). Only the top-most one counts; what lives
+inside it (DDTB's ``gate``) belongs to it. ``weight_quant`` children are weight quantizers, every other one an
+activation quantizer.
 
 **Storage** [K] = (1/1000)·Σ_p n_p·b_p/32 over ``model.named_parameters()``, by role:
 
@@ -42,7 +41,6 @@ C·32 + 64 MACs per image and dynamic quantizer at 2×2 bits; DAQ's runtime stat
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from fractions import Fraction
@@ -55,25 +53,23 @@ from odm_sr.models.edsr import MeanShift
 from odm_sr.models.hat import OCAB
 from odm_sr.models.windows import WindowAttention
 from odm_sr.quant.base import Bits, to_dict
-from odm_sr.quant.daq import DaqActQuant
+from odm_sr.quant.daq import DaqActQuantizer
 from odm_sr.quant.ddtb import DDTB, GATE_BITS
 from odm_sr.quant.layers import QuantMixin
 from odm_sr.quant.placement import backbone_family
+from odm_sr.quant.quantizer import Quantizer
 
 FP_BITS = 32
 RULES = ("full", "paper_like")
 OVERHEAD_ROLES = ("act_bound", "weight_qparam", "gate_weight", "gate_norm")
 PAPER_LIKE_ROLES = ("act_bound", "gate_weight")
-QUANTIZER_NAME = re.compile(r"(act_quant|weight_quant|quant_act\d*)")
-RUNTIME_STAT_QUANTIZERS: tuple[type[nn.Module], ...] = (DaqActQuant,)  # §6: DAQ's μ_c, σ_c per image
+RUNTIME_STAT_QUANTIZERS: tuple[type[nn.Module], ...] = (DaqActQuantizer,)  # §6: DAQ's μ_c, σ_c per image
 
 
 # -- quantizer discovery -----------------------------------------------------------------------------------
 def is_quantizer(name: str, module: nn.Module) -> bool:
-    """The rule in the module docstring: a quantizer child name, or a ``bits`` attribute on a non-layer."""
-    if isinstance(module, (nn.Conv2d, nn.Linear, QuantMixin)):
-        return False
-    return bool(QUANTIZER_NAME.fullmatch(name.rpartition(".")[2])) or hasattr(module, "bits")
+    """The rule in the module docstring: a ``Quantizer`` that is not a (quantized) layer."""
+    return isinstance(module, Quantizer) and not isinstance(module, (nn.Conv2d, nn.Linear, QuantMixin))
 
 
 def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:

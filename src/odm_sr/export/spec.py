@@ -5,11 +5,11 @@ Every static quantizer of METHODS.md §3 maps a tensor onto a uniform grid, so a
 
 - ODM activations (``OdmActQuantizer``): k = Int((clip(X, l_a, u_a) − l_a)/s_a) ∈ [0, 2^b − 1], value
   l_a + k·s_a, s_a = (u_a − l_a)/n. The offset l_a is in general not a multiple of s_a (folded in ``graph``).
-- PAMS activations (``PamsActQuant``): R = Int(clip(X, −α, α)·Q/α) ∈ [−Q, Q], Q = 2^(b−1) − 1; the code
+- PAMS activations (``PamsActQuantizer``): R = Int(clip(X, −α, α)·Q/α) ∈ [−Q, Q], Q = 2^(b−1) − 1; the code
   k = R + Q ∈ [0, 2Q] with zero point Q (zero is a level, so zero padding is the code Q).
 - ODM weights (``WeightClipQuantizer``, LSQ ``odm_symmetric``): R = Int((clip(W, −u, u) + u)/s), s = 2u/n; the
   levels −u + R·s = (2R − n)·u/n are odd integers times u/n ("no zero level", §3).
-- PAMS weights (``PamsWeightQuant``): Int(W·Q/m), m = max|W| + 1e-8, scale m/Q (2 bits: ternary).
+- PAMS weights (``PamsWeightQuantizer``): Int(W·Q/m), m = max|W| + 1e-8, scale m/Q (2 bits: ternary).
 - LSQ weights (``lsq_integer``): Int(clip(W/s, −Q_N, Q_P)), scale s.
 
 Codes are computed with the quantizers' own float32 operations and checked against the fake-quant
@@ -24,16 +24,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from odm_sr.quant.daq import DaqActQuant, DaqWeightQuant
-from odm_sr.quant.ddtb import DdtbActQuant, DdtbWeightQuant
+from odm_sr.quant.daq import DaqActQuantizer, DaqWeightQuantizer
+from odm_sr.quant.ddtb import DdtbActQuantizer, DdtbWeightQuantizer
 from odm_sr.quant.functional import grad_scale
 from odm_sr.quant.lsq import LsqWeightQuantizer
 from odm_sr.quant.odm import OdmActQuantizer, WeightClipQuantizer
-from odm_sr.quant.pams import PamsActQuant, PamsWeightQuant
+from odm_sr.quant.pams import PamsActQuantizer, PamsWeightQuantizer
 
 ACT_KINDS = ("odm", "pams")
 WEIGHT_KINDS = ("odm", "pams", "lsq")
-ACT_QUANTIZERS = (OdmActQuantizer, PamsActQuant)
+ACT_QUANTIZERS = (OdmActQuantizer, PamsActQuantizer)
 
 
 class ExportError(ValueError):
@@ -140,14 +140,14 @@ def check_static(model: nn.Module) -> None:
     """Refuse models with a module that computes its quantization range per image at test time."""
     modules = list(model.named_modules())
     for name, module in modules:
-        if isinstance(module, DaqActQuant):
-            raise ExportError(f"{name} (DaqActQuant): DAQ quantizes with per-image, per-channel μ_c and σ_c "
+        if isinstance(module, DaqActQuantizer):
+            raise ExportError(f"{name} (DaqActQuantizer): DAQ quantizes with per-image, per-channel μ_c and σ_c "
                               f"computed at test time (METHODS.md §4.2); only static ranges export to integers")
-        if isinstance(module, DdtbActQuant):
-            raise ExportError(f"{name} (DdtbActQuant): DDTB's dynamic gate ({name}.gate) rescales [l, u] per "
+        if isinstance(module, DdtbActQuantizer):
+            raise ExportError(f"{name} (DdtbActQuantizer): DDTB's dynamic gate ({name}.gate) rescales [l, u] per "
                               f"image at test time (METHODS.md §4.3); only static ranges export to integers")
     for name, module in modules:
-        if isinstance(module, (DaqWeightQuant, DdtbWeightQuant)):
+        if isinstance(module, (DaqWeightQuantizer, DdtbWeightQuantizer)):
             raise ExportError(f"{name} ({type(module).__name__}): DAQ/DDTB are not static-range methods")
 
 
@@ -155,9 +155,9 @@ def grid_kind(quantizer: nn.Module) -> str:
     """'odm' or 'pams' for a static activation quantizer."""
     if isinstance(quantizer, OdmActQuantizer):
         return "odm"
-    if isinstance(quantizer, PamsActQuant):
+    if isinstance(quantizer, PamsActQuantizer):
         return "pams"
-    raise ExportError(f"activation quantizer {type(quantizer).__name__}: expected OdmActQuantizer or PamsActQuant")
+    raise ExportError(f"activation quantizer {type(quantizer).__name__}: expected OdmActQuantizer or PamsActQuantizer")
 
 
 def weight_kind(quantizer: nn.Module) -> str:
@@ -166,10 +166,10 @@ def weight_kind(quantizer: nn.Module) -> str:
         return "odm"
     if isinstance(quantizer, LsqWeightQuantizer):
         return "odm" if quantizer.grid == "odm_symmetric" else "lsq"
-    if isinstance(quantizer, PamsWeightQuant):
+    if isinstance(quantizer, PamsWeightQuantizer):
         return "pams"
     raise ExportError(f"weight quantizer {type(quantizer).__name__}: expected WeightClipQuantizer, "
-                      f"LsqWeightQuantizer or PamsWeightQuant")
+                      f"LsqWeightQuantizer or PamsWeightQuantizer")
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ Accepted inputs (a path, or an already loaded object):
   (other sub-modules of the LightningModule, e.g. a teacher, are dropped);
 - a uniform `module.` prefix (DataParallel) is removed.
 
-Quantizer keys are ignored on both sides (see `is_quantizer_key`).
+Quantizer keys are ignored on both sides: the model's are those under its `Quantizer` modules, a checkpoint's are
+found by module name (see `is_quantizer_key`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def is_quantizer_key(key: str) -> bool:
     Only module names count (not the final tensor name), so official keys never match.
     """
     return any(_QUANTIZER_MODULE.search(part) for part in key.split(".")[:-1])
+
+
+def quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``"<name>."`` of every ``Quantizer`` module in ``model``: the model's own quantizer keys start with one."""
+    from odm_sr.quant.quantizer import Quantizer  # here: odm_sr.quant imports odm_sr.models
+
+    return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))
 
 
 def extract_state_dict(checkpoint: Any, source: str = "<in-memory>") -> dict[str, torch.Tensor]:
@@ -135,8 +143,9 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
         source, state = "<in-memory>", extract_state_dict(path_or_state)
     else:
         source, state = str(path_or_state), read_checkpoint(path_or_state)
-    state = {k: v for k, v in state.items() if not is_quantizer_key(k)}
-    target = {k: v for k, v in model.state_dict().items() if not is_quantizer_key(k)}
+    state = {k: v for k, v in state.items() if not is_quantizer_key(k)}  # a file has names only
+    inside = quantizer_prefixes(model)
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
     problems = mismatch_report(model, target, state)
     if problems and strict:
         name = getattr(model, "name", type(model).__name__)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .base import Bits, QuantMethod, merge_config
 from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, read_quirks, ungroup
 from .placement import backbone_family
+from .quantizer import Quantizer
 
 DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps", "nonpositive_sigma_offset")
 # Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
@@ -53,15 +54,16 @@ def step_factor(bits: int) -> float:
 def midrise(x: Tensor, step: Tensor, bits: int, clamp: bool = True) -> Tensor:
     """Mid-rise levels (k − ½)·Δ: (Int(x/Δ + ½) − ½)·Δ, clamped to ±(2^(b−1) − ½)Δ; 0 where Δ ≤ 0.
 
-    No gradient handling here: callers wrap the result in the identity STE.
+    No gradient handling here: callers wrap the result in the identity STE. Where Δ ≤ 0 the arithmetic runs on
+    the smallest normal float instead (finite or ±inf, never NaN) and the result is replaced by 0.
     """
     positive = step > 0
-    safe = torch.where(positive, step, torch.ones_like(step))
-    y = (torch.round(x / safe + 0.5) - 0.5) * safe
-    if clamp:
-        thr = (2 ** (bits - 1) - 0.5) * safe
-        y = torch.minimum(torch.maximum(y, -thr), thr)
-    return torch.where(positive, y, torch.zeros_like(y))
+    safe = step.clamp_min(torch.finfo(step.dtype).tiny)
+    y = torch.div(x, safe).add_(0.5).round_().sub_(0.5).mul_(safe)
+    if not clamp:
+        return torch.where(positive, y, 0.0)
+    thr = (2 ** (bits - 1) - 0.5) * safe
+    return y.clamp_(-thr, thr).mul_(positive)  # finite after the clamp: the mask multiplies
 
 
 def quantize_sigma(sigma: Tensor, bits: int, factor: float) -> Tensor:
@@ -80,10 +82,12 @@ def relu_stats(grouped: Tensor) -> tuple[Tensor, Tensor]:
     return mu, (second - mu.pow(2)).clamp_min(0).sqrt()
 
 
-class DaqActQuant(nn.Module):
+class DaqActQuantizer(Quantizer):
     """Per-image, per-channel activation quantizer with detached runtime μ_c, σ_c and Δ_c = t_b·σ_c.
 
-    - Post-ReLU input (tensor minimum == 0): x → Int(x/Δ)·Δ on {0, Δ, …, (2^b − 1)Δ} (the upper clamp is
+    - Post-ReLU input (tensor minimum == 0, decided on the first forward: whether a layer's input comes out of
+      a ReLU is the architecture's, and a per-call test would be a host sync per layer and step):
+      x → Int(x/Δ)·Δ on {0, Δ, …, (2^b − 1)Δ} (the upper clamp is
       dropped under ``unbounded``), with μ, σ from :func:`relu_stats`.
     - Otherwise: μ_c + midrise(x − μ_c) clamped to ±(2^(b−1) − ½)Δ, with μ_c and σ_c (unbiased std) over the
       image's positions (all tokens of all windows for transformer layers).
@@ -105,6 +109,7 @@ class DaqActQuant(nn.Module):
         self.fixed_steps, self.nonpositive_offset = fixed_steps, nonpositive_offset
         self.factor = step_factor(bits)
         self.sigma_factor = step_factor(sigma_bits) if sigma_bits < 32 else 0.0
+        self.post_relu: bool | None = None  # set on the first forward (see the class docstring)
 
     def factors(self) -> tuple[float, float]:
         """(step factor, σ step factor) of this forward: the ``--finetune`` ones only while training."""
@@ -116,7 +121,9 @@ class DaqActQuant(nn.Module):
     def quantized(self, x: Tensor) -> Tensor:
         """The forward values (no gradient)."""
         grouped = group_by_image(x, self.site)
-        relu = bool(x.min() == 0)
+        if self.post_relu is None:
+            self.post_relu = bool(x.min() == 0)
+        relu = self.post_relu
         if relu:
             mu, sigma = relu_stats(grouped)
         else:
@@ -142,7 +149,7 @@ class DaqActQuant(nn.Module):
         return f"bits={self.bits}, sigma_bits={self.sigma_bits}, unbounded={self.unbounded}"
 
 
-class DaqWeightQuant(nn.Module):
+class DaqWeightQuantizer(Quantizer):
     """Per-layer zero-centred mid-rise weights, Δ = t_b·std(W) (unbiased), ±(2^(b−1) − ½)Δ, identity STE;
     ``fixed_steps``: Δ = 1.596·std(W) in training mode only (the release's ``--finetune``)."""
 
@@ -204,6 +211,6 @@ class DAQ(QuantMethod):
         fixed = self.quirks["finetune_fixed_steps"] and backbone_family(model) == "edsr"
         unbounded, offset = self.quirks["unbounded_relu_branch"], self.quirks["nonpositive_sigma_offset"]
         make_act = None if self.bits.a >= 32 else (
-            lambda site: DaqActQuant(self.bits.a, site, sigma_bits, unbounded, fixed, offset))
-        make_weight = None if self.bits.w >= 32 else (lambda name, layer: DaqWeightQuant(self.bits.w, fixed))
+            lambda site: DaqActQuantizer(self.bits.a, site, sigma_bits, unbounded, fixed, offset))
+        make_weight = None if self.bits.w >= 32 else (lambda name, layer: DaqWeightQuantizer(self.bits.w, fixed))
         return apply_placement(model, self.placement, make_act, make_weight)

@@ -31,8 +31,9 @@ from .blocks import (
 )
 from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
-from .functional import dot_to_shape, max_abs_weight_quantize, percentile
+from .functional import max_abs_weight_quantize, percentile, row_grads, straight_through, wanted
 from .placement import backbone_family
+from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
 
 DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",
@@ -54,38 +55,52 @@ DDTB_DEFAULTS = {
 }
 
 
+_HALF: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _half(like: Tensor) -> Tensor:
+    """A cached 0-d ½ of ``like``'s dtype and device (``heaviside``'s value at 0), made once."""
+    key = (like.dtype, like.device)
+    if key not in _HALF:
+        _HALF[key] = torch.full((), 0.5, dtype=like.dtype, device=like.device)
+    return _HALF[key]
+
+
 class _ZeroAnchoredQuant(torch.autograd.Function):
-    """The fused form of ``round_ste(σ·max(min(X, u), l))/σ`` (one forward temporary, no boolean masks), with
-    the gradients autograd gives through that composed expression; see ``zero_anchored_quantize``."""
+    """The fused form of ``round_ste(σ·max(min(X, u), l))/σ``, with the gradients autograd gives through that
+    composed expression; see ``zero_anchored_quantize``. The forward saves ∂q/∂X and, when a bound needs a
+    gradient, ∂q/∂l and ∂q/∂u per element (two rows of one tensor); the backward is one multiply and one
+    matrix-vector product (per-image bounds: one product and one sum per bound)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, levels: int) -> Tensor:
+        n = float(levels)
+        need_bounds = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         sigma = levels / (upper - lower)
-        v = torch.maximum(x, lower)
-        v = torch.minimum(v, upper, out=v) if v.shape == x.shape else torch.minimum(v, upper)
-        v.mul_(sigma)
+        # The released clip max(min(X, u), l) splits the gradient half-half where X equals a bound, and
+        # post-ReLU inputs tie with a calibrated l = 0 on every zero: h_l = H(l − X), h_u = H(X − u) with H(0) = ½
+        # give ∂c/∂l = h_l, ∂c/∂u = h_u and ∂c/∂X = 1 − h_l − h_u.
+        shape = torch.broadcast_shapes(x.shape, lower.shape, upper.shape)
+        rows = x.new_empty((2, *shape)) if need_bounds else None
+        h_l = torch.heaviside(lower - x, _half(x), out=rows[0]) if need_bounds else torch.heaviside(lower - x, _half(x))
+        h_u = torch.heaviside(x - upper, _half(x), out=rows[1]) if need_bounds else torch.heaviside(x - upper, _half(x))
+        grad_x = torch.rsub(h_l, 1).sub_(h_u)
+        v = torch.clamp(x, lower, upper).mul_(sigma)
         r = torch.round(v)
-        ctx.save_for_backward(x, lower, upper, v.sub_(r))  # v − R, also outside (the grid is anchored at 0)
-        ctx.n = float(levels)
+        if need_bounds:  # + (v − R)/n on l, − (v − R)/n on u (the grid is anchored at 0: also outside)
+            frac = v.sub_(r)
+            rows[0].add_(frac, alpha=1.0 / n)
+            rows[1].sub_(frac, alpha=1.0 / n)
+        ctx.save_for_backward(grad_x, rows, lower, upper)
         return r.div_(sigma)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, lower, upper, frac = ctx.saved_tensors
-        need_x, need_l, need_u = ctx.needs_input_grad[:3]
-        # The released clip max(min(X, u), l) splits the gradient half-half where X equals a bound, and
-        # post-ReLU inputs tie with a calibrated l = 0 on every zero. With s_l = sign(X − l), s_u = sign(u − X)
-        # (float ops, no boolean masks): ∂c/∂X = ¼(1 + s_l)(1 + s_u), ∂c/∂l = ½(1 − s_l), ∂c/∂u = ½(1 − s_u).
-        s_l = torch.sub(x, lower).sign_()
-        s_u = torch.sub(upper, x).sign_()
+        grad_x, rows, lower, upper = ctx.saved_tensors
         grad_l = grad_u = None
-        if need_l:  # ½Σ g(1 − s_l) + Σ g·(v − R)/n
-            grad_l = 0.5 * dot_to_shape(grad_out, torch.rsub(s_l, 1), lower) + \
-                dot_to_shape(grad_out, frac, lower) / ctx.n
-        if need_u:  # ½Σ g(1 − s_u) + Σ g·(R − v)/n
-            grad_u = 0.5 * dot_to_shape(grad_out, torch.rsub(s_u, 1), upper) - \
-                dot_to_shape(grad_out, frac, upper) / ctx.n
-        grad_in = s_l.add_(1).mul_(s_u.add_(1)).mul_(grad_out).mul_(0.25) if need_x else None
+        if rows is not None and (wanted(ctx, 1) or wanted(ctx, 2)):
+            grad_l, grad_u = row_grads(rows, grad_out, (lower, upper))
+        grad_in = grad_out * grad_x if wanted(ctx, 0) else None
         return grad_in, grad_l, grad_u, None
 
 
@@ -103,7 +118,7 @@ def zero_anchored_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -
     return _ZeroAnchoredQuant.apply(x, lower, upper, 2**bits - 1)
 
 
-class DdtbWeightQuant(nn.Module):
+class DdtbWeightQuantizer(Quantizer):
     """Weights clipped to [p1, p99] (``clip='percentile'``, EDSR) or [min, max] (``'minmax'``, RDN),
     recomputed each forward and detached, then the zero-anchored grid; ∂q/∂W = 1 inside the clip range."""
 
@@ -130,10 +145,10 @@ def gate_act_quantize(x: Tensor, bits: int, detach: bool) -> Tensor:
 
     Released, it quantizes ``x.detach()`` so nothing before it learns (``detach=True``); otherwise STE.
     """
-    lo, hi = x.detach().min(), x.detach().max()
+    lo, hi = torch.aminmax(x.detach())
     sigma = (2 ** bits - 1) / (hi - lo).clamp_min(1e-8)
     q = torch.round(sigma * x.detach()) / sigma
-    return q if detach else x + (q - x).detach()
+    return q if detach else straight_through(x, q)
 
 
 class DynamicGate(nn.Module):
@@ -154,7 +169,7 @@ class DynamicGate(nn.Module):
         return F.conv2d(h, max_abs_weight_quantize(self.conv2.weight, GATE_BITS)).flatten(1)
 
 
-class DdtbActQuant(nn.Module):
+class DdtbActQuantizer(Quantizer):
     """Learnable bounds ``alpha_lower`` = l, ``alpha_upper`` = u on the zero-anchored grid, optionally gated.
 
     - ``enabled=False`` (calibration epoch): identity; with ``recording`` it appends max(x), min(x).
@@ -221,7 +236,7 @@ class DdtbActQuant(nn.Module):
         return f"bits={self.bits}, percentile_m={self.percentile_m}, calibrate={self.calibrate}"
 
 
-def select_dynamic(quantizers: dict[str, DdtbActQuant], ratio: float) -> list[str]:
+def select_dynamic(quantizers: dict[str, DdtbActQuantizer], ratio: float) -> list[str]:
     """Mark the top ⌊ratio·N⌋ quantizers by var(max) + var(min) of their recorded inputs as dynamic
     (population variance, `np.var`; under DDP over the records of all ranks, so that every rank chooses the
     same layers); clears the records and returns the chosen names."""
@@ -292,10 +307,10 @@ class DDTB(QuantMethod):
         auto = self.resolved()
         calibrate = not (self.quirks["bounds_pm10_above_2bit"] and self.bits.a > 2)
         make_act = None if self.bits.a >= 32 else (
-            lambda site: DdtbActQuant(self.bits.a, site, float(auto["init_percentile"]), calibrate,
+            lambda site: DdtbActQuantizer(self.bits.a, site, float(auto["init_percentile"]), calibrate,
                                       self.quirks["gate_frozen_first_conv"]))
         make_weight = None if self.bits.w >= 32 else (
-            lambda name, layer: DdtbWeightQuant(self.bits.w, auto["weight_clip"]))
+            lambda name, layer: DdtbWeightQuantizer(self.bits.w, auto["weight_clip"]))
         return apply_placement(model, self.placement, make_act, make_weight,
                                conv1_raw_input=self.quirks["conv1_raw_input"],
                                gff3_fp_input=self.quirks["rdn_gff3_fp_input"])  # as released (and PAMS)
@@ -313,15 +328,15 @@ class DDTB(QuantMethod):
 
     # -- training -------------------------------------------------------------------------------------
     @staticmethod
-    def act_quantizers(model: nn.Module) -> dict[str, DdtbActQuant]:
-        return {n: m for n, m in model.named_modules() if isinstance(m, DdtbActQuant)}
+    def act_quantizers(model: nn.Module) -> dict[str, DdtbActQuantizer]:
+        return {n: m for n, m in model.named_modules() if isinstance(m, DdtbActQuantizer)}
 
     def _set_quantized(self, model: nn.Module, on: bool, recording: bool = False) -> None:
         keep_weights = self.quirks["rdn_calib_quantized_weights"] and self.family == "rdn"
         for m in model.modules():
-            if isinstance(m, DdtbActQuant):
+            if isinstance(m, DdtbActQuantizer):
                 m.enabled, m.recording = on, recording
-            elif isinstance(m, DdtbWeightQuant):
+            elif isinstance(m, DdtbWeightQuantizer):
                 m.enabled = on or keep_weights
 
     def _calibration_forward(self, model: nn.Module, lr: Tensor) -> None:

@@ -34,6 +34,7 @@ from odm_sr.models.edsr import EDSR, ResBlock
 from .layers import QuantMixin
 from .mismatch import MismatchRegistry, active_registry
 from .placement import QuantizerFactory, select_layers, swap_layers
+from .quantizer import Quantizer
 
 FQ_DEFAULTS: dict[str, Any] = {"enabled": False, "quantize_image_input": False, "sc_operands": "both",
                                "quantize_outputs": False, "sc_in_mismatch": True}
@@ -62,7 +63,7 @@ class _MutedRegistry(MismatchRegistry):
         pass
 
 
-class SkipQuantizer(QuantMixin, nn.Module):
+class SkipQuantizer(QuantMixin, Quantizer):
     """Quantizes one operand of a residual add: ``act_quant(x)``, no weight.
 
     A ``QuantMixin`` so that calibration finds ``act_quant`` (``set_range``) and records this module's input.

@@ -30,29 +30,36 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
-def split_outside(grad: Tensor, x: Tensor, lower: Tensor | float, upper: Tensor | float
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """(g·1[l ≤ X ≤ u], g·1[X < l], g·1[X > u]) for a quantizer's clip range.
+def wanted(ctx, index: int) -> bool:
+    """Whether a custom Function's backward must return the gradient of input ``index`` in this backward pass.
 
-    ``threshold_backward`` (ReLU's vectorised gradient kernel) instead of boolean masks: comparisons, ``&``
-    and ``where`` are several times slower on CPU, and a quantizer runs them on every activation element.
-    The sign of a float difference is exact, so the masks are too: X = l or X = u counts as inside.
+    ``ctx.needs_input_grad`` is fixed in the forward; a pass that does not reach the input (ODM's g_M pass
+    ``autograd.grad(L_M, θ)`` never needs the quantizer bounds' gradients, METHODS.md §5.5) asks the engine
+    whether it will run the input's gradient node. A leaf that is an ``autograd.grad`` input cannot be asked
+    (the engine raises): it is wanted. Under ``torch.compile`` the static flag is used.
     """
-    below = torch.ops.aten.threshold_backward(grad, lower - x, 0)
-    above = torch.ops.aten.threshold_backward(grad, x - upper, 0)
-    return grad.sub(below).sub_(above), below, above
+    if not ctx.needs_input_grad[index]:
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    node = ctx.next_functions[index][0]
+    try:
+        return node is None or bool(torch._C._will_engine_execute_node(node))
+    except (RuntimeError, AttributeError):  # an autograd.grad input (leaf), or an engine without the query
+        return True
 
 
-def sum_to_shape(grad: Tensor, like: Tensor) -> Tensor:
-    """Sum a gradient over everything ``like`` (a scalar or broadcast bound) does not hold."""
-    return grad.sum().reshape(like.shape) if like.numel() == 1 else _reduce_to(grad, like)
+def row_grads(rows: Tensor, grad: Tensor, likes: Sequence[Tensor]) -> list[Tensor]:
+    """Σ grad·rows[i] reduced to the shape of ``likes[i]``: the bound gradients of a fused quantizer.
 
-
-def dot_to_shape(a: Tensor, b: Tensor, like: Tensor) -> Tensor:
-    """Σ a·b reduced to the shape of ``like``; one fused ``dot`` without a temporary for scalar bounds."""
-    if like.numel() == 1 and a.shape == b.shape:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(like.shape)
-    return _reduce_to(a * b, like)
+    ``rows`` (k, *grad.shape) holds ∂q/∂(bound i) per element, computed in the forward. Scalar bounds take one
+    matrix-vector product for all k; broadcast bounds (DDTB's per-image ones) one product and one sum each.
+    """
+    if all(like.numel() == 1 for like in likes) and rows.shape[1:] == grad.shape:
+        sums = torch.mv(rows.reshape(len(likes), -1), grad.reshape(-1))
+        return [sums[i].reshape(like.shape) for i, like in enumerate(likes)]
+    prod = rows * grad
+    return [_reduce_to(prod[i], like) for i, like in enumerate(likes)]
 
 
 class _UniformQuant(torch.autograd.Function):
@@ -60,38 +67,73 @@ class _UniformQuant(torch.autograd.Function):
 
     Gradients (METHODS.md §3 table), with v = (clip(X) - l)/s and R = Int(v):
     ∂q/∂X = 1[l ≤ X ≤ u];  ∂q/∂u = (R - v)/n inside, 1 above, 0 below;
-    ∂q/∂l = (v - R)/n inside, 1 below, 0 above.
-    One fused pass instead of the ~10 autograd nodes the composed expression would build; the forward works
-    in place on one temporary and the backward needs no boolean masks (``split_outside``), two sums and one
-    dot product per bound.
+    ∂q/∂l = (v - R)/n inside, 1 below, 0 above (X = l or X = u counts as inside).
+    The forward saves the inside mask and, when a bound needs a gradient, ∂q/∂l and ∂q/∂u per element (two
+    rows of one tensor); the backward is then one multiply and one matrix-vector product, which matters for
+    ODM, whose step runs it twice (g_R and g_M, METHODS.md §5.5).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, lower: Tensor, upper: Tensor, levels: int) -> Tensor:
         n = float(levels)
+        need_bounds = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         step = (upper - lower) / n
-        v = torch.maximum(x, lower)
-        v = torch.minimum(v, upper, out=v) if v.shape == x.shape else torch.minimum(v, upper)
-        v.sub_(lower).div_(step)
+        c = torch.clamp(x, lower, upper)
+        inside = c == x
+        rows = None
+        if need_bounds:
+            rows = c.new_empty((2, *c.shape))
+            torch.lt(x, c, out=rows[0])  # below: clip gave l > X
+            torch.gt(x, c, out=rows[1])  # above
+        v = c.sub_(lower).div_(step)
         r = torch.round(v)
-        frac = v.sub_(r)  # v - R, in [-1/2, 1/2] inside and 0 outside
-        ctx.save_for_backward(x, lower, upper, frac)
-        ctx.n = n
+        if rows is not None:
+            frac = v.sub_(r).mul_(inside)  # v - R inside, 0 outside
+            rows[0].add_(frac, alpha=1.0 / n)
+            rows[1].sub_(frac, alpha=1.0 / n)
+        ctx.save_for_backward(inside, rows, lower, upper)
         return r.mul_(step).add_(lower)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, lower, upper, frac = ctx.saved_tensors
-        need_x, need_l, need_u = ctx.needs_input_grad[:3]
-        grad_in, below, above = split_outside(grad_out, x, lower, upper)
+        inside, rows, lower, upper = ctx.saved_tensors
         grad_l = grad_u = None
-        if need_l or need_u:
-            # inside: ∂q/∂u = -frac/n, ∂q/∂l = frac/n (frac is 0 outside; grad_in is 0 there too)
-            if need_u:
-                grad_u = sum_to_shape(above, upper) - dot_to_shape(grad_in, frac, upper) / ctx.n
-            if need_l:
-                grad_l = sum_to_shape(below, lower) + dot_to_shape(grad_in, frac, lower) / ctx.n
-        return (grad_in if need_x else None), grad_l, grad_u, None
+        if rows is not None and (wanted(ctx, 1) or wanted(ctx, 2)):
+            grad_l, grad_u = row_grads(rows, grad_out, (lower, upper))
+        grad_in = grad_out * inside if wanted(ctx, 0) else None
+        return grad_in, grad_l, grad_u, None
+
+
+class _SymmetricQuant(torch.autograd.Function):
+    """q(X; -u, u) of ``_UniformQuant`` with one bound u: ∂q/∂X = 1[|X| ≤ u], ∂q/∂u = 2(R - v)/n inside and
+    sign(X) outside (what autograd gives through l = -u). ``factor`` scales ∂q/∂u (LSQ's gradient scale)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bound: Tensor, levels: int, factor: float) -> Tensor:
+        n = float(levels)
+        lower = -bound
+        step = (bound - lower) / n
+        c = torch.clamp(x, lower, bound)
+        inside = c == x
+        v = c.sub_(lower).div_(step)
+        r = torch.round(v)
+        d = None
+        if ctx.needs_input_grad[1]:  # ∂q/∂u per element: -2(v - R)/n inside, sign(X) outside
+            d = torch.where(inside, v.sub_(r).mul_(-2.0 / n), torch.sign(x))
+        ctx.save_for_backward(inside, d, bound)
+        ctx.factor = factor
+        return r.mul_(step).add_(lower)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        inside, d, bound = ctx.saved_tensors
+        grad_b = None
+        if d is not None and wanted(ctx, 1):
+            (grad_b,) = row_grads(d.unsqueeze(0), grad_out, (bound,))
+            if ctx.factor != 1.0:
+                grad_b = grad_b * ctx.factor
+        grad_in = grad_out * inside if wanted(ctx, 0) else None
+        return grad_in, grad_b, None, None
 
 
 def uniform_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -> Tensor:
@@ -101,13 +143,13 @@ def uniform_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -> Tens
     return _UniformQuant.apply(x, lower, upper, 2**bits - 1)
 
 
-def symmetric_quantize(x: Tensor, bound: Tensor, bits: int) -> Tensor:
+def symmetric_quantize(x: Tensor, bound: Tensor, bits: int, grad_factor: float = 1.0) -> Tensor:
     """Symmetric quantization on [-u, u] without a zero level (ODM weights): 2-bit levels are {±u/3, ±u}.
 
-    ∂q/∂u = 2(R - v)/n inside and sign(X) outside follow from l = -u through autograd.
+    ∂q/∂u = 2(R - v)/n inside and sign(X) outside, times ``grad_factor``.
     """
     bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device)
-    return _UniformQuant.apply(x, -bound, bound, 2**bits - 1)
+    return _SymmetricQuant.apply(x, bound, 2**bits - 1, float(grad_factor))
 
 
 def grad_scale(x: Tensor, factor: float) -> Tensor:
@@ -167,7 +209,7 @@ def _tail_percentiles(flat: Tensor, qs: list[float]) -> Tensor:
             top = flat.topk(above + 1, largest=False).values
             lo, hi = top[below], top[above]
         values.append(torch.lerp(lo, hi, rank - below))
-    return torch.stack(values)
+    return values[0].reshape(1) if len(values) == 1 else torch.stack(values)
 
 
 def _kth_percentile(flat: Tensor, q: float) -> Tensor:
@@ -178,11 +220,43 @@ def _kth_percentile(flat: Tensor, q: float) -> Tensor:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
+class _MaxAbsQuant(torch.autograd.Function):
+    """Int(W·(Q/m))·(m/Q), m = max|W| + 1e-8 (constant), with the straight-through gradient ∂/∂W = 1 (the
+    composed round_ste form gives (Q/m)·(m/Q), which is 1 up to an ulp)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, q_max: float) -> Tensor:
+        m = torch.linalg.vector_norm(w, float("inf")) + 1e-8  # max|W| in one reduction
+        if q_max == 1.0:  # Q/m and m/Q without the multiplications by 1 (same values)
+            return torch.round(w * m.reciprocal()).mul_(m)
+        return torch.round(w * (q_max / m)).mul_(m / q_max)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """The value of ``q`` with the gradient of ``x`` (∂/∂x = 1): ``x + (q − x).detach()`` without its two ops
+    (and without its round-off on the levels)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor) -> Tensor:
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out, None
+
+
+def straight_through(x: Tensor, q: Tensor) -> Tensor:
+    """Forward ``q`` (computed without gradient), backward the identity to ``x``."""
+    return _StraightThrough.apply(x, q)
+
+
 def max_abs_weight_quantize(w: Tensor, bits: int) -> Tensor:
     """PAMS weights: Int(W·Q/m)·m/Q, m = max|W| (detached) + 1e-8, STE without clipping (|W| ≤ m anyway).
 
     2 bits (Q = 1) gives the ternary {−m, 0, m}. `quant_ops.quant_weight`.
     """
-    q_max = float(2 ** (bits - 1) - 1)
-    m = w.detach().abs().max() + 1e-8
-    return round_ste(w * (q_max / m)) * (m / q_max)
+    return _MaxAbsQuant.apply(w, float(2 ** (bits - 1) - 1))

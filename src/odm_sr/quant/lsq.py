@@ -11,12 +11,44 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .functional import grad_scale, percentile, round_ste, symmetric_quantize
+from .functional import grad_scale, percentile, row_grads, symmetric_quantize, wanted
+from .quantizer import Quantizer
 
 GRIDS = ("lsq_integer", "odm_symmetric")
 
 
-class LsqWeightQuantizer(nn.Module):
+class _LsqQuant(torch.autograd.Function):
+    """W_q = s·Int(clip(W/s, −Q_N, Q_P)) with ∂W_q/∂W = 1[−Q_N < W/s < Q_P] and ∂W_q/∂s = factor·(Int(W/s) − W/s)
+    inside, factor·(−Q_N) below and factor·Q_P above (Esser et al. 2020, eqs. 3–5; ``factor`` is the gradient
+    scale g). The forward uses s's value as ``grad_scale`` gives it, (s − g·s) + g·s, which the export
+    reproduces (``export.spec``)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, q_n: int, q_p: int, factor: float) -> Tensor:
+        s = scale if factor == 1.0 else (scale - scale * factor) + scale * factor
+        v = w / s
+        c = torch.clamp(v, -q_n, q_p)
+        inside = torch.gt(v, -q_n).logical_and_(torch.lt(v, q_p))  # strict, as torch.clamp's gradient: W/s on a
+        # bound counts as clipped (∂/∂W = 0, ∂/∂s = the bound)
+        r = torch.round(c)
+        d = torch.where(inside, r - v, c) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(inside, d, scale)
+        ctx.factor = factor
+        return r.mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        inside, d, scale = ctx.saved_tensors
+        grad_s = None
+        if d is not None and wanted(ctx, 1):
+            (grad_s,) = row_grads(d.unsqueeze(0), grad_out, (scale,))
+            if ctx.factor != 1.0:
+                grad_s = grad_s * ctx.factor
+        grad_w = grad_out * inside if wanted(ctx, 0) else None
+        return grad_w, grad_s, None, None, None
+
+
+class LsqWeightQuantizer(Quantizer):
     """One learnable step per layer.
 
     ``grid=lsq_integer`` (published LSQ): W_q = s·Int(clip(W/s, −Q_N, Q_P)), Q_N = 2^(b−1), Q_P = 2^(b−1) − 1,
@@ -33,7 +65,6 @@ class LsqWeightQuantizer(nn.Module):
             raise ValueError(f"lsq.grid={grid!r}: expected one of {GRIDS}")
         self.bits = int(bits)
         self.grid = grid
-        self.enabled = True
         self.q_n = 2 ** (self.bits - 1)
         self.q_p = 2 ** (self.bits - 1) - 1
         self.grad_factor = 1.0 / math.sqrt(weight.numel() * self.q_p) if use_grad_scale else 1.0
@@ -45,12 +76,10 @@ class LsqWeightQuantizer(nn.Module):
         self.scale = nn.Parameter(init.to(w.dtype).clone().reshape(()))
 
     def forward(self, w: Tensor) -> Tensor:
-        if not self.enabled or self.bits >= 32:
-            return w
-        s = grad_scale(self.scale, self.grad_factor).to(w.dtype)
+        s = self.scale.to(w.dtype)
         if self.grid == "lsq_integer":
-            return round_ste(torch.clamp(w / s, -self.q_n, self.q_p)) * s
-        return symmetric_quantize(w, s, self.bits)
+            return _LsqQuant.apply(w, s, self.q_n, self.q_p, self.grad_factor)
+        return symmetric_quantize(w, grad_scale(s, self.grad_factor), self.bits)
 
     @torch.no_grad()
     def clip_bound(self) -> Tensor:

@@ -34,6 +34,7 @@ from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
 from .mismatch import NORMS, MismatchRegistry, active_registry
 from .placement import select_layers, swap_layers
+from .quantizer import Quantizer
 
 WEIGHT_STATS = ("p99_abs", "max_abs")
 MR_MODES = ("coop", "naive", "off")
@@ -60,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
 _EXTRA_KEYS = ("calibration_batches",)  # read by the training entry point; must equal init.num_batches
 
 
-class OdmActQuantizer(nn.Module):
+class OdmActQuantizer(Quantizer):
     """q(X; l_a, u_a) on 2^b levels l_a + k·s_a (METHODS.md §3, §5.1), learnable scalar bounds.
 
     Inside an active ``MismatchRegistry`` it also reports M_i (§5.4). Until calibrated (``set_range``) the
@@ -71,7 +72,6 @@ class OdmActQuantizer(nn.Module):
         super().__init__()
         self.bits = int(bits)
         self.init_j = float(init_j)
-        self.enabled = True
         self.lower = nn.Parameter(torch.tensor(0.0))
         self.upper = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
@@ -91,8 +91,6 @@ class OdmActQuantizer(nn.Module):
         self._ready = bool(self.initialized)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled or self.bits >= 32:
-            return x
         if not self._ready:  # no calibration ran: this batch's range (DDP: of the ranks' inputs gathered)
             first = batch_range(gather_cat(x), self.init_j)
             self.set_range(*first.tolist())
@@ -106,7 +104,7 @@ class OdmActQuantizer(nn.Module):
         return f"bits={self.bits}"
 
 
-class WeightClipQuantizer(nn.Module):
+class WeightClipQuantizer(Quantizer):
     """Weight clipping correction (METHODS.md §5.3): W_q = q(W; −u_w, u_w), u_w = f(W)·γ_w.
 
     f = P_99(|W|) over the whole tensor (``stat=p99_abs``) or max|W| (``max_abs``), recomputed from the
@@ -121,7 +119,6 @@ class WeightClipQuantizer(nn.Module):
         self.bits = int(bits)
         self.stat = stat
         self.detach_stat = bool(detach_stat)
-        self.enabled = True
         self.gamma = nn.Parameter(torch.tensor(1.0), requires_grad=bool(learn_gamma))
 
     def weight_stat(self, w: Tensor) -> Tensor:
@@ -138,8 +135,6 @@ class WeightClipQuantizer(nn.Module):
         return self.weight_stat(w) * self.gamma.to(w.dtype)
 
     def forward(self, w: Tensor) -> Tensor:
-        if not self.enabled or self.bits >= 32:
-            return w
         return symmetric_quantize(w, self.clip_bound(w), self.bits)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,8 @@ from .blocks import (
     read_quirks,
 )
 from .distributed import all_reduce_mean_, world_size
-from .functional import max_abs_weight_quantize, round_ste, split_outside
+from .functional import max_abs_weight_quantize, row_grads, wanted
+from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
 
 PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input",
@@ -45,28 +46,43 @@ class _SymmetricZeroQuant(torch.autograd.Function):
     """q = Int(clip(X, −α, α)·Q/α)·α/Q, Q = 2^(b−1) − 1 (2^b − 1 levels, zero included).
 
     With v = X·Q/α and R = Int(v): ∂q/∂X = 1[|X| ≤ α]; ∂q/∂α = (R − v)/Q inside, sign(X) outside
-    (METHODS.md §3, what autograd gives through the released clip + STE round). The forward works in place
-    on one temporary; the backward uses ``split_outside`` (no boolean masks) and one dot product.
+    (METHODS.md §3, what autograd gives through the released clip + STE round). The forward saves the inside
+    mask and ∂q/∂α per element; the backward is one multiply and one dot product.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, alpha: Tensor, q_max: float) -> Tensor:
-        v = torch.maximum(x, -alpha)
-        v = torch.minimum(v, alpha, out=v).mul_(q_max).div_(alpha)
+        c = torch.clamp(x, -alpha, alpha)
+        inside = c == x
+        v = c.mul_(q_max).div_(alpha)
         r = torch.round(v)
-        ctx.save_for_backward(x, alpha, v.sub_(r))  # v − R: in [−1/2, 1/2] inside, 0 outside
-        ctx.q_max = q_max
+        d = torch.where(inside, v.sub_(r).div_(-q_max), torch.sign(x)) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(inside, d, alpha)
         return r.mul_(alpha).div_(q_max)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, alpha, frac = ctx.saved_tensors
-        grad_in, below, above = split_outside(grad_out, x, -alpha, alpha)
-        grad_alpha = None
-        if ctx.needs_input_grad[1]:
-            inside = torch.dot(grad_in.reshape(-1), frac.reshape(-1)) / ctx.q_max  # Σ g·(v − R)/Q inside
-            grad_alpha = (above.sum() - below.sum() - inside).reshape(alpha.shape)
-        return (grad_in if ctx.needs_input_grad[0] else None), grad_alpha, None
+        inside, d, alpha = ctx.saved_tensors
+        grad_alpha = row_grads(d.unsqueeze(0), grad_out, (alpha,))[0] if d is not None and wanted(ctx, 1) else None
+        return (grad_out * inside if wanted(ctx, 0) else None), grad_alpha, None
+
+
+class _UnclippedQuant(torch.autograd.Function):
+    """The tracking epoch's q = Int(X·Q/α)·α/Q without a clip: ∂q/∂X = 1 (STE), ∂q/∂α = (R − v)/Q with
+    v = X·Q/α, R = Int(v) (what autograd gives through the released ``round_ste(x·Q/α)·α/Q``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, q_max: float) -> Tensor:
+        v = x * q_max / alpha
+        r = torch.round(v)
+        ctx.save_for_backward(v.sub_(r).div_(-q_max) if ctx.needs_input_grad[1] else None, alpha)
+        return r.mul_(alpha).div_(q_max)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        d, alpha = ctx.saved_tensors
+        grad_alpha = row_grads(d.unsqueeze(0), grad_out, (alpha,))[0] if d is not None and wanted(ctx, 1) else None
+        return grad_out, grad_alpha, None
 
 
 def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
@@ -74,7 +90,7 @@ def pams_act_quantize(x: Tensor, alpha: Tensor, bits: int) -> Tensor:
     return _SymmetricZeroQuant.apply(x, alpha, float(2 ** (bits - 1) - 1))
 
 
-class PamsWeightQuant(nn.Module):
+class PamsWeightQuantizer(Quantizer):
     """Max-abs symmetric weight quantizer (nothing learnable)."""
 
     def __init__(self, bits: int) -> None:
@@ -88,7 +104,7 @@ class PamsWeightQuant(nn.Module):
         return f"bits={self.bits}"
 
 
-class PamsActQuant(nn.Module):
+class PamsActQuantizer(Quantizer):
     """Activation quantizer with one learnable α (`pams_quant_act`).
 
     While ``tracking`` (epoch 1) and training, nothing is clipped and α is set from the batch statistic
@@ -145,7 +161,7 @@ class PamsActQuant(nn.Module):
             self._track(x)
             q_max = float(2 ** (self.bits - 1) - 1)
             alpha = self.alpha if self.live_alpha else self.alpha.detach().clamp_min(1e-8)
-            return round_ste(x * q_max / alpha) * alpha / q_max  # no clipping in the tracking epoch
+            return _UnclippedQuant.apply(x, alpha, q_max)  # no clipping in the tracking epoch
         return pams_act_quantize(x, self.alpha, self.bits)
 
     def extra_repr(self) -> str:
@@ -188,21 +204,21 @@ class PAMS(QuantMethod):
     def quantize(self, model: nn.Module) -> nn.Module:
         self.check_backbone(model)
         make_act = None if self.bits.a >= 32 else (
-            lambda site: PamsActQuant(self.bits.a, site, self.alpha_init, self.ema_decay,
+            lambda site: PamsActQuantizer(self.bits.a, site, self.alpha_init, self.ema_decay,
                                       self.quirks["alpha_last_batch"], self.quirks["alpha_grad_while_tracking"]))
-        make_weight = None if self.bits.w >= 32 else (lambda name, layer: PamsWeightQuant(self.bits.w))
+        make_weight = None if self.bits.w >= 32 else (lambda name, layer: PamsWeightQuantizer(self.bits.w))
         return apply_placement(model, self.placement, make_act, make_weight,
                                conv1_raw_input=self.quirks["conv1_raw_input"],
                                gff3_fp_input=self.quirks["rdn_gff3_fp_input"])
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
-        alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuant)]
+        alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuantizer)]
         return clip_param_groups(model, alphas, lr, self.qparam_lr)
 
     def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
                         teacher: nn.Module | None = None) -> StepOutput:
         tracking = step // self.iters_per_epoch < self.ema_epochs
-        quants = [m for m in model.modules() if isinstance(m, PamsActQuant)]
+        quants = [m for m in model.modules() if isinstance(m, PamsActQuantizer)]
         if not tracking and any(m.tracking for m in quants) and world_size() > 1:
             # DDP: each rank tracked α on its own shard; from here on α is learned, from the ranks' mean
             all_reduce_mean_([t for m in quants for t in (m.alpha.data, m.tracked_max())])
@@ -214,7 +230,7 @@ class PAMS(QuantMethod):
         return StepOutput(sr=sr, terms=terms, logs={"alpha_tracking": float(tracking)})
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
-        quants = {n: m for n, m in model.named_modules() if isinstance(m, PamsActQuant)}
+        quants = {n: m for n, m in model.named_modules() if isinstance(m, PamsActQuantizer)}
         stats = to_floats({f"alpha/{n}": m.alpha for n, m in quants.items()})
         if quants:
             stats["alpha/mean"] = sum(stats.values()) / len(quants)
