@@ -31,7 +31,16 @@ from .blocks import (
 )
 from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
-from .functional import max_abs_weight_quantize, percentile, row_grads, straight_through, wanted
+from .functional import (
+    max_abs_weight_quantize,
+    max_abs_weight_quantize_rows,
+    percentile,
+    percentile_rows,
+    row_grads,
+    straight_through,
+    wanted,
+)
+from .layers import QuantMixin
 from .placement import backbone_family
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
@@ -126,10 +135,13 @@ class DdtbWeightQuantizer(Quantizer):
         super().__init__()
         self.bits, self.clip = bits, clip
         self.enabled = True
+        self.batched: tuple[Tensor, Tensor] | None = None  # (W, q(W)) of this forward, set by BatchedWeights
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
+        if self.batched is not None and self.batched[0] is w:
+            return self.batched[1]
         if self.clip == "percentile":
             lower, upper = percentile(w, (1.0, 99.0))
         else:
@@ -138,6 +150,22 @@ class DdtbWeightQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, clip={self.clip}"
+
+
+def quantize_weights_rows(weights: list[Tensor], bits: int, clip: str) -> list[Tensor] | None:
+    """``DdtbWeightQuantizer(bits, clip)`` of each of the same-shaped ``weights`` in one computation: one stack,
+    the bounds of all rows from one ``topk`` per tail (``percentile_rows``) or one ``aminmax``, one fused
+    quantizer call; the results are views of its rows. None where ``percentile`` would not take its tail path."""
+    rows = torch.stack([w.reshape(-1) for w in weights])
+    if clip == "percentile":
+        bounds = percentile_rows(rows, (1.0, 99.0))
+        if bounds is None:
+            return None
+        lower, upper = bounds.to(rows.dtype)[:, :, None].unbind()
+    else:
+        lower, upper = (b[:, None] for b in torch.aminmax(rows.detach(), dim=1))
+    out = zero_anchored_quantize(rows, lower, upper, bits)
+    return [q.view(w.shape) for q, w in zip(out.unbind(), weights)]
 
 
 def gate_act_quantize(x: Tensor, bits: int, detach: bool) -> Tensor:
@@ -160,13 +188,20 @@ class DynamicGate(nn.Module):
         self.bn = nn.BatchNorm2d(GATE_HIDDEN)
         self.conv2 = nn.Conv2d(GATE_HIDDEN, 2, 1, bias=False)
         self.detach_inner = detach_inner
+        # {"conv1"/"conv2": its quantized weight} of this forward, set by BatchedWeights
+        self.batched: dict[str, Tensor] | None = None
+
+    def quantized_weight(self, name: str) -> Tensor:
+        if self.batched is not None and name in self.batched:
+            return self.batched[name]
+        return max_abs_weight_quantize(getattr(self, name).weight, GATE_BITS)
 
     def forward(self, pooled: Tensor) -> Tensor:
         """``pooled`` (B, C) → logits g (B, 2): column 0 scales u, column 1 scales l."""
         h = gate_act_quantize(pooled[:, :, None, None], GATE_BITS, detach=True)  # input is detached anyway
-        h = F.relu(self.bn(F.conv2d(h, max_abs_weight_quantize(self.conv1.weight, GATE_BITS))))
+        h = F.relu(self.bn(F.conv2d(h, self.quantized_weight("conv1"))))
         h = gate_act_quantize(h, GATE_BITS, detach=self.detach_inner)
-        return F.conv2d(h, max_abs_weight_quantize(self.conv2.weight, GATE_BITS)).flatten(1)
+        return F.conv2d(h, self.quantized_weight("conv2")).flatten(1)
 
 
 class DdtbActQuantizer(Quantizer):
@@ -205,6 +240,11 @@ class DdtbActQuantizer(Quantizer):
             self.alpha_upper.copy_(upper)
         self.initialized = True
 
+    @property
+    def gate_runs(self) -> bool:
+        """Whether a forward (of an enabled, initialized quantizer) runs the gate."""
+        return self.is_dynamic and (self.training or self.use_gate)
+
     def get_extra_state(self) -> dict[str, bool]:
         return {"initialized": self.initialized, "is_dynamic": self.is_dynamic, "use_gate": self.use_gate}
 
@@ -221,7 +261,7 @@ class DdtbActQuantizer(Quantizer):
         if self.training and not self.initialized:
             self._init_bounds(x)
         lower, upper = self.alpha_lower, self.alpha_upper
-        if not self.is_dynamic or not (self.training or self.use_gate):
+        if not self.gate_runs:
             return zero_anchored_quantize(x, lower, upper, self.bits)
         grouped = group_by_image(x, self.site)
         logits = self.gate(grouped.detach().mean(2))
@@ -229,11 +269,61 @@ class DdtbActQuantizer(Quantizer):
         if not self.use_gate:
             return zero_anchored_quantize(x, lower, upper, self.bits)
         scale = 2.0 * torch.sigmoid(logits)
-        per_image = (scale[:, 1, None, None] * lower, scale[:, 0, None, None] * upper)
-        return ungroup(zero_anchored_quantize(grouped, *per_image, self.bits), x, self.site)
+        # (σ_u·u, σ_l·l) per image in one product (no per-column selects, whose backward costs two ops each)
+        upper_i, lower_i = (scale[:, :, None, None] * torch.stack((upper, lower))[:, None, None]).unbind(1)
+        return ungroup(zero_anchored_quantize(grouped, lower_i, upper_i, self.bits), x, self.site)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, percentile_m={self.percentile_m}, calibrate={self.calibrate}"
+
+
+class BatchedWeights:
+    """Forward pre-hook (``clear=False``) and hook (``clear=True``) of a DDTB model: the weight quantizers of all
+    layers are independent of the input, so before the forward the quantized weights of each group of
+    same-shaped weights (the percentile-clipped convs; the conv1 and the conv2 of the gates that will run) are
+    computed in one batched computation and handed to their quantizers, which return them instead of computing
+    their own (same values and gradients: per-row bounds, elementwise arithmetic); after it they are dropped.
+    Holds no module, so that copies and pickles of the model keep working."""
+
+    def __init__(self, clear: bool = False) -> None:
+        self.clear = clear
+
+    def __call__(self, model: nn.Module, *_: Any) -> None:
+        layers = [m for m in model.modules() if isinstance(m, QuantMixin)
+                  and isinstance(m.weight_quant, DdtbWeightQuantizer)]
+        gates = [m.gate for m in model.modules() if isinstance(m, DdtbActQuantizer)]
+        for layer in layers:
+            layer.weight_quant.batched = None
+        for gate in gates:
+            gate.batched = None
+        if self.clear:
+            return
+        groups: dict[tuple, list[tuple[nn.Module, Tensor]]] = {}
+        for layer in layers:
+            q, w = layer.weight_quant, layer.weight
+            if q.enabled:
+                groups.setdefault(("w", q.bits, q.clip, w.shape, w.dtype, w.device), []).append((q, w))
+        for m in model.modules():
+            if isinstance(m, DdtbActQuantizer) and m.enabled and m.gate_runs:
+                for name in ("conv1", "conv2"):
+                    w = getattr(m.gate, name).weight
+                    groups.setdefault(("g", name, w.shape, w.dtype, w.device), []).append((m.gate, w))
+        for key, members in groups.items():
+            if len(members) < 2:
+                continue
+            weights = [w for _, w in members]  # same order as members
+            if key[0] == "w":
+                quantized = quantize_weights_rows(weights, key[1], key[2])
+                if quantized is None:
+                    continue
+                for (q, w), qw in zip(members, quantized):
+                    q.batched = (w, qw)
+            else:
+                rows = max_abs_weight_quantize_rows(torch.stack([w.reshape(-1) for w in weights]), GATE_BITS)
+                for (gate, w), qw in zip(members, rows.unbind()):
+                    if gate.batched is None:
+                        gate.batched = {}
+                    gate.batched[key[1]] = qw.view(w.shape)
 
 
 def select_dynamic(quantizers: dict[str, DdtbActQuantizer], ratio: float) -> list[str]:
@@ -311,9 +401,12 @@ class DDTB(QuantMethod):
                                       self.quirks["gate_frozen_first_conv"]))
         make_weight = None if self.bits.w >= 32 else (
             lambda name, layer: DdtbWeightQuantizer(self.bits.w, auto["weight_clip"]))
-        return apply_placement(model, self.placement, make_act, make_weight,
-                               conv1_raw_input=self.quirks["conv1_raw_input"],
-                               gff3_fp_input=self.quirks["rdn_gff3_fp_input"])  # as released (and PAMS)
+        model = apply_placement(model, self.placement, make_act, make_weight,
+                                conv1_raw_input=self.quirks["conv1_raw_input"],
+                                gff3_fp_input=self.quirks["rdn_gff3_fp_input"])  # as released (and PAMS)
+        model.register_forward_pre_hook(BatchedWeights())
+        model.register_forward_hook(BatchedWeights(clear=True), always_call=True)
+        return model
 
     def calibrate(self, model: nn.Module, batches, teacher: nn.Module | None = None) -> None:
         """Only with ``stages.calib_epochs=0``: record on ``batches`` and choose the dynamic ones now."""

@@ -212,6 +212,34 @@ def _tail_percentiles(flat: Tensor, qs: list[float]) -> Tensor:
     return values[0].reshape(1) if len(values) == 1 else torch.stack(values)
 
 
+def percentile_rows(x: Tensor, q: Sequence[float]) -> Tensor | None:
+    """``percentile(x[i], q)`` for every row i of a 2-D ``x`` at once, shape (len(q), rows); detached.
+
+    Only the tail path (rows up to ``TAIL_TOPK_MAX_ELEMENTS`` elements, percentiles within 12.5 % of an end):
+    one ``topk`` per tail over all rows, the same ranks and interpolation, so every row's values are those of
+    ``percentile`` on that row. Returns None where ``percentile`` would take another path.
+    """
+    rows = x.detach()
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.float()
+    qs = [float(v) for v in q]
+    n = rows.shape[1] if rows.dim() == 2 else 0
+    if not (0 < n <= TAIL_TOPK_MAX_ELEMENTS and all(min(v, 100.0 - v) <= 12.5 for v in qs)):
+        return None
+    values = []
+    for v in qs:
+        rank = _round_to(v / 100.0, rows.dtype) * (n - 1)
+        below, above = int(rank), min(int(math.ceil(rank)), n - 1)
+        if rank >= (n - 1) / 2:
+            top = rows.topk(n - below, dim=1).values
+            lo, hi = top[:, n - 1 - below], top[:, n - 1 - above]
+        else:
+            top = rows.topk(above + 1, dim=1, largest=False).values
+            lo, hi = top[:, below], top[:, above]
+        values.append(torch.lerp(lo, hi, rank - below))
+    return torch.stack(values)
+
+
 def _kth_percentile(flat: Tensor, q: float) -> Tensor:
     pos = (flat.numel() - 1) * q / 100.0
     lo, hi = int(pos), min(int(pos) + 1, flat.numel() - 1)
@@ -225,15 +253,17 @@ class _MaxAbsQuant(torch.autograd.Function):
     composed round_ste form gives (Q/m)·(m/Q), which is 1 up to an ulp)."""
 
     @staticmethod
-    def forward(ctx, w: Tensor, q_max: float) -> Tensor:
-        m = torch.linalg.vector_norm(w, float("inf")) + 1e-8  # max|W| in one reduction
+    def forward(ctx, w: Tensor, q_max: float, rows: bool = False) -> Tensor:
+        # max|W| in one reduction (``rows``: of each row of a stack of weights)
+        m = (torch.linalg.vector_norm(w, float("inf"), dim=1, keepdim=True) if rows
+             else torch.linalg.vector_norm(w, float("inf"))) + 1e-8
         if q_max == 1.0:  # Q/m and m/Q without the multiplications by 1 (same values)
             return torch.round(w * m.reciprocal()).mul_(m)
         return torch.round(w * (q_max / m)).mul_(m / q_max)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return grad_out, None
+        return grad_out, None, None
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -260,3 +290,8 @@ def max_abs_weight_quantize(w: Tensor, bits: int) -> Tensor:
     2 bits (Q = 1) gives the ternary {−m, 0, m}. `quant_ops.quant_weight`.
     """
     return _MaxAbsQuant.apply(w, float(2 ** (bits - 1) - 1))
+
+
+def max_abs_weight_quantize_rows(w: Tensor, bits: int) -> Tensor:
+    """``max_abs_weight_quantize`` of every row of a 2-D ``w`` (a stack of flattened weights) in one call."""
+    return _MaxAbsQuant.apply(w, float(2 ** (bits - 1) - 1), True)
