@@ -135,11 +135,15 @@ class DdtbWeightQuantizer(Quantizer):
         super().__init__()
         self.bits, self.clip = bits, clip
         self.enabled = True
-        self.batched: tuple[Tensor, Tensor] | None = None  # (W, q(W)) of this forward, set by BatchedWeights
+        self.batch: WeightBatch | None = None  # the model's, when quantized by DDTB
+        self.batched: tuple[Tensor, Tensor] | None = None  # (W, q(W)) of this forward, set by the batch
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
+        batch = self.batch
+        if batch is not None and batch.active and not batch.filled:
+            batch.fill()
         if self.batched is not None and self.batched[0] is w:
             return self.batched[1]
         if self.clip == "percentile":
@@ -188,10 +192,13 @@ class DynamicGate(nn.Module):
         self.bn = nn.BatchNorm2d(GATE_HIDDEN)
         self.conv2 = nn.Conv2d(GATE_HIDDEN, 2, 1, bias=False)
         self.detach_inner = detach_inner
-        # {"conv1"/"conv2": its quantized weight} of this forward, set by BatchedWeights
-        self.batched: dict[str, Tensor] | None = None
+        self.batch: WeightBatch | None = None  # the model's, when quantized by DDTB
+        self.batched: dict[str, Tensor] | None = None  # {"conv1"/"conv2": q(W)} of this forward, set by the batch
 
     def quantized_weight(self, name: str) -> Tensor:
+        batch = self.batch
+        if batch is not None and batch.active and not batch.filled:
+            batch.fill()
         if self.batched is not None and name in self.batched:
             return self.batched[name]
         return max_abs_weight_quantize(getattr(self, name).weight, GATE_BITS)
@@ -277,41 +284,55 @@ class DdtbActQuantizer(Quantizer):
         return f"bits={self.bits}, percentile_m={self.percentile_m}, calibrate={self.calibrate}"
 
 
-class BatchedWeights:
-    """Forward pre-hook (``clear=False``) and hook (``clear=True``) of a DDTB model: the weight quantizers of all
-    layers are independent of the input, so before the forward the quantized weights of each group of
-    same-shaped weights (the percentile-clipped convs; the conv1 and the conv2 of the gates that will run) are
-    computed in one batched computation and handed to their quantizers, which return them instead of computing
-    their own (same values and gradients: per-row bounds, elementwise arithmetic); after it they are dropped.
-    Holds no module, so that copies and pickles of the model keep working."""
+class WeightBatch:
+    """The weight quantizers of all layers of one DDTB model in one computation per forward.
 
-    def __init__(self, clear: bool = False) -> None:
-        self.clear = clear
+    The quantized weights do not depend on the input, so within a forward of the model (``start`` and ``stop``
+    are its forward pre-hook and hook) the first quantizer that needs its weight calls ``fill``: the quantized
+    weights of each group of same-shaped weights (the clipped convs; the conv1 and the conv2 of the gates that
+    run) come from one batched computation (per-row bounds, elementwise arithmetic: the per-layer values and
+    gradients) and are handed to their quantizers, which return them instead of computing their own; ``stop``
+    drops them. Outside a forward of the model (a quantizer called on its own) nothing is batched. Computing
+    inside the forward (not in the pre-hook) keeps a compiled forward one graph. Referenced by its quantizers
+    and hooks as a plain attribute (no state-dict keys); copies of the model get their own.
+    """
 
-    def __call__(self, model: nn.Module, *_: Any) -> None:
-        layers = [m for m in model.modules() if isinstance(m, QuantMixin)
-                  and isinstance(m.weight_quant, DdtbWeightQuantizer)]
-        gates = [m.gate for m in model.modules() if isinstance(m, DdtbActQuantizer)]
-        for layer in layers:
+    def __init__(self, layers: list[nn.Module], act_quantizers: list[DdtbActQuantizer]) -> None:
+        self.layers, self.act_quantizers = layers, act_quantizers
+        self.active = self.filled = False
+
+    def start(self, model: nn.Module, args: Any) -> None:
+        self._drop()
+        self.active = True
+
+    def stop(self, model: nn.Module, args: Any, output: Any) -> None:
+        self._drop()
+        self.active = False
+
+    def _drop(self) -> None:
+        self.filled = False
+        for layer in self.layers:
             layer.weight_quant.batched = None
-        for gate in gates:
-            gate.batched = None
-        if self.clear:
-            return
+        for q in self.act_quantizers:
+            q.gate.batched = None
+
+    def fill(self) -> None:
+        """The quantized weights of every group of two or more same-shaped weights, once per forward."""
+        self.filled = True
         groups: dict[tuple, list[tuple[nn.Module, Tensor]]] = {}
-        for layer in layers:
+        for layer in self.layers:
             q, w = layer.weight_quant, layer.weight
             if q.enabled:
                 groups.setdefault(("w", q.bits, q.clip, w.shape, w.dtype, w.device), []).append((q, w))
-        for m in model.modules():
-            if isinstance(m, DdtbActQuantizer) and m.enabled and m.gate_runs:
+        for m in self.act_quantizers:
+            if m.enabled and m.gate_runs:
                 for name in ("conv1", "conv2"):
                     w = getattr(m.gate, name).weight
                     groups.setdefault(("g", name, w.shape, w.dtype, w.device), []).append((m.gate, w))
         for key, members in groups.items():
             if len(members) < 2:
                 continue
-            weights = [w for _, w in members]  # same order as members
+            weights = [w for _, w in members]
             if key[0] == "w":
                 quantized = quantize_weights_rows(weights, key[1], key[2])
                 if quantized is None:
@@ -324,6 +345,14 @@ class BatchedWeights:
                     if gate.batched is None:
                         gate.batched = {}
                     gate.batched[key[1]] = qw.view(w.shape)
+
+    def attach(self, model: nn.Module) -> None:
+        for layer in self.layers:
+            layer.weight_quant.batch = self
+        for q in self.act_quantizers:
+            q.gate.batch = self
+        model.register_forward_pre_hook(self.start)
+        model.register_forward_hook(self.stop, always_call=True)
 
 
 def select_dynamic(quantizers: dict[str, DdtbActQuantizer], ratio: float) -> list[str]:
@@ -404,8 +433,9 @@ class DDTB(QuantMethod):
         model = apply_placement(model, self.placement, make_act, make_weight,
                                 conv1_raw_input=self.quirks["conv1_raw_input"],
                                 gff3_fp_input=self.quirks["rdn_gff3_fp_input"])  # as released (and PAMS)
-        model.register_forward_pre_hook(BatchedWeights())
-        model.register_forward_hook(BatchedWeights(clear=True), always_call=True)
+        WeightBatch([m for m in model.modules() if isinstance(m, QuantMixin)
+                     and isinstance(m.weight_quant, DdtbWeightQuantizer)],
+                    [m for m in model.modules() if isinstance(m, DdtbActQuantizer)]).attach(model)
         return model
 
     def calibrate(self, model: nn.Module, batches, teacher: nn.Module | None = None) -> None:
