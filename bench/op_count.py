@@ -1,7 +1,7 @@
 """aten ops (≈ kernel launches) and host syncs per training step of FP, PAMS, DAQ, DDTB and ODM, and torch.compile's
 graph breaks in the quantized forward.
 
-    PYTHONPATH=src python bench/op_count.py [--model baseline|small] [--device cpu|cuda] [--no-compile]
+    PYTHONPATH=src python bench/op_count.py [--model baseline|small] [--device cpu|cuda] [--no-compile] [--by-module]
 
 One step is ``bench/_common.StepRunner.step`` (what ``SRLitModule.training_step`` does without Lightning) after
 the method's preparation (ODM's calibration, PAMS's α epoch, DDTB's calibration epoch), counted by
@@ -12,6 +12,7 @@ on CUDA it defaults to the multi-tensor path), so it is listed on its own. The c
 size, so a small LR patch is used. ``--no-compile`` skips ``torch._dynamo.explain`` of the student forward (graph count
 and break reasons) and the compiled training step of ``--compile-step`` methods (default ODM: the whole step
 with the student compiled in place by ``--compile-backend``, as ``trainer.compile=true``; graphs and breaks).
+``--by-module`` adds, per method, the ops of one more step by module (forward) and autograd node (backward).
 Prints a markdown table and writes ``bench/results/op_count_<model>_<device>.json``.
 """
 
@@ -55,6 +56,41 @@ def profile_step(runner: StepRunner, lr: torch.Tensor, hr: torch.Tensor) -> dict
             **{f"{k}_ops": p.total_ops for k, p in phases.items()},
             **{f"{k}_syncs": p.total_syncs for k, p in phases.items()},
             "sync_kinds": dict(total_syncs), "top_ops": dict(total_ops.most_common(12))}
+
+
+def by_module(runner: StepRunner, lr: torch.Tensor, hr: torch.Tensor) -> dict:
+    """Ops of one late-stage step (forward + backward, views excluded) by where they run: a forward op under the
+    innermost running module of ``odm_sr.quant`` (a quantizer, a gate, a quantized layer; else "model"), a
+    backward op under its autograd node (a custom Function's ``...Backward``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stack: list[str] = []
+    counts: Counter = Counter()
+
+    class _ByModule(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                node = torch._C._current_autograd_node()
+                where = (f"backward:{type(node).__name__}" if node is not None
+                         else f"forward:{stack[-1] if stack else 'model'}")
+                counts[where] += 1
+            return func(*args, **(kwargs or {}))
+
+    handles = []
+    for m in runner.net.modules():
+        if type(m).__module__.startswith("odm_sr.quant"):
+            name = type(m).__name__
+            handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: stack.append(n)))
+            handles.append(m.register_forward_hook(lambda mod, a, o: stack.pop() and None, always_call=True))
+    try:
+        with _ByModule():
+            out = runner.method.training_losses(runner.net, lr, hr, 10**6, teacher=runner.teacher)
+            runner.method.backward(out, runner.net, lambda loss: loss.backward())
+    finally:
+        for h in handles:
+            h.remove()
+    runner.opt.zero_grad(set_to_none=True)
+    return dict(counts.most_common())
 
 
 def graph_breaks(runner: StepRunner, lr: torch.Tensor) -> dict:
@@ -105,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile-step", nargs="*", default=["odm"], choices=METHODS,
                         help="methods whose whole training step is also run compiled (graphs and breaks)")
     parser.add_argument("--compile-backend", default="aot_eager", help="backend of --compile-step")
+    parser.add_argument("--by-module", action="store_true",
+                        help="also attribute each method's ops to modules (forward) and autograd nodes (backward)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -117,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
         runner.prepare(batches[:2])
         runner.step(*batches[2])  # warm: lazy state, first-step allocations
         rows[name] = profile_step(runner, *batches[2])
+        if args.by_module:
+            rows[name]["by_module"] = by_module(runner, *batches[2])
+            print(f"{name} by module: " + ", ".join(f"{k} {v}" for k, v in rows[name]["by_module"].items()))
         if not args.no_compile and name != "fp":
             rows[name]["compile"] = graph_breaks(runner, batches[2][0])
         if not args.no_compile and name in args.compile_step:
