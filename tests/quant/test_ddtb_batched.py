@@ -16,9 +16,9 @@ from odm_sr.quant.base import Bits
 from odm_sr.quant.blocks import ActSite
 from odm_sr.quant.ddtb import (
     DDTB,
-    WeightBatch,
     DdtbActQuantizer,
     DdtbWeightQuantizer,
+    WeightBatch,
     quantize_weights_rows,
 )
 from odm_sr.quant.functional import TAIL_TOPK_MAX_ELEMENTS, max_abs_weight_quantize_rows, percentile_rows

@@ -169,7 +169,7 @@ def quantize_weights_rows(weights: list[Tensor], bits: int, clip: str) -> list[T
     else:
         lower, upper = (b[:, None] for b in torch.aminmax(rows.detach(), dim=1))
     out = zero_anchored_quantize(rows, lower, upper, bits)
-    return [q.view(w.shape) for q, w in zip(out.unbind(), weights)]
+    return [q.view(w.shape) for q, w in zip(out.unbind(), weights, strict=True)]
 
 
 def gate_act_quantize(x: Tensor, bits: int, detach: bool) -> Tensor:
@@ -337,11 +337,11 @@ class WeightBatch:
                 quantized = quantize_weights_rows(weights, key[1], key[2])
                 if quantized is None:
                     continue
-                for (q, w), qw in zip(members, quantized):
+                for (q, w), qw in zip(members, quantized, strict=True):
                     q.batched = (w, qw)
             else:
                 rows = max_abs_weight_quantize_rows(torch.stack([w.reshape(-1) for w in weights]), GATE_BITS)
-                for (gate, w), qw in zip(members, rows.unbind()):
+                for (gate, w), qw in zip(members, rows.unbind(), strict=True):
                     if gate.batched is None:
                         gate.batched = {}
                     gate.batched[key[1]] = qw.view(w.shape)
