@@ -151,3 +151,29 @@ def test_a_logging_step_logs_its_values_as_floats_and_rho_sums_on_the_device(tmp
     for rho in rhos:
         total += rho
     assert lit.balance_steps == 3 and lit.balance_sum == total and lit.balance_mean == total / 3 and total > 0
+
+
+def test_a_non_finite_loss_between_logging_steps_stops_at_the_next_one(tmp_path):
+    """A NaN loss at step 1 (no logging there) stops the run at step 3, the next logging step, before its
+    optimizer step, with the message naming step 1 and its terms; or at a checkpoint asked for before that."""
+    from odm_sr.lit_module import NonFiniteLossError
+
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"lr": torch.rand(2, 3, 16, 16, generator=gen), "hr": torch.rand(2, 3, 32, 32, generator=gen)}
+               for _ in range(LOG_EVERY)]
+    batches[1]["lr"][0, 0, 0, 0] = float("nan")
+    message = r"non-finite training loss at step 1 \(rec=nan\); stopping"
+    for stop_at in ("logging step", "checkpoint"):
+        lit, _ = _module("fp", "edsr", tmp_path)
+        for i in range(LOG_EVERY - 1):
+            lit.training_step(batches[i], i)  # steps 0-2 pass: the NaN of step 1 waits on the device
+        if stop_at == "checkpoint":
+            with pytest.raises(NonFiniteLossError, match=message):
+                lit.on_save_checkpoint({})
+            continue
+        before = {k: v.clone() for k, v in lit.net.state_dict().items()}
+        with pytest.raises(NonFiniteLossError, match=message):
+            lit.training_step(batches[3], 3)
+        for k, v in lit.net.state_dict().items():  # no optimizer step at step 3
+            torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+        assert lit.global_step_count == 3
