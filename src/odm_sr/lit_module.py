@@ -137,6 +137,8 @@ class SRLitModule(L.LightningModule):
         if out is None:  # e.g. DDTB's calibration epoch: no optimizer step, the schedule still advances
             sched.step()
             self._step_count += 1
+            if self._watch is not None:  # keeps the record's step count right
+                self._watch["seen"] = self._watch["seen"] + 1
             return None
         loss = out.loss.detach()
         self._watch_finite(loss, out.terms)
@@ -234,12 +236,12 @@ class SRLitModule(L.LightningModule):
     _step_count = 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # no checkpoint after a non-finite loss: the last one written stays the last good one
         # the torch RNG (drop-path, DataLoader base seeds) so that a resumed run continues bit for bit
         checkpoint["odm_sr_step_count"] = int(self._step_count)
         checkpoint["odm_sr_torch_rng"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout/drop-path draws on the GPU
             checkpoint["odm_sr_cuda_rng"] = torch.cuda.get_rng_state_all()
-        self.check_finite()  # no checkpoint after a non-finite loss: the last one written stays the last good one
         checkpoint["odm_sr_balance"] = [self.balance_sum, self.balance_steps]
         checkpoint["odm_sr_seconds"] = {"train": self.train_seconds, "validation": self.validation_seconds}
 
