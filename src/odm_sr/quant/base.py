@@ -123,8 +123,9 @@ class QuantMethod:
         return StepOutput(sr=sr, terms={"rec": F.l1_loss(sr, hr)})
 
     def backward(self, out: StepOutput, model: nn.Module,
-                 backward_fn: Callable[[Tensor], None]) -> dict[str, float]:
-        """Fill ``.grad``; the default backpropagates the sum of the loss terms."""
+                 backward_fn: Callable[[Tensor], None]) -> dict[str, Tensor | float]:
+        """Fill ``.grad``; the default backpropagates the sum of the loss terms. Returns values to log (floats, or
+        0-d tensors left on the device: ``SRLitModule`` moves them to the host on logging steps only)."""
         backward_fn(sum(out.terms.values()))
         return {}
 

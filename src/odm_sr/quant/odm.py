@@ -300,8 +300,9 @@ class ODM(QuantMethod):
                           objective=(rec + self.cfg["lambda_m"] * mismatch).detach())
 
     def backward(self, out: StepOutput, model: nn.Module,
-                 backward_fn: Callable[[Tensor], None]) -> dict[str, float]:
-        """Write ``.grad`` per §5.7 (accumulating into existing grads, like ``backward``).
+                 backward_fn: Callable[[Tensor], None]) -> dict[str, Tensor]:
+        """Write ``.grad`` per §5.7 (accumulating into existing grads, like ``backward``). Returns the logged
+        scalars as detached 0-d tensors on the device (the caller moves them to the host on logging steps only).
 
         coop/naive: g_R = ∇(λ_R L_R) for θ, φ and rest; g_M = ∇L_M for θ (+ φ if
         ``mr.grad_to_qparams``), None where L_M does not reach. Autograd only walks L_M's own graph (the
@@ -315,7 +316,7 @@ class ODM(QuantMethod):
         mr, rec = self.cfg["mr"], out.terms["rec"]
         if mr["mode"] == "off" or "mismatch" not in out.terms:
             backward_fn(rec)
-            return to_floats({"loss_rec": rec})
+            return {"loss_rec": rec.detach()}
         mismatch = out.terms["mismatch"]
         groups = self.partition(model)
         theta, rest = groups["theta"], groups["rest"]
@@ -339,10 +340,10 @@ class ODM(QuantMethod):
             phi_grads = [_add_scaled(r, m, self.cfg["lambda_m"])
                          for r, m in zip(phi_grads, g_m[n_t:], strict=True)]
         _accumulate(theta + phi + rest, list(theta_grads) + phi_grads + list(g_r[n_t + n_p:]))
-        return to_floats({"loss_rec": rec, "loss_mismatch": mismatch, "cos": stats["cos"],
-                           "weight": stats["weight"], "grad_norm_rec": stats["grad_norm_rec"],
-                           "grad_norm_mismatch": stats["grad_norm_mismatch"],
-                           "sign_conflict": stats["sign_conflict"], "mr/rho": stats["balance"]})
+        logs = {"loss_rec": rec, "loss_mismatch": mismatch, "cos": stats["cos"], "weight": stats["weight"],
+                "grad_norm_rec": stats["grad_norm_rec"], "grad_norm_mismatch": stats["grad_norm_mismatch"],
+                "sign_conflict": stats["sign_conflict"], "mr/rho": stats["balance"]}
+        return {k: torch.as_tensor(v).detach().reshape(()) for k, v in logs.items()}  # 0-d tensors: no host sync
 
     def balance_stats(self) -> dict[str, Tensor]:
         """MR's share of θ's gradient in the last step, per quantized layer (logged as ``mr/<layer>/rho``):
