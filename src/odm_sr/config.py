@@ -96,6 +96,22 @@ def validate_trainer(trainer: DictConfig) -> None:
                          f"(or a fraction of an epoch in (0, 1])")
 
 
+# Keys that configs of older runs (checkpoint hyper-parameters) hold and that nothing reads any more: a key with
+# a single legal value (the transformer placement) or one no code read.
+RETIRED_KEYS = ("method.placement.transformer_same_layers",)
+
+
+def drop_retired_keys(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without ``RETIRED_KEYS`` (in place), so that an older checkpoint's config still builds."""
+    for dotted in RETIRED_KEYS:
+        parent, _, key = dotted.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if isinstance(node, DictConfig) and key in node:
+            with open_dict(node):
+                del node[key]
+    return cfg
+
+
 # Groups read key by key by odm_sr (not instantiated, where the constructor would reject a typo). Their keys are
 # those of the group's YAML files; train.yaml / eval.yaml hold the `eval` section.
 CHECKED_GROUPS = ("model", "data", "optim", "bits", "paths", "eval")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from odm_sr.evaluation import eval_pad_mode, window_padding
-from odm_sr.quant.placement import backbone_family
+from odm_sr.quant.backbones import backbone_of
 
 OPSET = 17
 INPUT, OUTPUT = "lr", "sr"
@@ -24,7 +24,7 @@ INPUT, OUTPUT = "lr", "sr"
 
 def has_dynamic_size(model: nn.Module) -> bool:
     """True for the CNN backbones, whose graph runs at any input size."""
-    return backbone_family(model) in ("edsr", "rdn")
+    return backbone_of(model).dynamic_size
 
 
 def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: str = "official") -> bytes:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones import BACKBONES, Backbone, backbone_of
+
 
 @dataclass
 class StepOutput:
@@ -89,8 +91,6 @@ class QuantMethod:
 
     name = "fp"
     needs_teacher = False  # True: the LightningModule keeps a frozen FP copy and passes it as ``teacher``
-    supported_backbones: tuple[str, ...] = ("edsr", "rdn", "swinir", "hat")
-    backbone_note = ""  # why a backbone is unsupported, appended to the error
     per_image_statistics = False  # True: activations are quantized with statistics of the whole input image,
     # so a tiled forward (eval.tile, odm-sr-upscale --tile) differs from the whole-image one
     # True: some steps leave parameters out of the loss's graph on purpose, so DDP must look for unused parameters
@@ -137,13 +137,24 @@ class QuantMethod:
         per-layer share of mismatch regularisation in θ's gradient and each layer's M_i)."""
         return {}
 
-    def check_backbone(self, model: nn.Module) -> None:
-        from .placement import backbone_family
+    def gate_ratio(self) -> float | None:
+        """Share of dynamic gates that complexity counts before calibration has chosen them (DDTB); None: the
+        backbone's default."""
+        return None
 
-        family = backbone_family(model)
-        if family not in self.supported_backbones:
-            raise ValueError(f"method {self.name!r} does not support backbone {family!r}; "
-                             f"supported: {', '.join(self.supported_backbones)}{self.backbone_note}")
+    def unsupported(self, backbone: Backbone) -> str:
+        """Why this method cannot quantize ``backbone`` (appended to the error); empty when it can."""
+        return ""
+
+    def check_backbone(self, model: Any) -> Backbone:
+        """The backbone table's row of ``model`` (anything with a ``name``); ValueError if unsupported."""
+        spec = backbone_of(model)
+        note = self.unsupported(spec)
+        if note:
+            supported = [f for f, s in BACKBONES.items() if not self.unsupported(s)]
+            raise ValueError(f"method {self.name!r} does not support backbone {spec.family!r}; "
+                             f"supported: {', '.join(supported)}{note}")
+        return spec
 
 
 class FullPrecision(QuantMethod):

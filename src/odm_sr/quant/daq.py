@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import Bits, QuantMethod, merge_config
-from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, read_quirks, ungroup
-from .placement import backbone_family
+from .backbones import apply_placement, backbone_of
+from .blocks import EXTRA_KEYS, ActSite, group_by_image, read_quirks, ungroup
 
 DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps", "nonpositive_sigma_offset")
 # Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
@@ -23,7 +23,7 @@ DAQ_DEFAULTS = {
     "quirks": dict.fromkeys(DAQ_QUIRKS, False),
     "sigma_bits": "auto",  # 4 for EDSR-baseline, 8 otherwise; 32 = σ not quantized
     "stats_scope": "image",
-    "placement": {"edsr": "block_convs", "rdn": "rdb_conv", "transformer_same_layers": True,
+    "placement": {"edsr": "block_convs", "rdn": "rdb_conv",
                   "hat_quantize_cab": False, "quant_attn_matmul": False},
 }
 # `--finetune`: fixed factors for every bit-width (quirk `finetune_fixed_steps`: EDSR only, training only)
@@ -161,17 +161,6 @@ class DaqWeightQuant(nn.Module):
         return f"bits={self.bits}"
 
 
-def auto_sigma_bits(model: nn.Module) -> int:
-    """4 for EDSR-baseline (64 features, 16 blocks), 8 otherwise (the released test scripts' ``qq``)."""
-    if getattr(model, "name", "") == "edsr_baseline":
-        return 4
-    if getattr(model, "name", "").startswith("edsr"):
-        blocks = [m for m in model.body if hasattr(m, "res_scale")]
-        if len(blocks) == 16 and model.head[0].out_channels == 64:
-            return 4
-    return 8
-
-
 class DAQ(QuantMethod):
     """DAQ: W + A on the placement's layers, L1 only (base ``training_losses``), nothing learnable."""
 
@@ -199,9 +188,10 @@ class DAQ(QuantMethod):
 
     def quantize(self, model: nn.Module) -> nn.Module:
         self.check_backbone(model)
-        sigma_bits = auto_sigma_bits(model) if self.sigma_bits == "auto" else int(self.sigma_bits)
+        spec = backbone_of(model)
+        sigma_bits = spec.daq_sigma_bits(model) if self.sigma_bits == "auto" else int(self.sigma_bits)
         # the release passes --finetune to EDSR's ResBlocks only (RDN hard-codes it off; no transformer there)
-        fixed = self.quirks["finetune_fixed_steps"] and backbone_family(model) == "edsr"
+        fixed = self.quirks["finetune_fixed_steps"] and spec.daq_finetune_steps
         unbounded, offset = self.quirks["unbounded_relu_branch"], self.quirks["nonpositive_sigma_offset"]
         make_act = None if self.bits.a >= 32 else (
             lambda site: DaqActQuant(self.bits.a, site, sigma_bits, unbounded, fixed, offset))

@@ -22,7 +22,6 @@ from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
 from .blocks import (
     EXTRA_KEYS,
     ActSite,
-    apply_placement,
     clip_param_groups,
     group_by_image,
     positive,
@@ -32,7 +31,7 @@ from .blocks import (
 from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
 from .functional import dot_to_shape, max_abs_weight_quantize, percentile
-from .placement import backbone_family
+from .backbones import DDTB_AUTO_EDSR, apply_placement, backbone_of
 from .skt import check_skt_config, distillation_losses
 
 DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",
@@ -49,7 +48,7 @@ DDTB_DEFAULTS = {
     "gate_pool": "image",
     "iters_per_epoch": 1000,
     "qparam_lr": 1e-2,  # absolute lr of the alpha_lower / alpha_upper group
-    "placement": {"edsr": "pams_style", "rdn": "pams_style", "transformer_same_layers": True,
+    "placement": {"edsr": "pams_style", "rdn": "pams_style",
                   "hat_quantize_cab": False, "quant_attn_matmul": False},
 }
 
@@ -270,7 +269,8 @@ class DDTB(QuantMethod):
         if c["gate_pool"] != "image":
             raise ValueError(f"gate_pool={c['gate_pool']!r}: expected 'image' or 'window'")
         self.placement = c["placement"]
-        self.family = "edsr"
+        self.auto = dict(DDTB_AUTO_EDSR)  # the backbone's 'auto' values, set by quantize
+        self.calib_keeps_weights = False  # quirk rdn_calib_quantized_weights on a backbone it applies to
 
     @property
     def ddp_unused_parameters(self) -> bool:
@@ -281,14 +281,18 @@ class DDTB(QuantMethod):
     def resolved(self) -> dict[str, Any]:
         """The 'auto' settings for the quantized backbone: EDSR (and transformers) 0.3 / p99 / percentile
         weights; RDN 0.5 / p95 / min-max weights."""
-        rdn = self.family == "rdn"
-        auto = {"dynamic_ratio": 0.5 if rdn else 0.3, "init_percentile": 95.0 if rdn else 99.0,
-                "weight_clip": "minmax" if rdn else "percentile"}
-        return {k: auto[k] if getattr(self, k) == "auto" else getattr(self, k) for k in auto}
+        chosen = {"dynamic_ratio": self.dynamic_ratio, "init_percentile": self.init_percentile,
+                  "weight_clip": self.weight_clip}
+        return {k: self.auto[k] if v == "auto" else v for k, v in chosen.items()}
+
+    def gate_ratio(self) -> float:
+        return float(self.resolved()["dynamic_ratio"])
 
     def quantize(self, model: nn.Module) -> nn.Module:
         self.check_backbone(model)
-        self.family = backbone_family(model)
+        spec = backbone_of(model)
+        self.auto = dict(spec.ddtb_auto)
+        self.calib_keeps_weights = self.quirks["rdn_calib_quantized_weights"] and spec.ddtb_calib_quantized_weights
         auto = self.resolved()
         calibrate = not (self.quirks["bounds_pm10_above_2bit"] and self.bits.a > 2)
         make_act = None if self.bits.a >= 32 else (
@@ -296,9 +300,7 @@ class DDTB(QuantMethod):
                                       self.quirks["gate_frozen_first_conv"]))
         make_weight = None if self.bits.w >= 32 else (
             lambda name, layer: DdtbWeightQuant(self.bits.w, auto["weight_clip"]))
-        return apply_placement(model, self.placement, make_act, make_weight,
-                               conv1_raw_input=self.quirks["conv1_raw_input"],
-                               gff3_fp_input=self.quirks["rdn_gff3_fp_input"])  # as released (and PAMS)
+        return apply_placement(model, self.placement, make_act, make_weight, self.quirks)  # as released
 
     def calibrate(self, model: nn.Module, batches, teacher: nn.Module | None = None) -> None:
         """Only with ``stages.calib_epochs=0``: record on ``batches`` and choose the dynamic ones now."""
@@ -317,7 +319,7 @@ class DDTB(QuantMethod):
         return {n: m for n, m in model.named_modules() if isinstance(m, DdtbActQuant)}
 
     def _set_quantized(self, model: nn.Module, on: bool, recording: bool = False) -> None:
-        keep_weights = self.quirks["rdn_calib_quantized_weights"] and self.family == "rdn"
+        keep_weights = self.calib_keeps_weights
         for m in model.modules():
             if isinstance(m, DdtbActQuant):
                 m.enabled, m.recording = on, recording
@@ -332,7 +334,7 @@ class DDTB(QuantMethod):
         self._set_quantized(model, False, recording=False)
 
     def _finish_calibration(self, model: nn.Module) -> list[str]:
-        chosen = select_dynamic(self.act_quantizers(model), float(self.resolved()["dynamic_ratio"]))
+        chosen = select_dynamic(self.act_quantizers(model), self.gate_ratio())
         self._set_quantized(model, True)
         return chosen
 

@@ -3,7 +3,7 @@
 
 - **Convs.** Every conv from head to tail gets the method's W + A quantizers: ``head.0``,
   ``body.{i}.body.{0,2}``, ``body.{R}``, ``tail.0.*``, ``tail.1`` (not MeanShift;
-  ``placement.select_layers(full=True)``).
+  ``placement.all_conv_linear``).
   ``fq.quantize_image_input=false``: ``head.0``'s input, the mean-shifted 8-bit image, is not re-quantized
   (its weight is).
 - **Skip connections** (``fq.sc_operands=both``): each ResBlock computes q_res(res_scale·body(x)) + q_skip(x),
@@ -33,7 +33,7 @@ from odm_sr.models.edsr import EDSR, ResBlock
 
 from .layers import QuantMixin
 from .mismatch import MismatchRegistry, active_registry
-from .placement import QuantizerFactory, select_layers, swap_layers
+from .placement import QuantizerFactory, all_conv_linear, swap_layers
 
 FQ_DEFAULTS: dict[str, Any] = {"enabled": False, "quantize_image_input": False, "sc_operands": "both",
                                "quantize_outputs": False, "sc_in_mismatch": True}
@@ -139,7 +139,7 @@ def quantize_fully(model: nn.Module, fq: dict, make_quantizers: QuantizerFactory
             act = None
         return act, weight
 
-    swap_layers(model, select_layers(model, full=True), conv_quantizers)
+    swap_layers(model, all_conv_linear(model), conv_quantizers)
     if fq["sc_operands"] == "both" and make_skip_quantizer is not None:
         _quantize_skips(model, make_skip_quantizer, fq["sc_in_mismatch"])
     return model

@@ -33,7 +33,8 @@ from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
 from .mismatch import NORMS, MismatchRegistry, active_registry
-from .placement import select_layers, swap_layers
+from .backbones import BACKBONES, Backbone, select_layers
+from .placement import swap_layers
 
 WEIGHT_STATS = ("p99_abs", "max_abs")
 MR_MODES = ("coop", "naive", "off")
@@ -54,7 +55,7 @@ DEFAULTS: dict[str, Any] = {
            "detach_target": True, "grad_to_qparams": False, "cos_include_unreached": True,
            "params": "conv_linear_wb"},
     "placement": {"edsr": "block_convs", "rdn": "rdb_lff_gff", "hat_quantize_cab": False,
-                  "quant_attn_matmul": False, "transformer_same_layers": True},
+                  "quant_attn_matmul": False},
     "fq": dict(FQ_DEFAULTS),  # [fq] fully-quantized mode (ODM-FQ, METHODS.md §4.5), off by default; see fq.py
 }
 _EXTRA_KEYS = ("calibration_batches",)  # read by the training entry point; must equal init.num_batches
@@ -203,8 +204,7 @@ def odm_config(cfg: Any = None) -> dict:
     for key in ("detach_target", "grad_to_qparams", "cos_include_unreached"):
         _check_bool(mr, key, "mr.")
     _check_choice(placement, "edsr", ("block_convs",), "placement.")  # pams_style is PAMS's pattern
-    for key in ("hat_quantize_cab", "transformer_same_layers"):
-        _check_bool(placement, key, "placement.")
+    _check_bool(placement, "hat_quantize_cab", "placement.")
     _check_choice(placement, "quant_attn_matmul", (False,), "placement.")
     check_fq_config(c["fq"])  # [fq]
     return c
@@ -224,9 +224,12 @@ class ODM(QuantMethod):
         self.init_from_fp = self.cfg["init_from_fp"]
         self.calibration_batches = self.cfg["init"]["num_batches"]
         self._balance: dict[str, Tensor] = {}
-        if self.cfg["fq"]["enabled"] and not self.bits.is_float:
-            self.supported_backbones = ("edsr",)
-            self.backbone_note = " (fully-quantized mode is implemented for EDSR only)"
+
+    def unsupported(self, backbone: Backbone) -> str:
+        if self.cfg["fq"]["enabled"] and not self.bits.is_float and not backbone.fully_quantized:
+            done = [f.upper() for f, spec in BACKBONES.items() if spec.fully_quantized]
+            return f" (fully-quantized mode is implemented for {', '.join(done)} only)"
+        return ""
 
     # -- set-up -------------------------------------------------------------------------------------------
     def quantize(self, model: nn.Module) -> nn.Module:

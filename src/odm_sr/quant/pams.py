@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .backbones import apply_placement
 from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
 from .blocks import (
     EXTRA_KEYS,
     ActSite,
-    apply_placement,
     clip_param_groups,
     group_by_image,
     positive,
@@ -36,7 +36,7 @@ PAMS_DEFAULTS = {
     "ema_epochs": 1,  # epochs in which α tracks the data instead of clipping
     "iters_per_epoch": 1000,
     "qparam_lr": 1e-2,  # absolute lr of the α group
-    "placement": {"edsr": "pams_style", "rdn": "pams_style", "transformer_same_layers": True,
+    "placement": {"edsr": "pams_style", "rdn": "pams_style",
                   "hat_quantize_cab": False, "quant_attn_matmul": False},
 }
 
@@ -191,9 +191,7 @@ class PAMS(QuantMethod):
             lambda site: PamsActQuant(self.bits.a, site, self.alpha_init, self.ema_decay,
                                       self.quirks["alpha_last_batch"], self.quirks["alpha_grad_while_tracking"]))
         make_weight = None if self.bits.w >= 32 else (lambda name, layer: PamsWeightQuant(self.bits.w))
-        return apply_placement(model, self.placement, make_act, make_weight,
-                               conv1_raw_input=self.quirks["conv1_raw_input"],
-                               gff3_fp_input=self.quirks["rdn_gff3_fp_input"])
+        return apply_placement(model, self.placement, make_act, make_weight, self.quirks)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuant)]

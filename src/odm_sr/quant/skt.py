@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .placement import backbone_family
+from .backbones import backbone_of
 
 SKT_FEATURES = ("pre_reconstruction",)
 
@@ -33,16 +33,7 @@ def skt_loss(f_student: Tensor, f_teacher: Tensor) -> Tensor:
 
 def reconstruction_input_module(model: nn.Module) -> nn.Module:
     """The module whose input is the SKT feature F (the reconstruction input) of ``model``."""
-    family = backbone_family(model)
-    if family == "edsr":
-        return model.tail
-    if family == "rdn":
-        return model.UPNet
-    if hasattr(model, "conv_before_upsample"):  # SwinIR-classical, HAT
-        return model.conv_before_upsample
-    if hasattr(model, "upsample"):  # SwinIR-light (pixelshuffledirect)
-        return model.upsample
-    raise ValueError(f"no reconstruction input known for {type(model).__name__} ({family})")
+    return backbone_of(model).skt_feature(model)
 
 
 class _Captured:
