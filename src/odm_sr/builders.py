@@ -39,7 +39,7 @@ def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | 
     net = pretrained_network(cfg.model) if pretrained else build_backbone(cfg.model)
     method.check_backbone(net)
     teacher = frozen_copy(net) if method.needs_teacher else None
-    if pretrained and not getattr(method, "init_from_fp", True):
+    if pretrained and not method.init_from_fp:
         net = build_backbone(cfg.model)  # PAMS as released: only the teacher gets the FP weights
     return method.quantize(net), method, teacher
 

@@ -68,7 +68,9 @@ class SRLitModule(L.LightningModule):
         self._teacher = [teacher] if teacher is not None else []
         self.register_buffer("calibrated", torch.tensor(calibration_batches <= 0))
         self._metrics: dict[str, MetricAccumulator] = {}
-        self.set_names: dict[str, list[str]] = {"val": [], "test": []}
+        self.set_names: dict[str, list[str]] = {"val": [], "test": []}  # from the data module (``setup``)
+        self.last_metrics: dict[str, float] = {}
+        self._val_started = 0.0
         # wall time of training (calibration included) and of validating during fit; a resumed run adds the time of
         # the run it continues (from the checkpoint), so results.json reports the whole run
         self.seconds_before = {"train": 0.0, "validation": 0.0}
@@ -81,7 +83,7 @@ class SRLitModule(L.LightningModule):
     # -- helpers --------------------------------------------------------------------------------------
     @property
     def pixel_range(self) -> float:
-        return float(getattr(self.net, "pixel_range", 1.0))
+        return float(self.net.pixel_range)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -92,6 +94,11 @@ class SRLitModule(L.LightningModule):
         return eval_upscale(self.net, self.eval_cfg)(lr01)
 
     # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:  # the names behind each dataloader_idx
+            self.set_names = {"val": list(datamodule.val_set_names), "test": list(datamodule.test_set_names)}
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
         groups = self.method.param_groups(self.net, float(cfg.get("lr", 1e-4)))
@@ -242,7 +249,7 @@ class SRLitModule(L.LightningModule):
             if acc.count:
                 values[f"{key}/psnr"] = acc.psnr
                 values[f"{key}/ssim"] = acc.ssim
-        self.last_metrics = {**getattr(self, "last_metrics", {}), **values}
+        self.last_metrics = {**self.last_metrics, **values}
         if values:
             self.log_dict(values, add_dataloader_idx=False, batch_size=1)
 
@@ -251,7 +258,10 @@ class SRLitModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._flush("val")
-        self._validation_this_fit += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
+        self._validation_this_fit += time.perf_counter() - self._val_started
+
+    def on_test_epoch_start(self) -> None:
+        self.last_metrics = {}  # a test run reports its own sets only
 
     def on_test_epoch_end(self) -> None:
         self._flush("test")

@@ -34,7 +34,7 @@ def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: s
     ``odm-sr-eval`` does it (``evaluation.eval_pad_mode``).
     """
     dynamic = has_dynamic_size(int_model)
-    x = torch.rand(1, 3, *lr_hw) * float(getattr(int_model, "pixel_range", 1.0))
+    x = torch.rand(1, 3, *lr_hw) * float(int_model.pixel_range)
     axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}}
     buf = io.BytesIO()
     with window_padding(int_model, eval_pad_mode(int_model, pad_mode)), torch.no_grad(), warnings.catch_warnings():

@@ -96,6 +96,8 @@ class QuantMethod:
     # True: some steps leave parameters out of the loss's graph on purpose, so DDP must look for unused parameters
     # (odm_sr.train.ddp_strategy); their gradients stay None there as in a single process (Adam skips them)
     ddp_unused_parameters = False
+    init_from_fp = True  # False: only the teacher gets model.pretrained's weights (PAMS's random_student_init)
+    calibration_batches = 0  # training batches ``calibrate`` receives before the first step (ODM: init.num_batches)
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None):
         self.cfg = to_dict(cfg)

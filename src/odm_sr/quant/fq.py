@@ -129,9 +129,8 @@ def quantize_fully(model: nn.Module, fq: dict, make_quantizers: QuantizerFactory
     one skip-operand quantizer (None: skips stay FP, e.g. ``bits.sc=32``).
     """
     if not isinstance(model, EDSR) or isinstance(model, FullyQuantizedEDSR):
-        name = getattr(model, "name", type(model).__name__)
         raise ValueError(f"fq.enabled=true: fully-quantized mode is implemented for EDSR only (METHODS.md "
-                         f"§4.5, Table S4), and needs a float model; got {name!r} ({type(model).__name__})")
+                         f"§4.5, Table S4), and needs a float model; got {type(model).__name__}")
 
     def conv_quantizers(name: str, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         act, weight = make_quantizers(name, layer)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import backbone_of
+from .calibration import StopForward
 
 SKT_FEATURES = ("pre_reconstruction",)
 
@@ -66,10 +67,6 @@ def check_skt_config(skt: dict) -> tuple[float, str]:
     return weight, feature
 
 
-class _StopForward(Exception):
-    """Raised by a pre-hook once the teacher's SKT feature is known: its reconstruction part never runs."""
-
-
 def teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
     """F of the frozen teacher on ``lr``, without gradients, stopping the forward at the reconstruction input.
 
@@ -79,13 +76,13 @@ def teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
 
     def stop(module: nn.Module, args: tuple) -> None:
         captured(module, args)
-        raise _StopForward
+        raise StopForward  # the reconstruction part never runs
 
     handle = reconstruction_input_module(teacher).register_forward_pre_hook(stop)
     try:
         with torch.no_grad():
             teacher(lr)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         handle.remove()
