@@ -8,13 +8,17 @@ then per step ``training_losses`` and ``backward``. A method is one file in ``qu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from odm_sr.config import CONFIG_DIR
 
 from .backbones import BACKBONES, Backbone, backbone_of
 
@@ -52,14 +56,27 @@ def to_dict(cfg: Any) -> dict:
     """A plain dict from a DictConfig / dict / None (methods read plain values only)."""
     if cfg is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _method_yaml(name: str) -> DictConfig:
+    """``conf/method/<name>.yaml`` merged over the YAMLs its ``defaults`` list names (as Hydra composes it)."""
+    node = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
+    parents = [entry for entry in node.pop("defaults", []) if entry != "_self_"]
+    return OmegaConf.merge(*[_method_yaml(parent) for parent in parents], node)
+
+
+def method_defaults(name: str) -> dict:
+    """The one copy of a method's defaults: ``conf/method/<name>.yaml``, its interpolations (``${data.*}``)
+    resolved against the data group ``conf/train.yaml`` composes by default."""
+    choices = {k: v for entry in OmegaConf.load(CONFIG_DIR / "train.yaml").defaults
+               if isinstance(entry, DictConfig) for k, v in entry.items()}
+    root = OmegaConf.create({"data": OmegaConf.load(CONFIG_DIR / "data" / f"{choices['data']}.yaml"),
+                             "method": _method_yaml(name)})
+    return OmegaConf.to_container(root.method, resolve=True)  # type: ignore[return-value]
 
 
 def merge_config(defaults: dict, cfg: Any, extra_keys: tuple[str, ...] = (), _prefix: str = "") -> dict:
@@ -87,9 +104,13 @@ def merge_config(defaults: dict, cfg: Any, extra_keys: tuple[str, ...] = (), _pr
 
 
 class QuantMethod:
-    """Base class: full-precision training with an L1 reconstruction loss."""
+    """Base class: full-precision training with an L1 reconstruction loss.
+
+    Options are the keys of ``conf/method/<config_name>.yaml`` (their defaults, see ``method_defaults``), given as
+    a mapping ``cfg`` and/or keyword arguments (``hydra.utils.instantiate``); an unknown key raises ValueError."""
 
     name = "fp"
+    config_name = "fp"  # conf/method/<config_name>.yaml holds the defaults
     needs_teacher = False  # True: the LightningModule keeps a frozen FP copy and passes it as ``teacher``
     per_image_statistics = False  # True: activations are quantized with statistics of the whole input image,
     # so a tiled forward (eval.tile, odm-sr-upscale --tile) differs from the whole-image one
@@ -99,10 +120,11 @@ class QuantMethod:
     init_from_fp = True  # False: only the teacher gets model.pretrained's weights (PAMS's random_student_init)
     calibration_batches = 0  # training batches ``calibrate`` receives before the first step (ODM: init.num_batches)
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        self.cfg = to_dict(cfg)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        self.cfg = merge_config(method_defaults(self.config_name), {**to_dict(cfg), **options},
+                                extra_keys=("calibration_batches",))  # calibration_batches: older run configs
         self.bits = bits or Bits()
-        self.name = str(self.cfg.get("name", type(self).name))  # the config's name (e.g. odm_fq, lsq)
+        self.name = str(self.cfg["name"])  # the config's name (e.g. odm_fq, lsq)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def quantize(self, model: nn.Module) -> nn.Module:

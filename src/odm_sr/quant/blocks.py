@@ -170,7 +170,6 @@ def rdn_pams_style(model: nn.Module, make_act, make_weight, images, quirks: dict
 
 
 # -- config helpers shared by PAMS, DAQ and DDTB ------------------------------------------------------
-EXTRA_KEYS = ("target", "name", "calibration_batches")  # read by the entry points, not by the method
 
 
 def read_quirks(cfg: dict, known: tuple[str, ...]) -> dict[str, bool]:

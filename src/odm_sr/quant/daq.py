@@ -11,21 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, merge_config
+from .base import Bits, QuantMethod
 from .backbones import apply_placement, backbone_of
-from .blocks import EXTRA_KEYS, ActSite, group_by_image, read_quirks, ungroup
+from .blocks import ActSite, group_by_image, read_quirks, ungroup
 
 DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps", "nonpositive_sigma_offset")
 # Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
 GAUSSIAN_STEPS = {1: 2.0, 2: 1.596, 3: 0.996, 4: 0.586, 5: 0.335, 6: 0.188, 7: 0.104, 8: 0.057, 9: 0.031}
-DAQ_DEFAULTS = {
-    "official": False,
-    "quirks": dict.fromkeys(DAQ_QUIRKS, False),
-    "sigma_bits": "auto",  # 4 for EDSR-baseline, 8 otherwise; 32 = σ not quantized
-    "stats_scope": "image",
-    "placement": {"edsr": "block_convs", "rdn": "rdb_conv",
-                  "hat_quantize_cab": False, "quant_attn_matmul": False},
-}
 # `--finetune`: fixed factors for every bit-width (quirk `finetune_fixed_steps`: EDSR only, training only)
 FINETUNE_STEP, FINETUNE_SIGMA_STEP = 1.596, 0.057
 
@@ -165,11 +157,12 @@ class DAQ(QuantMethod):
     """DAQ: W + A on the placement's layers, L1 only (base ``training_losses``), nothing learnable."""
 
     name = "daq"
+    config_name = "daq"
     per_image_statistics = True  # per-image, per-channel mean/std of every quantized activation
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        super().__init__(cfg, bits)
-        self.cfg = c = merge_config(DAQ_DEFAULTS, cfg, EXTRA_KEYS)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        c = self.cfg
         self.quirks = read_quirks(c, DAQ_QUIRKS)
         sigma_bits = c["sigma_bits"]
         valid = (*GAUSSIAN_STEPS, 32)

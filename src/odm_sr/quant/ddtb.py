@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
+from .base import Bits, QuantMethod, StepOutput, to_floats
 from .blocks import (
-    EXTRA_KEYS,
     ActSite,
     clip_param_groups,
     group_by_image,
@@ -37,20 +36,6 @@ from .skt import check_skt_config, distillation_losses
 DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",
                "conv1_raw_input", "rdn_gff3_fp_input")
 GATE_BITS, GATE_HIDDEN = 2, 32
-DDTB_DEFAULTS = {
-    "official": False,
-    "quirks": dict.fromkeys(DDTB_QUIRKS, False),
-    "skt": {"weight": 1000.0, "feature": "pre_reconstruction"},
-    "stages": {"calib_epochs": 1, "reg_epochs": 4},  # FP calibration epoch, then gates run unused + L_reg
-    "dynamic_ratio": "auto",  # EDSR 0.3, RDN 0.5, transformers 0.3
-    "init_percentile": "auto",  # M: EDSR 99, RDN 95, transformers 99
-    "weight_clip": "auto",  # EDSR/transformers percentile [p1, p99], RDN minmax
-    "gate_pool": "image",
-    "iters_per_epoch": 1000,
-    "qparam_lr": 1e-2,  # absolute lr of the alpha_lower / alpha_upper group
-    "placement": {"edsr": "pams_style", "rdn": "pams_style",
-                  "hat_quantize_cab": False, "quant_attn_matmul": False},
-}
 
 
 class _ZeroAnchoredQuant(torch.autograd.Function):
@@ -242,12 +227,13 @@ class DDTB(QuantMethod):
     """DDTB: PAMS placement with DDTB quantizers; loss L1 + ``skt.weight``·L_SKT + L_reg (METHODS.md §4.3)."""
 
     name = "ddtb"
+    config_name = "ddtb"
     needs_teacher = True
     per_image_statistics = True  # the dynamic gates read GAP(x) of the whole input
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        super().__init__(cfg, bits)
-        self.cfg = c = merge_config(DDTB_DEFAULTS, cfg, EXTRA_KEYS)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        c = self.cfg
         self.quirks = read_quirks(c, DDTB_QUIRKS)
         self.skt_weight, _ = check_skt_config(c["skt"])
         self.iters_per_epoch = positive(c, "iters_per_epoch", int)

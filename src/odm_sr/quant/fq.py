@@ -35,8 +35,6 @@ from .layers import QuantMixin
 from .mismatch import MismatchRegistry, active_registry
 from .placement import QuantizerFactory, all_conv_linear, swap_layers
 
-FQ_DEFAULTS: dict[str, Any] = {"enabled": False, "quantize_image_input": False, "sc_operands": "both",
-                               "quantize_outputs": False, "sc_in_mismatch": True}
 SC_OPERANDS = ("both", "identity")
 IMAGE_INPUT_LAYER = "head.0"  # EDSR's first conv: its input is the mean-shifted image
 
@@ -44,7 +42,7 @@ SkipQuantizerFactory = Callable[[], nn.Module]
 
 
 def check_fq_config(fq: dict) -> None:
-    """Validate the ``fq`` block (merged over ``FQ_DEFAULTS``); ValueError names the offending key."""
+    """Validate the ``fq`` block (defaults: ``fq`` in ``conf/method/odm.yaml``); ValueError names the offending key."""
     for key in ("enabled", "quantize_image_input", "quantize_outputs", "sc_in_mismatch"):
         if not isinstance(fq[key], bool):
             raise ValueError(f"fq.{key}={fq[key]!r}: expected true or false")
@@ -161,5 +159,5 @@ def skip_quantizers(model: nn.Module) -> dict[str, SkipQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SkipQuantizer)}
 
 
-__all__ = ["FQ_DEFAULTS", "FullyQuantizedEDSR", "FullyQuantizedResBlock", "SkipQuantizer", "check_fq_config",
+__all__ = ["FullyQuantizedEDSR", "FullyQuantizedResBlock", "SkipQuantizer", "check_fq_config",
            "quantize_fully", "skip_quantizers"]

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
+from .base import Bits, QuantMethod, StepOutput, merge_config, method_defaults, to_floats
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
 from .cooperative import COS_SCOPES, WEIGHT_FNS, balance_by_group, combine_gradients
 from .distributed import average_across_ranks, gather_cat
-from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
+from .fq import check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
 from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
@@ -39,26 +39,6 @@ from .placement import swap_layers
 WEIGHT_STATS = ("p99_abs", "max_abs")
 MR_MODES = ("coop", "naive", "off")
 
-DEFAULTS: dict[str, Any] = {
-    "name": "odm",
-    "target": "odm_sr.quant.odm.ODM",
-    "lambda_r": 1.0,
-    "lambda_m": 1e-5,
-    "qparam_lr_mult": 10.0,
-    "weight_quantizer": "wcc",
-    "quantize_bias": False,
-    "init_from_fp": True,
-    "init": {"j": 99.0, "num_batches": 100, "source": "fp", "interp": "linear"},
-    "wcc": {"stat": "p99_abs", "learn_gamma": True, "detach_stat": True, "lr_mult": 10.0},
-    "lsq": {"grid": "lsq_integer", "lr_mult": 10.0, "grad_scale": True},
-    "mr": {"mode": "coop", "weight_fn": "half_cos", "cos_scope": "global", "norm": "l2",
-           "detach_target": True, "grad_to_qparams": False, "cos_include_unreached": True,
-           "params": "conv_linear_wb"},
-    "placement": {"edsr": "block_convs", "rdn": "rdb_lff_gff", "hat_quantize_cab": False,
-                  "quant_attn_matmul": False},
-    "fq": dict(FQ_DEFAULTS),  # [fq] fully-quantized mode (ODM-FQ, METHODS.md §4.5), off by default; see fq.py
-}
-_EXTRA_KEYS = ("calibration_batches",)  # read by the training entry point; must equal init.num_batches
 
 
 class OdmActQuantizer(nn.Module):
@@ -167,8 +147,12 @@ def _check_number(cfg: dict, key: str, prefix: str = "", positive: bool = False)
 
 
 def odm_config(cfg: Any = None) -> dict:
-    """The method config merged over ``DEFAULTS`` and validated (ValueError names the offending key)."""
-    c = merge_config(DEFAULTS, cfg, extra_keys=_EXTRA_KEYS)
+    """The method config merged over ``conf/method/odm.yaml`` and validated (ValueError names the offending key)."""
+    return check_odm_config(merge_config(method_defaults("odm"), cfg, extra_keys=("calibration_batches",)))
+
+
+def check_odm_config(c: dict) -> dict:
+    """Validate a merged ODM config; returns it."""
     for key in ("lambda_r", "lambda_m"):
         _check_number(c, key)
     _check_number(c, "qparam_lr_mult", positive=True)
@@ -215,12 +199,14 @@ GROUPS = ("theta", "act_qparams", "wcc_gamma", "lsq_scale", "rest")
 
 
 class ODM(QuantMethod):
-    """ODM (METHODS.md §5). Config keys and defaults: ``DEFAULTS``; see ``odm_config``."""
+    """ODM (METHODS.md §5). Config keys and defaults: ``conf/method/odm.yaml``; see ``check_odm_config``."""
 
     name = "odm"
+    config_name = "odm"
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        super().__init__(odm_config(cfg), bits)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        check_odm_config(self.cfg)
         self.init_from_fp = self.cfg["init_from_fp"]
         self.calibration_batches = self.cfg["init"]["num_batches"]
         self._balance: dict[str, Tensor] = {}
@@ -406,4 +392,4 @@ def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) 
             p.grad.add_(g.detach())
 
 
-__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config", "quantizer_names"]
+__all__ = ["ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config", "quantizer_names"]

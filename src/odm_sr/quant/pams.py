@@ -12,9 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import apply_placement
-from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
+from .base import Bits, QuantMethod, StepOutput, to_floats
 from .blocks import (
-    EXTRA_KEYS,
     ActSite,
     clip_param_groups,
     group_by_image,
@@ -27,18 +26,6 @@ from .skt import check_skt_config, distillation_losses
 
 PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input",
                "alpha_grad_while_tracking")
-PAMS_DEFAULTS = {
-    "official": False,
-    "quirks": dict.fromkeys(PAMS_QUIRKS, False),
-    "skt": {"weight": 1000.0, "feature": "pre_reconstruction"},
-    "alpha_init": 10.0,  # α before the first tracked batch (only eval before training sees it)
-    "ema_decay": 0.9997,
-    "ema_epochs": 1,  # epochs in which α tracks the data instead of clipping
-    "iters_per_epoch": 1000,
-    "qparam_lr": 1e-2,  # absolute lr of the α group
-    "placement": {"edsr": "pams_style", "rdn": "pams_style",
-                  "hat_quantize_cab": False, "quant_attn_matmul": False},
-}
 
 
 class _SymmetricZeroQuant(torch.autograd.Function):
@@ -156,11 +143,12 @@ class PAMS(QuantMethod):
     """PAMS: W + A quantization with learnable α, L1 + ``skt.weight``·L_SKT (METHODS.md §4.1)."""
 
     name = "pams"
+    config_name = "pams"
     needs_teacher = True
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        super().__init__(cfg, bits)
-        self.cfg = c = merge_config(PAMS_DEFAULTS, cfg, EXTRA_KEYS)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        c = self.cfg
         self.quirks = read_quirks(c, PAMS_QUIRKS)
         self.skt_weight, _ = check_skt_config(c["skt"])
         self.alpha_init = positive(c, "alpha_init")
