@@ -45,13 +45,8 @@ def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | 
 
 
 def build_datamodule(cfg: DictConfig):
-    from .data import SRDataModule  # imports Lightning: kept out of the checkpoint-loading path
-
-    d = cfg.data
-    return SRDataModule(train=d.train, val=list(d.val), test=list(d.test), scale=int(cfg.model.scale),
-                        lr_patch=int(d.lr_patch), batch_size=int(d.batch_size),
-                        iters_per_epoch=int(d.iters_per_epoch), num_workers=int(d.num_workers),
-                        data_root=str(d.data_root), seed=int(cfg.seed))
+    """``hydra.utils.instantiate(cfg.data)``: ``conf/data/*.yaml`` name ``odm_sr.data.SRDataModule``."""
+    return hydra.utils.instantiate(cfg.data, _convert_="all")
 
 
 def _group_nodes(group: DictConfig | None) -> list[DictConfig]:

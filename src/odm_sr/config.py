@@ -98,7 +98,7 @@ def validate_trainer(trainer: DictConfig) -> None:
 
 # Keys that configs of older runs (checkpoint hyper-parameters) hold and that nothing reads any more: a key with
 # a single legal value (the transformer placement) or one no code read.
-RETIRED_KEYS = ("method.placement.transformer_same_layers",)
+RETIRED_KEYS = ("method.placement.transformer_same_layers", "optim.name")
 
 
 def drop_retired_keys(cfg: DictConfig) -> DictConfig:

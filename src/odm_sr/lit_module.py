@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 
+import hydra
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -100,12 +101,9 @@ class SRLitModule(L.LightningModule):
             self.set_names = {"val": list(datamodule.val_set_names), "test": list(datamodule.test_set_names)}
 
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        groups = self.method.param_groups(self.net, float(cfg.get("lr", 1e-4)))
-        opt = torch.optim.Adam(groups, lr=float(cfg.get("lr", 1e-4)), betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                               eps=float(cfg.get("eps", 1e-8)), weight_decay=float(cfg.get("weight_decay", 0.0)))
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.get("milestones", [])),
-                                                     gamma=float(cfg.get("gamma", 0.5)))
+        cfg = self.optim_cfg  # conf/optim: optimizer and scheduler are partial instantiations
+        opt = hydra.utils.instantiate(cfg["optimizer"])(self.method.param_groups(self.net, float(cfg["lr"])))
+        sched = hydra.utils.instantiate(cfg["scheduler"])(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:

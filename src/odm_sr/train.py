@@ -129,7 +129,7 @@ def build_module(cfg: DictConfig) -> tuple[SRLitModule, Any]:
     datamodule = build_datamodule(cfg)
     datamodule.check_eval_sets()
     warn_if_tiled_dynamic(method, cfg.eval.get("tile"), "eval.tile")
-    lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim), teacher=teacher,
+    lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim, resolve=True), teacher=teacher,
                       eval_cfg=OmegaConf.to_container(cfg.eval),
                       calibration_batches=method.calibration_batches,
                       hparams={"cfg": OmegaConf.to_container(cfg, resolve=True)})
