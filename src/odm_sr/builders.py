@@ -6,30 +6,41 @@ import os
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
+from .config import instantiate
 from .models import build_model, load_pretrained
 from .quant import QuantMethod, build_method
 from .quant.base import frozen_copy
 
 
-def build_backbone(model_cfg: DictConfig) -> nn.Module:
-    """The float backbone of ``model`` (random init)."""
-    kwargs = model_cfg.get("kwargs")
-    kwargs = OmegaConf.to_container(kwargs) if kwargs else {}  # `kwargs: {}` composes to an empty DictConfig
-    if model_cfg.get("drop_path_rate") is not None:  # SwinIR/HAT stochastic depth during (QA) training
-        kwargs["drop_path_rate"] = float(model_cfg.drop_path_rate)
-    return build_model(str(model_cfg.name), int(model_cfg.scale), **kwargs)
-
-
-def pretrained_network(model_cfg: DictConfig) -> nn.Module:
-    """The float backbone with the weights of ``model.pretrained`` (clear error if the file is missing)."""
-    path = Path(str(model_cfg.pretrained))
+def backbone(name: str, scale: int, kwargs: dict | None = None, pretrained: str | None = None,
+             drop_path_rate: float | None = None) -> nn.Module:
+    """The ``_target_`` of ``conf/model/*.yaml``: backbone ``name`` at ``scale`` with constructor ``kwargs`` and
+    SwinIR/HAT stochastic depth ``drop_path_rate``, with the weights of ``pretrained`` when set (clear error if
+    the file is missing), else randomly initialised."""
+    extra = dict(kwargs or {})
+    if drop_path_rate is not None:  # SwinIR/HAT stochastic depth during (QA) training
+        extra["drop_path_rate"] = float(drop_path_rate)
+    net = build_model(str(name), int(scale), **extra)
+    if pretrained is None:
+        return net
+    path = Path(str(pretrained))
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained={path}: no such checkpoint file (train the FP model first, "
                                 f"or point model.pretrained at an official .pt/.pth)")
-    return load_pretrained(build_backbone(model_cfg), path)
+    return load_pretrained(net, path)
+
+
+def build_backbone(model_cfg: DictConfig) -> nn.Module:
+    """The float backbone of ``model`` (random init)."""
+    return instantiate(model_cfg, pretrained=None, _convert_="all")
+
+
+def pretrained_network(model_cfg: DictConfig) -> nn.Module:
+    """The float backbone with the weights of ``model.pretrained``."""
+    return instantiate(model_cfg, pretrained=str(model_cfg.pretrained), _convert_="all")
 
 
 def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | None]:
@@ -46,7 +57,7 @@ def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | 
 
 def build_datamodule(cfg: DictConfig):
     """``hydra.utils.instantiate(cfg.data)``: ``conf/data/*.yaml`` name ``odm_sr.data.SRDataModule``."""
-    return hydra.utils.instantiate(cfg.data, _convert_="all")
+    return instantiate(cfg.data, _convert_="all")
 
 
 def _group_nodes(group: DictConfig | None) -> list[DictConfig]:

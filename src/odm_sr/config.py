@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -96,13 +97,32 @@ def validate_trainer(trainer: DictConfig) -> None:
                          f"(or a fraction of an epoch in (0, 1])")
 
 
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising the target's own error (a ValueError naming the bad key, a
+    FileNotFoundError naming the missing file) instead of Hydra's wrapper around it."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, Exception) and not isinstance(cause, (ImportError, AttributeError)):
+            raise cause from None
+        raise
+
+
 # Keys that configs of older runs (checkpoint hyper-parameters) hold and that nothing reads any more: a key with
 # a single legal value (the transformer placement) or one no code read.
 RETIRED_KEYS = ("method.placement.transformer_same_layers", "optim.name")
 
 
 def drop_retired_keys(cfg: DictConfig) -> DictConfig:
-    """``cfg`` without ``RETIRED_KEYS`` (in place), so that an older checkpoint's config still builds."""
+    """``cfg`` without ``RETIRED_KEYS`` (in place), with the model's ``_target_`` an older config lacks, so that an
+    older checkpoint's config still builds."""
+    if "_target_" not in cfg.model:
+        with open_dict(cfg.model):
+            cfg.model._target_ = "odm_sr.builders.backbone"
     for dotted in RETIRED_KEYS:
         parent, _, key = dotted.rpartition(".")
         node = OmegaConf.select(cfg, parent)

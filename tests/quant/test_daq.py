@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from odm_sr.models import build_model
+from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.base import Bits
 from odm_sr.quant.blocks import ActSite, ImageCount
-from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.daq import DAQ, GAUSSIAN_STEPS, DaqActQuant, DaqWeightQuant
 from odm_sr.quant.layers import quantized_layers
 
@@ -138,7 +138,8 @@ def test_token_layout_uses_per_image_statistics():
 
 
 def test_auto_sigma_bits():
-    for model, expected in ((build_model("edsr_baseline", 2), 4), (build_model("edsr", 2, n_resblocks=1, n_feats=8), 8)):
+    small = build_model("edsr", 2, n_resblocks=1, n_feats=8)
+    for model, expected in ((build_model("edsr_baseline", 2), 4), (small, 8)):
         assert backbone_of(model).daq_sigma_bits(model) == expected
 
 

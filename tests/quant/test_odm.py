@@ -13,10 +13,9 @@ import torch.nn.functional as F
 
 from odm_sr.models import build_model
 from odm_sr.quant import build_method
-from odm_sr.quant.base import Bits
+from odm_sr.quant.base import Bits, method_defaults
 from odm_sr.quant.functional import symmetric_quantize, uniform_quantize
 from odm_sr.quant.layers import quantized_layers
-from odm_sr.quant.base import method_defaults
 from odm_sr.quant.odm import ODM, OdmActQuantizer, WeightClipQuantizer, odm_config
 
 LAYERS = ["body.0.body.0", "body.0.body.2", "body.1.body.0", "body.1.body.2"]

@@ -52,11 +52,11 @@ import torch
 from torch import Tensor, nn
 
 from odm_sr.models.edsr import MeanShift
+from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.base import Bits, to_dict
 from odm_sr.quant.daq import DaqActQuant
 from odm_sr.quant.ddtb import GATE_BITS
 from odm_sr.quant.layers import QuantMixin
-from odm_sr.quant.backbones import backbone_of
 
 FP_BITS = 32
 RULES = ("full", "paper_like")

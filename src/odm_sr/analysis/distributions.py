@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from odm_sr.analysis.complexity import find_quantizers
+from odm_sr.quant.backbones import select_layers
 from odm_sr.quant.calibration import batch_range, eval_mode
 from odm_sr.quant.functional import uniform_quantize
 from odm_sr.quant.layers import quantized_layers
-from odm_sr.quant.backbones import select_layers
 
 DEFINITIONS = ("channel_mean", "channel_std", "tensor_mean_std")
 QUANTIZER_CHOICES = ("own", "fixed")

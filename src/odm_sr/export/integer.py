@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.blocks import QuantDenseLayer, QuantRDB, QuantResBlock
 from odm_sr.quant.layers import QuantConv2d, QuantLinear, QuantMixin
-from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.placement import replace_module
 
 from .spec import ACT_QUANTIZERS, ActGrid, ExportError, WeightCodes, act_grid, check_static, weight_codes

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import hydra
 from hydra.errors import InstantiationException
+
+from odm_sr.config import instantiate
 
 from .base import Bits, FullPrecision, QuantMethod, StepOutput, to_dict
 
@@ -30,10 +31,8 @@ def build_method(method_cfg: Any, bits_cfg: Any = None) -> QuantMethod:
     target = cfg.get("target", "odm_sr.quant.base.FullPrecision")
     bits = make_bits(bits_cfg)
     try:
-        return hydra.utils.instantiate({"_target_": target, **cfg}, bits=bits, _convert_="object")
-    except InstantiationException as err:
-        if isinstance(err.__cause__, (ValueError, NotImplementedError)):
-            raise err.__cause__ from None
+        return instantiate({"_target_": target, **cfg}, bits=bits, _convert_="object")
+    except InstantiationException as err:  # the target could not be imported
         raise ValueError(f"method.target={target!r} cannot be imported: {err}") from err
 
 

@@ -176,9 +176,9 @@ def _hat_feature(model: nn.Module) -> nn.Module:
 
 
 register_backbone(Backbone(
-    family="edsr", rules={"block_convs": _EDSR_BLOCK_CONVS, "pams_style": _EDSR_BLOCK_CONVS}, rule_key="edsr", pams_style=edsr_pams_style,
-    skt_feature=_edsr_feature, daq_sigma_bits=edsr_sigma_bits, daq_finetune_steps=True, fully_quantized=True,
-    exact_fp_convs=("head.0",)))
+    family="edsr", rules={"block_convs": _EDSR_BLOCK_CONVS, "pams_style": _EDSR_BLOCK_CONVS}, rule_key="edsr",
+    pams_style=edsr_pams_style, skt_feature=_edsr_feature, daq_sigma_bits=edsr_sigma_bits, daq_finetune_steps=True,
+    fully_quantized=True, exact_fp_convs=("head.0",)))
 register_backbone(Backbone(
     family="rdn", rules={"rdb_lff_gff": (*_RDN_CONV, r"RDBs\.\d+\.LFF", r"GFF\.[01]"),
                          "rdb_lff": (*_RDN_CONV, r"RDBs\.\d+\.LFF"), "rdb_conv": _RDN_CONV},

@@ -61,7 +61,7 @@ def to_dict(cfg: Any) -> dict:
     return dict(cfg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _method_yaml(name: str) -> DictConfig:
     """``conf/method/<name>.yaml`` merged over the YAMLs its ``defaults`` list names (as Hydra composes it)."""
     node = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod
 from .backbones import apply_placement, backbone_of
+from .base import Bits, QuantMethod
 from .blocks import ActSite, group_by_image, read_quirks, ungroup
 
 DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps", "nonpositive_sigma_offset")

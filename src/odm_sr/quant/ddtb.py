@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones import DDTB_AUTO_EDSR, apply_placement, backbone_of
 from .base import Bits, QuantMethod, StepOutput, to_floats
 from .blocks import (
     ActSite,
@@ -30,7 +31,6 @@ from .blocks import (
 from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
 from .functional import dot_to_shape, max_abs_weight_quantize, percentile
-from .backbones import DDTB_AUTO_EDSR, apply_placement, backbone_of
 from .skt import check_skt_config, distillation_losses
 
 DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",

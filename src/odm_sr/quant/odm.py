@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones import BACKBONES, Backbone, select_layers
 from .base import Bits, QuantMethod, StepOutput, merge_config, method_defaults, to_floats
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
 from .cooperative import COS_SCOPES, WEIGHT_FNS, balance_by_group, combine_gradients
@@ -33,7 +34,6 @@ from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
 from .mismatch import NORMS, MismatchRegistry, active_registry
-from .backbones import BACKBONES, Backbone, select_layers
 from .placement import swap_layers
 
 WEIGHT_STATS = ("p99_abs", "max_abs")
