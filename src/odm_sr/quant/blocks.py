@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -177,14 +176,6 @@ def read_quirks(cfg: dict, known: tuple[str, ...]) -> dict[str, bool]:
     quirks = dict(cfg.get("quirks") or {})
     official = bool(cfg.get("official", False))
     return {name: official or bool(quirks.get(name, False)) for name in known}
-
-
-def positive(cfg: dict, key: str, kind: type = float) -> Any:
-    """``cfg[key]`` as ``kind``, which must be > 0."""
-    value = kind(cfg[key])
-    if value <= 0:
-        raise ValueError(f"{key}={value}: expected a positive {kind.__name__}")
-    return value
 
 
 # -- optimizer groups shared by PAMS and DDTB -------------------------------------------------------------

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import DDTB_AUTO_EDSR, apply_placement, backbone_of
-from .base import Bits, QuantMethod, StepOutput, to_floats
+from .base import Bits, QuantMethod, StepOutput, check_choice, check_number, check_range, to_floats
 from .blocks import (
     ActSite,
     clip_param_groups,
     group_by_image,
-    positive,
     read_quirks,
     ungroup,
 )
@@ -236,19 +235,13 @@ class DDTB(QuantMethod):
         c = self.cfg
         self.quirks = read_quirks(c, DDTB_QUIRKS)
         self.skt_weight, _ = check_skt_config(c["skt"])
-        self.iters_per_epoch = positive(c, "iters_per_epoch", int)
-        self.qparam_lr = positive(c, "qparam_lr")
-        self.calib_epochs, self.reg_epochs = int(c["stages"]["calib_epochs"]), int(c["stages"]["reg_epochs"])
-        if self.calib_epochs < 0 or self.reg_epochs < 0:
-            raise ValueError(f"stages={c['stages']}: calib_epochs and reg_epochs must be >= 0")
-        self.dynamic_ratio, self.init_percentile = c["dynamic_ratio"], c["init_percentile"]
-        if self.dynamic_ratio != "auto" and not 0.0 <= float(self.dynamic_ratio) <= 1.0:
-            raise ValueError(f"dynamic_ratio={self.dynamic_ratio}: expected 'auto' or a number in [0, 1]")
-        if self.init_percentile != "auto" and not 50.0 < float(self.init_percentile) <= 100.0:
-            raise ValueError(f"init_percentile={self.init_percentile}: expected 'auto' or in (50, 100]")
-        self.weight_clip = c["weight_clip"]
-        if self.weight_clip not in ("auto", "percentile", "minmax"):
-            raise ValueError(f"weight_clip={self.weight_clip!r}: expected 'auto', 'percentile' or 'minmax'")
+        self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
+        self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))
+        self.calib_epochs = int(check_number(c["stages"], "calib_epochs", "stages."))
+        self.reg_epochs = int(check_number(c["stages"], "reg_epochs", "stages."))
+        self.dynamic_ratio = check_range(c, "dynamic_ratio", 0.0, 1.0, auto=True)
+        self.init_percentile = check_range(c, "init_percentile", 50.0, 100.0, open_low=True, auto=True)
+        self.weight_clip = check_choice(c, "weight_clip", ("auto", "percentile", "minmax"))
         if c["gate_pool"] == "window":
             raise NotImplementedError("gate_pool='window' (one gate per attention window) is not "
                                       "implemented; use 'image' (GAP over all tokens of the image)")

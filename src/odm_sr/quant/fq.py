@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from odm_sr.models.edsr import EDSR, ResBlock
 
+from .base import check_bool, check_choice
 from .layers import QuantMixin
 from .mismatch import MismatchRegistry, active_registry
 from .placement import QuantizerFactory, all_conv_linear, swap_layers
@@ -44,10 +45,8 @@ SkipQuantizerFactory = Callable[[], nn.Module]
 def check_fq_config(fq: dict) -> None:
     """Validate the ``fq`` block (defaults: ``fq`` in ``conf/method/odm.yaml``); ValueError names the offending key."""
     for key in ("enabled", "quantize_image_input", "quantize_outputs", "sc_in_mismatch"):
-        if not isinstance(fq[key], bool):
-            raise ValueError(f"fq.{key}={fq[key]!r}: expected true or false")
-    if fq["sc_operands"] not in SC_OPERANDS:
-        raise ValueError(f"fq.sc_operands={fq['sc_operands']!r}: expected one of {SC_OPERANDS}")
+        check_bool(fq, key, "fq.")
+    check_choice(fq, "sc_operands", SC_OPERANDS, "fq.")
     if fq["quantize_outputs"]:
         raise ValueError("fq.quantize_outputs=true is not implemented: ODM-FQ has no output quantizers "
                          "(METHODS.md §4.5)")

@@ -25,7 +25,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import BACKBONES, Backbone, select_layers
-from .base import Bits, QuantMethod, StepOutput, merge_config, method_defaults, to_floats
+from .base import (
+    Bits,
+    QuantMethod,
+    StepOutput,
+    check_bool,
+    check_choice,
+    check_number,
+    merge_config,
+    method_defaults,
+    to_floats,
+)
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
 from .cooperative import COS_SCOPES, WEIGHT_FNS, balance_by_group, combine_gradients
 from .distributed import average_across_ranks, gather_cat
@@ -128,24 +138,6 @@ class WeightClipQuantizer(nn.Module):
 
 
 # -- configuration ----------------------------------------------------------------------------------------
-def _check_choice(cfg: dict, key: str, allowed: Sequence, prefix: str = "") -> None:
-    if cfg[key] not in allowed:
-        raise ValueError(f"{prefix}{key}={cfg[key]!r}: expected one of {tuple(allowed)}")
-
-
-def _check_bool(cfg: dict, key: str, prefix: str = "") -> None:
-    if not isinstance(cfg[key], bool):
-        raise ValueError(f"{prefix}{key}={cfg[key]!r}: expected true or false")
-
-
-def _check_number(cfg: dict, key: str, prefix: str = "", positive: bool = False) -> None:
-    value = cfg[key]
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not number or value < 0 or (positive and value == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{prefix}{key}={value!r}: expected a {kind} number")
-
-
 def odm_config(cfg: Any = None) -> dict:
     """The method config merged over ``conf/method/odm.yaml`` and validated (ValueError names the offending key)."""
     return check_odm_config(merge_config(method_defaults("odm"), cfg, extra_keys=("calibration_batches",)))
@@ -154,11 +146,11 @@ def odm_config(cfg: Any = None) -> dict:
 def check_odm_config(c: dict) -> dict:
     """Validate a merged ODM config; returns it."""
     for key in ("lambda_r", "lambda_m"):
-        _check_number(c, key)
-    _check_number(c, "qparam_lr_mult", positive=True)
-    _check_choice(c, "weight_quantizer", ("wcc", "lsq"))
+        check_number(c, key)
+    check_number(c, "qparam_lr_mult", positive=True)
+    check_choice(c, "weight_quantizer", ("wcc", "lsq"))
     for key in ("quantize_bias", "init_from_fp"):
-        _check_bool(c, key)
+        check_bool(c, key)
     if c["quantize_bias"]:
         raise ValueError("quantize_bias=true is not implemented: ODM keeps biases FP (METHODS.md §5.1)")
     init, wcc, lsq, mr, placement = c["init"], c["wcc"], c["lsq"], c["mr"], c["placement"]
@@ -171,25 +163,25 @@ def check_odm_config(c: dict) -> dict:
     if "calibration_batches" in c and c["calibration_batches"] != init["num_batches"]:
         raise ValueError(f"calibration_batches={c['calibration_batches']!r} differs from "
                          f"init.num_batches={init['num_batches']!r}: set both to the same value")
-    _check_choice(init, "source", SOURCES, "init.")
-    _check_choice(init, "interp", ("linear",), "init.")
-    _check_choice(wcc, "stat", WEIGHT_STATS, "wcc.")
-    _check_bool(wcc, "learn_gamma", "wcc.")
-    _check_bool(wcc, "detach_stat", "wcc.")
-    _check_number(wcc, "lr_mult", "wcc.", positive=True)
-    _check_choice(lsq, "grid", GRIDS, "lsq.")
-    _check_number(lsq, "lr_mult", "lsq.", positive=True)
-    _check_bool(lsq, "grad_scale", "lsq.")
-    _check_choice(mr, "mode", MR_MODES, "mr.")
-    _check_choice(mr, "weight_fn", WEIGHT_FNS, "mr.")
-    _check_choice(mr, "cos_scope", COS_SCOPES, "mr.")
-    _check_choice(mr, "norm", NORMS, "mr.")
-    _check_choice(mr, "params", ("conv_linear_wb",), "mr.")
+    check_choice(init, "source", SOURCES, "init.")
+    check_choice(init, "interp", ("linear",), "init.")
+    check_choice(wcc, "stat", WEIGHT_STATS, "wcc.")
+    check_bool(wcc, "learn_gamma", "wcc.")
+    check_bool(wcc, "detach_stat", "wcc.")
+    check_number(wcc, "lr_mult", "wcc.", positive=True)
+    check_choice(lsq, "grid", GRIDS, "lsq.")
+    check_number(lsq, "lr_mult", "lsq.", positive=True)
+    check_bool(lsq, "grad_scale", "lsq.")
+    check_choice(mr, "mode", MR_MODES, "mr.")
+    check_choice(mr, "weight_fn", WEIGHT_FNS, "mr.")
+    check_choice(mr, "cos_scope", COS_SCOPES, "mr.")
+    check_choice(mr, "norm", NORMS, "mr.")
+    check_choice(mr, "params", ("conv_linear_wb",), "mr.")
     for key in ("detach_target", "grad_to_qparams", "cos_include_unreached"):
-        _check_bool(mr, key, "mr.")
-    _check_choice(placement, "edsr", ("block_convs",), "placement.")  # pams_style is PAMS's pattern
-    _check_bool(placement, "hat_quantize_cab", "placement.")
-    _check_choice(placement, "quant_attn_matmul", (False,), "placement.")
+        check_bool(mr, key, "mr.")
+    check_choice(placement, "edsr", ("block_convs",), "placement.")  # pams_style is PAMS's pattern
+    check_bool(placement, "hat_quantize_cab", "placement.")
+    check_choice(placement, "quant_attn_matmul", (False,), "placement.")
     check_fq_config(c["fq"])  # [fq]
     return c
 

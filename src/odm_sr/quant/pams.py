@@ -12,12 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import apply_placement
-from .base import Bits, QuantMethod, StepOutput, to_floats
+from .base import Bits, QuantMethod, StepOutput, check_number, check_range, to_floats
 from .blocks import (
     ActSite,
     clip_param_groups,
     group_by_image,
-    positive,
     read_quirks,
 )
 from .distributed import all_reduce_mean_, world_size
@@ -151,15 +150,11 @@ class PAMS(QuantMethod):
         c = self.cfg
         self.quirks = read_quirks(c, PAMS_QUIRKS)
         self.skt_weight, _ = check_skt_config(c["skt"])
-        self.alpha_init = positive(c, "alpha_init")
-        self.ema_decay = float(c["ema_decay"])
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay}: expected 0 <= decay < 1")
-        self.ema_epochs = int(c["ema_epochs"])
-        if self.ema_epochs < 0:
-            raise ValueError(f"ema_epochs={self.ema_epochs}: expected >= 0")
-        self.iters_per_epoch = positive(c, "iters_per_epoch", int)
-        self.qparam_lr = positive(c, "qparam_lr")
+        self.alpha_init = float(check_number(c, "alpha_init", positive=True))
+        self.ema_decay = float(check_range(c, "ema_decay", 0.0, 1.0, open_high=True))
+        self.ema_epochs = int(check_number(c, "ema_epochs"))
+        self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
+        self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))
         self.placement = c["placement"]
 
     @property

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import backbone_of
+from .base import check_choice, check_number
 from .calibration import StopForward
 
 SKT_FEATURES = ("pre_reconstruction",)
@@ -59,12 +60,7 @@ def capture_reconstruction_input(model: nn.Module) -> Iterator[_Captured]:
 
 def check_skt_config(skt: dict) -> tuple[float, str]:
     """Validate ``skt.weight`` (≥ 0) and ``skt.feature``; returns (weight, feature)."""
-    weight, feature = float(skt["weight"]), skt["feature"]
-    if weight < 0:
-        raise ValueError(f"skt.weight={weight}: expected a non-negative number")
-    if feature not in SKT_FEATURES:
-        raise ValueError(f"skt.feature={feature!r}: expected one of {SKT_FEATURES}")
-    return weight, feature
+    return float(check_number(skt, "weight", "skt.")), check_choice(skt, "feature", SKT_FEATURES, "skt.")
 
 
 def teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
