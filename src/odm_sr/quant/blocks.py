@@ -171,11 +171,11 @@ def rdn_pams_style(model: nn.Module, make_act, make_weight, images, quirks: dict
 # -- config helpers shared by PAMS, DAQ and DDTB ------------------------------------------------------
 
 
-def read_quirks(cfg: dict, known: tuple[str, ...]) -> dict[str, bool]:
-    """``quirks.<name>`` switches (all false), ``official: true`` turns them all on."""
-    quirks = dict(cfg.get("quirks") or {})
-    official = bool(cfg.get("official", False))
-    return {name: official or bool(quirks.get(name, False)) for name in known}
+def read_quirks(cfg: dict) -> dict[str, bool]:
+    """The ``quirks.<name>`` switches (their names and defaults: the method's YAML); ``official: true`` turns them
+    all on."""
+    official = bool(cfg["official"])
+    return {name: official or bool(on) for name, on in cfg["quirks"].items()}
 
 
 # -- optimizer groups shared by PAMS and DDTB -------------------------------------------------------------

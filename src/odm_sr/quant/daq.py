@@ -15,7 +15,6 @@ from .backbones import apply_placement, backbone_of
 from .base import Bits, QuantMethod
 from .blocks import ActSite, group_by_image, read_quirks, ungroup
 
-DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps", "nonpositive_sigma_offset")
 # Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
 GAUSSIAN_STEPS = {1: 2.0, 2: 1.596, 3: 0.996, 4: 0.586, 5: 0.335, 6: 0.188, 7: 0.104, 8: 0.057, 9: 0.031}
 # `--finetune`: fixed factors for every bit-width (quirk `finetune_fixed_steps`: EDSR only, training only)
@@ -163,7 +162,7 @@ class DAQ(QuantMethod):
     def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
         super().__init__(cfg, bits, **options)
         c = self.cfg
-        self.quirks = read_quirks(c, DAQ_QUIRKS)
+        self.quirks = read_quirks(c)
         sigma_bits = c["sigma_bits"]
         valid = (*GAUSSIAN_STEPS, 32)
         if sigma_bits != "auto" and (isinstance(sigma_bits, bool) or sigma_bits not in valid):

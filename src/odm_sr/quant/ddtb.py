@@ -32,8 +32,6 @@ from .distributed import all_reduce_mean_, gather_cat
 from .functional import dot_to_shape, max_abs_weight_quantize, percentile
 from .skt import check_skt_config, distillation_losses
 
-DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",
-               "conv1_raw_input", "rdn_gff3_fp_input")
 GATE_BITS, GATE_HIDDEN = 2, 32
 
 
@@ -233,7 +231,7 @@ class DDTB(QuantMethod):
     def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
         super().__init__(cfg, bits, **options)
         c = self.cfg
-        self.quirks = read_quirks(c, DDTB_QUIRKS)
+        self.quirks = read_quirks(c)
         self.skt_weight, _ = check_skt_config(c["skt"])
         self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
         self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))

@@ -23,9 +23,6 @@ from .distributed import all_reduce_mean_, world_size
 from .functional import max_abs_weight_quantize, round_ste, split_outside
 from .skt import check_skt_config, distillation_losses
 
-PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input",
-               "alpha_grad_while_tracking")
-
 
 class _SymmetricZeroQuant(torch.autograd.Function):
     """q = Int(clip(X, −α, α)·Q/α)·α/Q, Q = 2^(b−1) − 1 (2^b − 1 levels, zero included).
@@ -148,7 +145,7 @@ class PAMS(QuantMethod):
     def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
         super().__init__(cfg, bits, **options)
         c = self.cfg
-        self.quirks = read_quirks(c, PAMS_QUIRKS)
+        self.quirks = read_quirks(c)
         self.skt_weight, _ = check_skt_config(c["skt"])
         self.alpha_init = float(check_number(c, "alpha_init", positive=True))
         self.ema_decay = float(check_range(c, "ema_decay", 0.0, 1.0, open_high=True))
