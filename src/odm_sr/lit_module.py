@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Iterator
 
+import hydra
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -78,7 +79,9 @@ class SRLitModule(L.LightningModule):
         self.register_buffer("calibrated", torch.tensor(calibration_batches <= 0))
         # {stage/set: SRMetrics} of the running val/test epoch; plain dict: no state-dict keys, moved by hand
         self._metrics: dict[str, SRMetrics] = {}
-        self.set_names: dict[str, list[str]] = {"val": [], "test": []}
+        self.set_names: dict[str, list[str]] = {"val": [], "test": []}  # from the data module (``setup``)
+        self.last_metrics: dict[str, float] = {}
+        self._val_started = 0.0
         # wall time of training (calibration included) and of validating during fit; a resumed run adds the time of
         # the run it continues (from the checkpoint), so results.json reports the whole run
         self.seconds_before = {"train": 0.0, "validation": 0.0}
@@ -95,7 +98,7 @@ class SRLitModule(L.LightningModule):
     # -- helpers --------------------------------------------------------------------------------------
     @property
     def pixel_range(self) -> float:
-        return float(getattr(self.net, "pixel_range", 1.0))
+        return float(self.net.pixel_range)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -106,13 +109,15 @@ class SRLitModule(L.LightningModule):
         return eval_upscale(self.net, self.eval_cfg)(lr01)
 
     # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:  # the names behind each dataloader_idx
+            self.set_names = {"val": list(datamodule.val_set_names), "test": list(datamodule.test_set_names)}
+
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        groups = self.method.param_groups(self.net, float(cfg.get("lr", 1e-4)))
-        opt = torch.optim.Adam(groups, lr=float(cfg.get("lr", 1e-4)), betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                               eps=float(cfg.get("eps", 1e-8)), weight_decay=float(cfg.get("weight_decay", 0.0)))
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.get("milestones", [])),
-                                                     gamma=float(cfg.get("gamma", 0.5)))
+        cfg = self.optim_cfg  # conf/optim: optimizer and scheduler are partial instantiations
+        opt = hydra.utils.instantiate(cfg["optimizer"])(self.method.param_groups(self.net, float(cfg["lr"])))
+        sched = hydra.utils.instantiate(cfg["scheduler"])(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
@@ -199,7 +204,7 @@ class SRLitModule(L.LightningModule):
     def _log_every(self) -> int:
         """``trainer.log_every_n_steps`` (Lightning writes the logs of the steps it divides); every step without
         a Trainer."""
-        return max(1, int(getattr(self._trainer, "log_every_n_steps", 1) or 1)) if self._trainer is not None else 1
+        return max(1, int(self._trainer.log_every_n_steps or 1)) if self._trainer is not None else 1
 
     # -- non-finite losses ---------------------------------------------------------------------------------
     _watch: dict | None = None  # the device-side record since the last check: see _watch_finite
@@ -368,12 +373,9 @@ class SRLitModule(L.LightningModule):
                 if count:
                     values[f"{key}/psnr"] = psnr_mean
                     values[f"{key}/ssim"] = ssim_mean
-        self.last_metrics = {**getattr(self, "last_metrics", {}), **values}
+        self.last_metrics = {**self.last_metrics, **values}
         if values:
             self.log_dict(values, add_dataloader_idx=False, batch_size=1)
-
-    def on_test_epoch_start(self) -> None:
-        self._start_eval("test")
 
     def on_validation_epoch_start(self) -> None:
         self._val_started = time.perf_counter()
@@ -381,7 +383,11 @@ class SRLitModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._flush("val")
-        self._validation_this_fit += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
+        self._validation_this_fit += time.perf_counter() - self._val_started
+
+    def on_test_epoch_start(self) -> None:
+        self.last_metrics = {}  # a test run reports its own sets only
+        self._start_eval("test")
 
     def on_test_epoch_end(self) -> None:
         self._flush("test")
