@@ -14,25 +14,13 @@ from torch import Tensor, nn
 from .backbones import apply_placement, backbone_of
 from .base import Bits, QuantMethod
 from .blocks import ActSite, group_by_image, read_quirks, ungroup
+from .functional import straight_through
 from .quantizer import Quantizer
 
 # Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
 GAUSSIAN_STEPS = {1: 2.0, 2: 1.596, 3: 0.996, 4: 0.586, 5: 0.335, 6: 0.188, 7: 0.104, 8: 0.057, 9: 0.031}
 # `--finetune`: fixed factors for every bit-width (quirk `finetune_fixed_steps`: EDSR only, training only)
 FINETUNE_STEP, FINETUNE_SIGMA_STEP = 1.596, 0.057
-
-
-class _IdentitySTE(torch.autograd.Function):
-    """Forward: the quantized values ``q`` exactly; backward: ∂/∂x = 1 (``q.detach() + x − x.detach()`` as
-    released, without its float round-off on the levels)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor) -> Tensor:
-        return q.view_as(q)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        return grad_out, None
 
 
 def step_factor(bits: int) -> float:
@@ -134,7 +122,7 @@ class DaqActQuantizer(Quantizer):
         return ungroup(out, x, self.site)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _IdentitySTE.apply(x, self.quantized(x))
+        return straight_through(x, self.quantized(x))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, sigma_bits={self.sigma_bits}, unbounded={self.unbounded}"
@@ -153,7 +141,7 @@ class DaqWeightQuantizer(Quantizer):
         factor = FINETUNE_STEP if self.fixed_steps and self.training else self.factor
         with torch.no_grad():
             q = midrise(w, factor * w.std(), self.bits)
-        return _IdentitySTE.apply(w, q)
+        return straight_through(w, q)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
