@@ -48,6 +48,7 @@ from odm_sr.quant.blocks import QuantDenseLayer, QuantRDB, QuantResBlock
 from odm_sr.quant.layers import QuantConv2d, QuantLinear, QuantMixin
 from odm_sr.quant.placement import backbone_family, replace_module
 
+from .exact import make_swinir_exact
 from .spec import ACT_QUANTIZERS, ActGrid, ExportError, WeightCodes, act_grid, check_static, weight_codes
 
 
@@ -310,7 +311,7 @@ class ExactConv2d(nn.Module):
 
 
 # FP convs whose outputs reach an activation quantizer (through the skips too), per backbone family
-EXACT_FP_CONVS = {"edsr": ("head.0",), "rdn": ("SFENet1", "SFENet2")}
+EXACT_FP_CONVS = {"edsr": ("head.0",), "rdn": ("SFENet1", "SFENet2"), "swinir": ("conv_first",)}
 
 
 class IntegerLinear(_IntegerLayer):
@@ -362,6 +363,8 @@ def integer_model(model: nn.Module, spec: IntegerSpec) -> nn.Module:
     for name in EXACT_FP_CONVS.get(backbone_family(out), ()):
         if type(modules.get(name)) is nn.Conv2d:  # a quantized one is an integer layer already
             replace_module(out, name, ExactConv2d(modules[name]))
+    if backbone_family(out) == "swinir":  # LayerNorm, attention, GELU before the quantizers (export.exact)
+        make_swinir_exact(out)
     for name in act_quantizers(out):
         if not _is_consumed(name, spec):
             replace_module(out, name, FakeQuant(spec.grids[name]))
