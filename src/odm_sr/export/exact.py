@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from odm_sr.quant.placement import replace_module
 
 # erf(z) = 2/√π · z · exp(−z²) · Σ_{n≥0} (2z²)^n / (1·3·…·(2n+1)): positive terms, no cancellation. On
-# |z| ≤ 6 (beyond it erf is ±1 in float64) 100 terms give |error| ≤ 3e-15 (tests/export/test_exact.py).
+# |z| ≤ 6 (beyond it erf is ±1 in float64) 100 terms give |error| ≤ 3e-15 (tests/export/test_exact.py); the
+# result is clipped to [−1, 1] (the series' round-off reaches 1 + 1e-15 near |z| = 6: GELU would change sign).
 ERF_CLAMP, ERF_TERMS = 6.0, 100
 
 
@@ -36,7 +37,7 @@ def erf64(z: Tensor) -> Tensor:
     for n in range(1, ERF_TERMS + 1):
         term = term * a / float(2 * n + 1)
         total = total + term
-    return (2.0 / math.sqrt(math.pi)) * z * torch.exp(-z * z) * total
+    return torch.clamp((2.0 / math.sqrt(math.pi)) * z * torch.exp(-z * z) * total, -1.0, 1.0)
 
 
 class ExactGELU(nn.Module):
