@@ -9,7 +9,7 @@ whole step, amplified downstream (bench/README.md, "Integer ONNX export": up to 
 Here each of these ops runs in float64 and is rounded to float32 once, where the model's float32 value would
 be quantized. The modules are plain torch ops in float64, so the PyTorch forward (``odm-sr-eval
 eval.exact=true``) and the traced ONNX graph run the same ops in the same order; ONNX Runtime's CPU kernels
-support all of them in double except ``Erf``, so GELU's erf is a series of Mul/Div/Add/Exp (``erf64``). Both
+support all of them in double except ``Erf``, so GELU's erf is a table of Taylor polynomials (``erf64``). Both
 sides then give float32(exact value) bit for bit, up to a float64 round-off of a different summation order.
 The residual adds stay float32: an IEEE add of identical float32 operands is the same everywhere.
 """
@@ -23,21 +23,41 @@ from torch import Tensor, nn
 
 from odm_sr.quant.placement import replace_module
 
-# erf(z) = 2/√π · z · exp(−z²) · Σ_{n≥0} (2z²)^n / (1·3·…·(2n+1)): positive terms, no cancellation. On
-# |z| ≤ 6 (beyond it erf is ±1 in float64) 100 terms give |error| ≤ 3e-15 (tests/export/test_exact.py); the
-# result is clipped to [−1, 1] (the series' round-off reaches 1 + 1e-15 near |z| = 6: GELU would change sign).
-ERF_CLAMP, ERF_TERMS = 6.0, 100
+# erf by Taylor polynomials around the centres c = 0, ¼, ½, …, 6 (beyond 6, erf is ±1 in float64): erf(c + t) =
+# erf(c) + Σ_{n≥1} erf⁽ⁿ⁾(c)/n!·tⁿ, |t| ≤ ⅛, with erf⁽ⁿ⁾(c) = 2/√π·(−1)ⁿ⁻¹·Hₙ₋₁(c)·exp(−c²) (Hermite Hₙ). Degree 14
+# gives |error| ≤ 2e-16 (tests/export/test_exact.py); 12 would do. The coefficient table is float64 (erf(c) from
+# torch.erf), the polynomial is Horner's: 15 Gathers and 2·14 Mul/Add per element.
+ERF_STEP, ERF_CLAMP, ERF_DEGREE = 0.25, 6.0, 14
+
+
+def erf_taylor_table() -> Tensor:
+    """(degree + 1, centres) float64: the Taylor coefficients of erf at c = k·ERF_STEP, k = 0 … 24."""
+    c = torch.arange(0, round(ERF_CLAMP / ERF_STEP) + 1, dtype=torch.float64) * ERF_STEP
+    hermite = [torch.ones_like(c), 2 * c]  # H_{n+1} = 2c·H_n − 2n·H_{n−1}
+    for n in range(1, ERF_DEGREE):
+        hermite.append(2 * c * hermite[n] - 2 * n * hermite[n - 1])
+    slope = 2 / math.sqrt(math.pi) * torch.exp(-c * c)
+    cols, factorial = [torch.erf(c)], 1.0
+    for n in range(1, ERF_DEGREE + 1):
+        factorial *= n
+        cols.append((-1) ** (n - 1) * hermite[n - 1] * slope / factorial)
+    return torch.stack(cols)
+
+
+_ERF_TABLE = erf_taylor_table()
 
 
 def erf64(z: Tensor) -> Tensor:
-    """erf of a float64 tensor with Mul/Div/Add/Exp only (ORT CPU has no double ``Erf``)."""
-    z = torch.clamp(z, -ERF_CLAMP, ERF_CLAMP)
-    a = 2.0 * z * z
-    term, total = torch.ones_like(z), torch.ones_like(z)
-    for n in range(1, ERF_TERMS + 1):
-        term = term * a / float(2 * n + 1)
-        total = total + term
-    return torch.clamp((2.0 / math.sqrt(math.pi)) * z * torch.exp(-z * z) * total, -1.0, 1.0)
+    """erf of a float64 tensor with Abs/Round/Gather/Mul/Add/Sign only (ORT CPU has no double ``Erf``);
+    clipped to [−1, 1] (a round-off above 1 would flip the sign of GELU's far negative tail)."""
+    a = torch.clamp(torch.abs(z), max=ERF_CLAMP)
+    centre = torch.round(a / ERF_STEP)
+    t = a - centre * ERF_STEP  # exact (Sterbenz)
+    index, table = centre.long(), _ERF_TABLE.to(z.device)
+    p = table[ERF_DEGREE][index]  # one Gather per coefficient: a Split of a gathered (…, 15) costs 3x more
+    for n in range(ERF_DEGREE - 1, -1, -1):
+        p = table[n][index] + t * p
+    return torch.clamp(torch.sign(z) * p, -1.0, 1.0)
 
 
 class ExactGELU(nn.Module):
