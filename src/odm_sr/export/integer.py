@@ -358,9 +358,12 @@ def integer_model(model: nn.Module, spec: IntegerSpec) -> nn.Module:
         cls = IntegerConv2d if isinstance(layer, nn.Conv2d) else IntegerLinear
         replace_module(out, name, cls(layer, spec.weights[name], grids[name]))
     modules = dict(out.named_modules())
-    for name in backbone_of(out).exact_fp_convs:
+    backbone = backbone_of(out)
+    for name in backbone.exact_fp_convs:
         if type(modules.get(name)) is nn.Conv2d:  # a quantized one is an integer layer already
             replace_module(out, name, ExactConv2d(modules[name]))
+    if backbone.exact_fp_ops is not None:  # SwinIR: LayerNorm, attention, GELU before the quantizers (export.exact)
+        backbone.exact_fp_ops(out)
     for name in act_quantizers(out):
         if not _is_consumed(name, spec):
             replace_module(out, name, FakeQuant(spec.grids[name]))
