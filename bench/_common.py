@@ -22,6 +22,7 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 if importlib.util.find_spec("odm_sr") is None:  # not installed and not on PYTHONPATH: use this checkout
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
+import hydra  # noqa: E402
 import torch  # noqa: E402
 
 from odm_sr.config import compose_config as compose_cfg  # noqa: E402 - mini_repro imports it from here too
@@ -100,9 +101,7 @@ class StepRunner:
         net.to(device).train()
         if teacher is not None:
             teacher.to(device)
-        groups = method.param_groups(net, float(cfg.optim.lr))
-        opt = torch.optim.Adam(groups, lr=float(cfg.optim.lr), betas=tuple(cfg.optim.betas),
-                               eps=float(cfg.optim.eps))
+        opt = hydra.utils.instantiate(cfg.optim.optimizer)(method.param_groups(net, float(cfg.optim.lr)))
         return cls(name, net, method, teacher, opt, device)
 
     def prepare(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -1,6 +1,7 @@
 """Where do the PyTorch fake-quant path and the ORT integer graph disagree, and which one is exact?
 
     PYTHONPATH=src python bench/export_flips.py <ckpt> [--set B100] [--images img_006 ...] [--out <json>]
+    PYTHONPATH=src python bench/export_flips.py --swin-steps 5 --exact-eval ...   # export_bench's small SwinIR
 
 Three runs of the same trained static-quantized network on whole LR images (x4):
 
@@ -32,9 +33,16 @@ from _common import RESULTS_DIR, environment, write_json
 from torch import Tensor, nn
 
 from odm_sr.data import SRDataModule
-from odm_sr.evaluation import network_upscale
-from odm_sr.export.integer import _IntegerLayer, act_quantizers, input_sources, weight_layers
-from odm_sr.export.onnx_graph import INPUT, to_onnx
+from odm_sr.evaluation import eval_pad_mode, network_upscale, window_padding
+from odm_sr.export.integer import (
+    _IntegerLayer,
+    act_quantizers,
+    extract_spec,
+    input_sources,
+    integer_model,
+    weight_layers,
+)
+from odm_sr.export.onnx_graph import INPUT, has_dynamic_size, to_onnx
 from odm_sr.export.runtime import session, trained_integer
 from odm_sr.export.spec import ActGrid
 from odm_sr.metrics import to_uint8
@@ -118,8 +126,20 @@ def boundary_distance(v: Tensor) -> Tensor:
     return (v - torch.floor(v) - 0.5).abs()
 
 
-def analyse(ckpt: str, set_name: str, images: list[str] | None, threads: int, exact_eval: bool) -> dict:
-    net, spec, int_model, _ = trained_integer(ckpt)
+def small_swinir(steps: int):
+    """``export_bench``'s SwinIR-light (small), ODM W2A2: (net, spec, integer model)."""
+    from export_bench import small_swinir as build
+
+    tmp = RESULTS_DIR / ".export_bench_tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    net, _ = build(steps, tmp)
+    spec = extract_spec(net)
+    return net, spec, integer_model(net, spec)
+
+
+def analyse(ckpt: str | None, set_name: str, images: list[str] | None, threads: int, exact_eval: bool,
+            swin_steps: int = -1) -> dict:
+    net, spec, int_model = trained_integer(ckpt)[:3] if ckpt else small_swinir(swin_steps)
     net.eval()
     rng = float(getattr(net, "pixel_range", 1.0))
     sources = [s for s in input_sources(net).values() if s is not None]  # the integer layers' codes
@@ -134,7 +154,7 @@ def analyse(ckpt: str, set_name: str, images: list[str] | None, threads: int, ex
         for layer in int_layers(int_model):
             layer.register_forward_hook(lambda m, inputs, _o: x_logs.append(m.grid.codes(inputs[0])))
         up_exact = network_upscale(int_model)
-    per_image, totals, sess = [], {}, None
+    per_image, totals, sess, sess_hw = [], {}, None, None
     for index in range(len(data)):
         item = data[index]
         if images and item["name"] not in images:
@@ -144,12 +164,15 @@ def analyse(ckpt: str, set_name: str, images: list[str] | None, threads: int, ex
             log.clear()
         with torch.no_grad():
             out = {"torch32": to_uint8(up32(lr), 1.0)}
-            out["exact64"] = to_uint8(ref(lr.double() * rng) / rng, 1.0)
+            with window_padding(ref, eval_pad_mode(ref, "official")):  # SwinIR/HAT: as odm-sr-eval pads
+                out["exact64"] = to_uint8(ref(lr.double() * rng) / rng, 1.0)
             if exact_eval:
                 x_logs.clear()
                 out["torch_exact"] = to_uint8(up_exact(lr), 1.0)
-        if sess is None:  # EDSR/RDN graphs have a dynamic size
-            sess, names = ort_with_codes(int_model, tuple(lr.shape[-2:]), threads)
+        hw = tuple(lr.shape[-2:])
+        if sess is None or (sess_hw != hw and not has_dynamic_size(int_model)):  # SwinIR: one graph per size
+            sess, names = ort_with_codes(int_model, hw, threads)
+            sess_hw = hw
         res = sess.run(None, {INPUT: (lr * rng).numpy().astype(np.float32)})
         out["ort_int"] = to_uint8(torch.from_numpy(res[0]) / rng, 1.0)
         ort_codes = [torch.from_numpy(res[1 + 2 * i].astype(np.float32)) for i in range(len(names))]
@@ -183,12 +206,14 @@ def analyse(ckpt: str, set_name: str, images: list[str] | None, threads: int, ex
                     totals[src][key] += value
         per_image.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "layers"}), flush=True)
-    return {"ckpt": ckpt, "set": set_name, "images": per_image, "per_layer_totals": totals}
+    return {"ckpt": ckpt, "swin_steps": None if ckpt else swin_steps, "set": set_name, "images": per_image,
+            "per_layer_totals": totals}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ckpt")
+    parser.add_argument("ckpt", nargs="?", help="trained checkpoint (or --swin-steps)")
+    parser.add_argument("--swin-steps", type=int, default=-1, help="without ckpt: export_bench's small SwinIR")
     parser.add_argument("--set", default="B100")
     parser.add_argument("--images", nargs="*", help="image names (default: all)")
     parser.add_argument("--threads", type=int, default=1)
@@ -196,7 +221,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "export_flips.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = analyse(args.ckpt, args.set, args.images, args.threads, args.exact_eval)
+    if not args.ckpt and args.swin_steps < 0:
+        parser.error("give a checkpoint or --swin-steps")
+    result = analyse(args.ckpt, args.set, args.images, args.threads, args.exact_eval, args.swin_steps)
     write_json(args.out, {"environment": environment(), **result})
 
 

@@ -200,7 +200,7 @@ def part_rho(check: Check) -> dict:
             runner.opt.step()
             runner.opt.zero_grad(set_to_none=True)
             if "mr/rho" in logs:
-                rhos.append(logs["mr/rho"])
+                rhos.append(float(logs["mr/rho"]))
         with torch.no_grad():
             runner.net.eval()
             l1 = torch.nn.functional.l1_loss(runner.net(held_out[0]), held_out[1]).item()

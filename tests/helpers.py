@@ -50,3 +50,19 @@ def run_on_ranks(fn, world: int, out_dir: Path) -> list:
     mp.start_processes(_gloo_rank, args=(world, port, fn, str(out_dir)), nprocs=world, join=True,
                        start_method=method)
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def bare_step_module(net, method, **kwargs):
+    """``SRLitModule`` for calling ``training_step`` without a Trainer: Adam at 1e-4, a constant schedule,
+    ``loss.backward()`` as the manual backward and no logging."""
+    import torch
+
+    from odm_sr.lit_module import SRLitModule
+
+    lit = SRLitModule(net, method, {"lr": 1e-4}, **kwargs)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[])
+    lit.optimizers, lit.lr_schedulers = (lambda: opt), (lambda: sched)  # no Trainer: the bare manual step
+    lit.manual_backward = lambda loss: loss.backward()
+    lit._log_train = lambda *args: None
+    return lit.train()

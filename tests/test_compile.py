@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import bare_step_module
 
 from odm_sr.lit_module import SRLitModule
 from odm_sr.models import build_model
@@ -19,13 +20,7 @@ def _module(backend: str | None) -> SRLitModule:
     method = ODM({"init": {"num_batches": 1}, "mr": {"mode": "off"}}, Bits(w=2, a=2))
     net = method.quantize(net)
     method.calibrate(net, [torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 255])
-    lit = SRLitModule(net, method, {"lr": 1e-4}, compile_backend=backend)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[])
-    lit.optimizers, lit.lr_schedulers = (lambda: opt), (lambda: sched)  # no Trainer: the bare manual step
-    lit.manual_backward = lambda loss: loss.backward()
-    lit._log_train = lambda *args: None
-    return lit.train()
+    return bare_step_module(net, method, compile_backend=backend)
 
 
 def test_one_training_step_with_compile_matches_eager(capsys):

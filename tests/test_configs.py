@@ -246,3 +246,28 @@ def test_ddp_trainer_composes_and_instantiates(tmp_path, monkeypatch):
     trainer = hydra.utils.instantiate(lightning_trainer_config(cfg.trainer), accelerator="cpu",
                                       logger=False)  # no GPU needed to build it
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
+
+
+def test_an_older_checkpoint_config_with_retired_keys_still_loads(tmp_path):
+    """Runs saved before ``method.placement.transformer_same_layers`` (one legal value) and ``optim.name`` (read by
+    nothing) were removed hold them in their hyper-parameters: ``load_trained`` drops them and builds the net."""
+    import torch
+
+    from odm_sr.checkpoint import load_trained
+    from odm_sr.quant import build_method
+
+    cfg = compose_config(["model=edsr_small", "model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8",
+                          "model.scale=2", "method=pams", "bits=w2a2"], tmp_path)
+    torch.manual_seed(0)
+    net, _, _ = build_network(cfg)
+    old = OmegaConf.to_container(cfg, resolve=True)
+    old["method"]["placement"]["transformer_same_layers"] = True
+    old["optim"]["name"] = "adam"
+    with pytest.raises(ValueError, match="unknown method config key 'placement.transformer_same_layers'"):
+        build_method(old["method"], old["bits"])  # the key is gone from conf/method/pams.yaml
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"cfg": old}}, tmp_path / "old.ckpt")
+    loaded, loaded_cfg = load_trained(tmp_path / "old.ckpt")
+    assert "transformer_same_layers" not in loaded_cfg.method.placement and "name" not in loaded_cfg.optim
+    tensors = {k: v for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert tensors and all(torch.equal(loaded.state_dict()[k], v) for k, v in tensors.items())

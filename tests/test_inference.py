@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from odm_sr.inference import crop_to, forward_chopped, pad_to_multiple
+from odm_sr.inference import forward_chopped
 
 
 def _tiny_sr_net(scale: int) -> nn.Module:
@@ -55,21 +55,3 @@ def test_tiles_are_bounded_and_errors():
         forward_chopped(model_fn, lr, 2, tile=0, overlap=3)
     with pytest.raises(ValueError, match="scale=3"):
         forward_chopped(model_fn, lr, 3, tile=16, overlap=3)
-
-
-def test_pad_to_multiple_modes():
-    x = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(1, 2, 5, 6)
-    padded, (h, w) = pad_to_multiple(x, 4, mode="symmetric")
-    assert padded.shape == (1, 2, 8, 8) and (h, w) == (5, 6)
-    # SwinIR: cat([x, flip(x)])[:H + pad]
-    swinir = torch.cat([x, x.flip(2)], 2)[:, :, :8, :]
-    swinir = torch.cat([swinir, swinir.flip(3)], 3)[:, :, :, :8]
-    torch.testing.assert_close(padded, swinir)
-    reflect, _ = pad_to_multiple(x, 4, mode="reflect")
-    torch.testing.assert_close(reflect, torch.nn.functional.pad(x, (0, 2, 0, 3), mode="reflect"))
-    same, _ = pad_to_multiple(x[..., :4, :4], 4)
-    assert same.shape[-2:] == (4, 4)
-    assert pad_to_multiple(x[..., :4, :4], 4, "symmetric", always=True)[0].shape[-2:] == (8, 8)
-    assert crop_to(padded, 5, 6).equal(x)
-    with pytest.raises(ValueError, match="pad mode"):
-        pad_to_multiple(x, 4, mode="wrap")

@@ -8,7 +8,7 @@ import torch
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from odm_sr.metrics import MetricAccumulator, evaluate_pair, psnr, rgb_to_y, ssim, to_uint8
+from odm_sr.metrics import SRMetrics, evaluate_pair, psnr, rgb_to_y, ssim, to_uint8
 
 
 def _random_pair(seed=0, shape=(3, 40, 52), noise=12.0):
@@ -105,22 +105,42 @@ def test_input_validation():
         ssim(sr[:, :12, :12], hr[:, :12, :12], 2)
 
 
-def test_evaluate_pair_and_accumulator_average_per_image():
-    acc = MetricAccumulator("SetA")
-    assert acc.count == 0 and math.isnan(acc.psnr)
+def test_evaluate_pair_and_metric_average_per_image():
+    metric = SRMetrics(scale=2)
+    with pytest.warns(UserWarning, match="before the ``update``"):  # torchmetrics' own warning
+        empty = metric.compute().tolist()
+    assert math.isnan(empty[0]) and math.isnan(empty[1]) and empty[2] == 0
     pairs = [_random_pair(seed=s, noise=n) for s, n in ((0, 4.0), (1, 20.0))]
-    values = [acc.update_images(sr, hr, scale=2, image_name=f"im{i}") for i, (sr, hr) in enumerate(pairs)]
-    assert values[0] == evaluate_pair(*pairs[0], scale=2)
-    assert acc.count == 2
+    values = [evaluate_pair(sr, hr, scale=2) for sr, hr in pairs]
+    assert values[0] == (psnr(*pairs[0], 2), ssim(*pairs[0], 2))
+    for sr, hr in pairs:
+        metric.update(sr, hr)
     # mean of per-image PSNR, not PSNR of the pooled MSE
-    assert acc.psnr == pytest.approx((values[0][0] + values[1][0]) / 2)
-    assert acc.ssim == pytest.approx((values[0][1] + values[1][1]) / 2)
-    assert acc.compute() == {"psnr": acc.psnr, "ssim": acc.ssim, "count": 2}
-    assert [r[0] for r in acc.per_image] == ["im0", "im1"]
-    acc.update(*values[1])
-    assert acc.count == 3
-    acc.reset()
-    assert acc.count == 0
+    got = metric.compute().tolist()
+    assert got[2] == 2
+    assert got[0] == pytest.approx((values[0][0] + values[1][0]) / 2, abs=1e-12)
+    assert got[1] == pytest.approx((values[0][1] + values[1][1]) / 2, abs=1e-12)
+    pooled = 10 * math.log10(255**2 / ((10 ** (-values[0][0] / 10) + 10 ** (-values[1][0] / 10)) / 2 * 255**2))
+    assert abs(got[0] - pooled) > 0.1
+    # a batch of two is the two single updates; weight 0 leaves an image out, weight per image
+    batched = SRMetrics(scale=2)
+    batched.update(torch.stack([pairs[0][0], pairs[1][0]]), torch.stack([pairs[0][1], pairs[1][1]]))
+    assert batched.compute().tolist() == pytest.approx(got, abs=1e-12)
+    batched.update(pairs[1][0], pairs[1][1], weight=0)
+    batched.update(torch.stack([pairs[0][0], pairs[1][0]]), torch.stack([pairs[0][1], pairs[1][1]]),
+                   weight=torch.tensor([0.0, 1.0]))
+    want = [(values[0][k] + 2 * values[1][k]) / 3 for k in (0, 1)]
+    assert batched.compute().tolist() == pytest.approx([*want, 3], abs=1e-12)
+    # an identical pair: inf PSNR counted, and an uncounted one adds nothing (not nan)
+    perfect = SRMetrics(scale=2)
+    perfect.update(pairs[0][1], pairs[0][1], weight=0)
+    perfect.update(*pairs[0])
+    assert perfect.compute().tolist() == pytest.approx([*values[0], 1], abs=1e-12)
+    perfect.update(pairs[0][1], pairs[0][1])
+    assert perfect.compute().tolist()[0] == math.inf
+    metric.reset()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert metric.compute().tolist()[2] == 0
 
 
 def test_metric_planes_stay_on_the_device_of_the_output():

@@ -8,7 +8,7 @@ Rank 0 must not step on (or wait in a collective of) a run that rank 1 has left:
 from __future__ import annotations
 
 import torch
-from helpers import run_on_ranks
+from helpers import bare_step_module, run_on_ranks
 
 from odm_sr.lit_module import NonFiniteLossError, SRLitModule, non_finite_ranks
 from odm_sr.models import build_model
@@ -28,13 +28,7 @@ def _module(method_name: str) -> SRLitModule:
         method.calibrate(net, [torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 255])
     else:
         method = FullPrecision()
-    lit = SRLitModule(net, method, {"lr": 1e-4})
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[])
-    lit.optimizers, lit.lr_schedulers = (lambda: opt), (lambda: sched)  # no Trainer: the bare manual step
-    lit.manual_backward = lambda loss: loss.backward()
-    lit._log_train = lambda *args: None
-    return lit.train()
+    return bare_step_module(net, method)
 
 
 def _step(rank: int) -> dict[str, str]:

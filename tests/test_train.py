@@ -154,17 +154,19 @@ def test_eval_and_upscale_run_the_network_on_the_configured_device(tiny_run, tmp
     """``eval.device`` / ``--device`` (issue 14): the network moves there, the LR batches follow it and the
     metrics get its output where it is. The ``meta`` device stands in for a GPU (shapes only, so the metrics are
     stubbed); real CUDA is not exercised on a CPU-only machine."""
-    from odm_sr import evaluation, upscale
+    from odm_sr import metrics, upscale
     from odm_sr.eval import evaluate
     from odm_sr.evaluation import module_device
 
     out, _ = tiny_run
     seen = []
-    monkeypatch.setattr(evaluation, "evaluate_pair", lambda sr, hr, scale: seen.append(sr.device) or (30.0, 0.9))
+    monkeypatch.setattr(metrics.SRMetrics, "update", lambda self, sr, hr, weight=1.0: seen.append(
+        (sr.device, self.count.device)))
+    monkeypatch.setattr(metrics.SRMetrics, "compute", lambda self: torch.tensor([30.0, 0.9, 1.0]))
     cfg = compose_config([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", "data=sample", "eval.device=meta",
                           "eval.bicubic_row=false"], tmp_path, "eval")
     evaluate(cfg)
-    assert seen and set(seen) == {torch.device("meta")}
+    assert seen and set(seen) == {(torch.device("meta"), torch.device("meta"))}  # the output and the metric's sums
     nets = []
     monkeypatch.setattr(upscale, "upscale_image", lambda net, *args: nets.append(module_device(net)))
     upscale.main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "in.png"), str(tmp_path / "o.png"),

@@ -6,30 +6,41 @@ import os
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
+from .config import instantiate
 from .models import build_model, load_pretrained
 from .quant import QuantMethod, build_method
 from .quant.base import frozen_copy
 
 
-def build_backbone(model_cfg: DictConfig) -> nn.Module:
-    """The float backbone of ``model`` (random init)."""
-    kwargs = model_cfg.get("kwargs")
-    kwargs = OmegaConf.to_container(kwargs) if kwargs else {}  # `kwargs: {}` composes to an empty DictConfig
-    if model_cfg.get("drop_path_rate") is not None:  # SwinIR/HAT stochastic depth during (QA) training
-        kwargs["drop_path_rate"] = float(model_cfg.drop_path_rate)
-    return build_model(str(model_cfg.name), int(model_cfg.scale), **kwargs)
-
-
-def pretrained_network(model_cfg: DictConfig) -> nn.Module:
-    """The float backbone with the weights of ``model.pretrained`` (clear error if the file is missing)."""
-    path = Path(str(model_cfg.pretrained))
+def backbone(name: str, scale: int, kwargs: dict | None = None, pretrained: str | None = None,
+             drop_path_rate: float | None = None) -> nn.Module:
+    """The ``_target_`` of ``conf/model/*.yaml``: backbone ``name`` at ``scale`` with constructor ``kwargs`` and
+    SwinIR/HAT stochastic depth ``drop_path_rate``, with the weights of ``pretrained`` when set (clear error if
+    the file is missing), else randomly initialised."""
+    extra = dict(kwargs or {})
+    if drop_path_rate is not None:  # SwinIR/HAT stochastic depth during (QA) training
+        extra["drop_path_rate"] = float(drop_path_rate)
+    net = build_model(str(name), int(scale), **extra)
+    if pretrained is None:
+        return net
+    path = Path(str(pretrained))
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained={path}: no such checkpoint file (train the FP model first, "
                                 f"or point model.pretrained at an official .pt/.pth)")
-    return load_pretrained(build_backbone(model_cfg), path)
+    return load_pretrained(net, path)
+
+
+def build_backbone(model_cfg: DictConfig) -> nn.Module:
+    """The float backbone of ``model`` (random init)."""
+    return instantiate(model_cfg, pretrained=None, _convert_="all")
+
+
+def pretrained_network(model_cfg: DictConfig) -> nn.Module:
+    """The float backbone with the weights of ``model.pretrained``."""
+    return instantiate(model_cfg, pretrained=str(model_cfg.pretrained), _convert_="all")
 
 
 def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | None]:
@@ -39,19 +50,14 @@ def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | 
     net = pretrained_network(cfg.model) if pretrained else build_backbone(cfg.model)
     method.check_backbone(net)
     teacher = frozen_copy(net) if method.needs_teacher else None
-    if pretrained and not getattr(method, "init_from_fp", True):
+    if pretrained and not method.init_from_fp:
         net = build_backbone(cfg.model)  # PAMS as released: only the teacher gets the FP weights
     return method.quantize(net), method, teacher
 
 
 def build_datamodule(cfg: DictConfig):
-    from .data import SRDataModule  # imports Lightning: kept out of the checkpoint-loading path
-
-    d = cfg.data
-    return SRDataModule(train=d.train, val=list(d.val), test=list(d.test), scale=int(cfg.model.scale),
-                        lr_patch=int(d.lr_patch), batch_size=int(d.batch_size),
-                        iters_per_epoch=int(d.iters_per_epoch), num_workers=int(d.num_workers),
-                        data_root=str(d.data_root), seed=int(cfg.seed))
+    """``hydra.utils.instantiate(cfg.data)``: ``conf/data/*.yaml`` name ``odm_sr.data.SRDataModule``."""
+    return instantiate(cfg.data, _convert_="all")
 
 
 def _group_nodes(group: DictConfig | None) -> list[DictConfig]:

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .config import drop_retired_keys
 from .models.checkpoint import load_torch_file
 
 
@@ -27,7 +28,7 @@ def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
     from .builders import build_network
 
     ckpt = read_checkpoint(path)
-    cfg = OmegaConf.create(ckpt["hyper_parameters"]["cfg"])
+    cfg = drop_retired_keys(OmegaConf.create(ckpt["hyper_parameters"]["cfg"]))
     build_cfg = cfg.copy()
     build_cfg.model.pretrained = None  # the checkpoint holds every weight; cfg keeps the run's FP source
     net, _, _ = build_network(build_cfg)

@@ -12,25 +12,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from odm_sr.analysis.complexity import RULES, complexity_table, summarize
+from odm_sr.config import CONFIG_DIR, compose_config
 from odm_sr.models import MODEL_NAMES, SUPPORTED_SCALES, build_model
 from odm_sr.quant import VALID_BITS, build_method
 
-# CLI name -> (method.target, method config overrides)
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fp": ("odm_sr.quant.base.FullPrecision", {}),
-    "pams": ("odm_sr.quant.pams.PAMS", {}),
-    "daq": ("odm_sr.quant.daq.DAQ", {}),
-    "ddtb": ("odm_sr.quant.ddtb.DDTB", {}),
-    "odm": ("odm_sr.quant.odm.ODM", {}),
-    "lsq": ("odm_sr.quant.odm.ODM", {"weight_quantizer": "lsq"}),
-}
+METHODS = sorted(path.stem for path in (CONFIG_DIR / "method").glob("*.yaml"))  # the method= choices
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="odm-sr-complexity", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", default=["edsr_baseline"], choices=MODEL_NAMES)
     parser.add_argument("--scale", type=int, default=4, choices=SUPPORTED_SCALES)
-    parser.add_argument("--method", nargs="+", default=["odm"], choices=sorted(METHODS))
+    parser.add_argument("--method", nargs="+", default=["odm"], choices=METHODS)
     parser.add_argument("--bits", nargs="+", type=int, default=[2],
                         choices=[b for b in VALID_BITS if b < 32], help="W = A bits, one row each")
     parser.add_argument("--lr-hw", nargs=2, type=int, default=[64, 64], metavar=("H", "W"),
@@ -47,11 +40,10 @@ def complexity_row(model_name: str, scale: int, method_name: str, bits: int, arg
                    ) -> dict[str, Any]:
     """Build the model, quantize it with ``method_name`` at W = A = ``bits`` and count."""
     model = build_model(model_name, scale)
-    target, overrides = METHODS[method_name]
-    method = build_method({"target": target, **overrides}, {"w": bits, "a": bits})
+    method_cfg = compose_config([f"method={method_name}"], output_dir=".").method  # conf/method/<name>.yaml
+    method = build_method(method_cfg, {"w": bits, "a": bits})
     method.quantize(model)
-    resolved = getattr(method, "resolved", None)  # DDTB: the dynamic ratio for this backbone
-    ratio = float(resolved()["dynamic_ratio"]) if callable(resolved) else None
+    ratio = method.gate_ratio()  # DDTB: the dynamic ratio for this backbone
     counts = summarize(model, method_name, bits, args.lr_hw, rule=args.rule, ddtb_count_bn=not args.no_ddtb_bn,
                        daq_ops_per_elem=args.daq_ops_per_elem, dynamic_ratio=ratio)
     return {"model": f"{model_name} x{scale}", "method": method_name, "bits": str(min(bits, 32)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -94,6 +95,41 @@ def validate_trainer(trainer: DictConfig) -> None:
     if interval is not None and not float(interval) > 0:
         raise ValueError(f"trainer.val_check_interval={interval}: expected a positive number of steps "
                          f"(or a fraction of an epoch in (0, 1])")
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising the target's own error (a ValueError naming the bad key, a
+    FileNotFoundError naming the missing file) instead of Hydra's wrapper around it."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, Exception) and not isinstance(cause, (ImportError, AttributeError)):
+            raise cause from None
+        raise
+
+
+# Keys that configs of older runs (checkpoint hyper-parameters) hold and that nothing reads any more: a key with
+# a single legal value (the transformer placement) or one no code read.
+RETIRED_KEYS = ("method.placement.transformer_same_layers", "optim.name")
+
+
+def drop_retired_keys(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without ``RETIRED_KEYS`` (in place), with the model's ``_target_`` an older config lacks, so that an
+    older checkpoint's config still builds."""
+    if "_target_" not in cfg.model:
+        with open_dict(cfg.model):
+            cfg.model._target_ = "odm_sr.builders.backbone"
+    for dotted in RETIRED_KEYS:
+        parent, _, key = dotted.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if isinstance(node, DictConfig) and key in node:
+            with open_dict(node):
+                del node[key]
+    return cfg
 
 
 # Groups read key by key by odm_sr (not instantiated, where the constructor would reject a typo). Their keys are

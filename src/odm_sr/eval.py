@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from .checkpoint import load_trained
@@ -53,12 +54,17 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
         engine = cfg.eval.get("engine", "torch")
         if engine not in ("torch", "onnx"):
             raise ValueError(f"eval.engine={engine!r}: expected torch or onnx")
+        device = cfg.eval.get("device")
         if engine == "torch" and cfg.eval.get("exact", False):  # exact integer sums, float64 rescale
             from .export.integer import extract_spec, integer_model
 
-            net = integer_model(net, extract_spec(net))
+            if device is not None and torch.device(device).type != "cpu":
+                raise ValueError(f"eval.exact=true runs on the CPU (the reference of the ONNX graph, float64 and "
+                                 f"integer-valued arithmetic as ORT's CPU kernels do it); got eval.device={device}: "
+                                 f"leave it unset or set eval.device=cpu")
+            net, device = integer_model(net, extract_spec(net)), "cpu"
         # network and metrics on eval.device (default CUDA where available); the LR batches follow the network
-        upscale = eval_upscale(net.to(resolve_device(cfg.eval.get("device"))), cfg.eval)
+        upscale = eval_upscale(net.to(resolve_device(device)), cfg.eval)
         if engine == "onnx":  # the integer graph in ONNX Runtime (export.runtime)
             from .export.runtime import onnx_eval_upscale
 

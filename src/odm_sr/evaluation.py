@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .data.imresize import imresize
-from .metrics import MetricAccumulator, evaluate_pair, to_uint8
+from .metrics import SRMetrics, to_uint8
 from .models.windows import PAD_MODES
 from .quant.distributed import world_size
 
@@ -20,44 +20,44 @@ Upscaler = Callable[[Tensor], Tensor]  # LR batch in [0, 1] -> SR batch in [0, 1
 EVAL_PAD_MODES = ("official", *PAD_MODES)
 
 
-def accumulate(acc: MetricAccumulator, sr: Tensor, hr: Tensor, scale: int,
-               names: Sequence[str] | None = None) -> None:
-    """Add the per-image PSNR/SSIM of a batch (SR and HR in [0, 1]; rounded to uint8 first), with the
-    images' names when given (``merge_across_ranks`` drops the duplicates DDP's sampler pads with by name)."""
-    for i in range(sr.shape[0]):
-        name = str(names[i]) if names is not None else ""
-        acc.update(*evaluate_pair(to_uint8(sr[i], 1.0), to_uint8(hr[i], 1.0), scale), image_name=name)
+def owned_weights(indices: Sequence[int] | Tensor | None, n: int, device: torch.device | str | None = None) -> Tensor:
+    """1 for each of a batch's ``n`` images this rank counts, 0 for the padding images of DDP's sampler.
 
-
-def merge_across_ranks(acc: MetricAccumulator) -> MetricAccumulator:
-    """Under DDP: one accumulator holding every rank's images (rank order), each named image once.
-
-    DDP's distributed sampler gives each rank a shard of the set and pads the shards to equal length with
-    repeated images; per-rank means would be means over a shard. Every rank must call this for the same sets
-    in the same order (it is a collective). Without a process group (or with one rank): ``acc`` itself.
+    Lightning shards a val/test set with ``DistributedSampler(shuffle=False)``: rank r gets the positions
+    r, r + world, ...; position p < len(set) holds image p, and the shards are padded to equal length with
+    repeats of the first images (positions p >= len(set)), which land on a rank r with r != index % world.
+    So a rank counts image ``index`` iff ``index % world == rank``: every image once over the ranks (also
+    where every rank sees the whole set). One process, or no ``indices`` (a set without "index"): all count.
     """
     world = world_size()
-    if world < 2:
-        return acc
-    parts: list[list[tuple[str, float, float]] | None] = [None] * world
-    torch.distributed.all_gather_object(parts, acc.per_image)
-    merged, seen = MetricAccumulator(acc.set_name), set()
-    for records in parts:
-        for name, psnr_value, ssim_value in records or []:
-            if name and name in seen:
-                continue
-            seen.add(name)
-            merged.update(psnr_value, ssim_value, image_name=name)
-    return merged
+    if indices is None or world < 2:
+        return torch.ones(n, dtype=torch.float64, device=device)
+    idx = torch.as_tensor(indices, device=device).reshape(n)
+    return (idx % world == torch.distributed.get_rank()).to(torch.float64)
+
+
+def update_metrics(metric: SRMetrics, sr: Tensor, hr: Tensor, indices: Sequence[int] | Tensor | None = None) -> None:
+    """Add a batch (SR and HR in [0, 1]; rounded to uint8 first) to ``metric``, each image weighted by
+    ``owned_weights`` (the dataset ``indices`` when given: DDP's padding images are not counted twice)."""
+    weights = owned_weights(indices, sr.shape[0], metric.count.device)
+    for i in range(sr.shape[0]):
+        metric.update(to_uint8(sr[i], 1.0), to_uint8(hr[i], 1.0), weights[i])
 
 
 @torch.no_grad()
 def evaluate_loader(upscale: Upscaler, loader, scale: int) -> tuple[float, float]:
-    """Mean per-image PSNR/SSIM of ``upscale`` over a loader."""
-    acc = MetricAccumulator()
+    """Mean per-image PSNR/SSIM of ``upscale`` over a loader, in this process (no DDP merge); the metrics
+    run on the device of ``upscale``'s output (the network's, e.g. ``eval.device``)."""
+    metric: SRMetrics | None = None
     for batch in loader:
-        accumulate(acc, upscale(batch["lr"]), batch["hr"], scale, batch.get("name"))
-    return acc.psnr, acc.ssim
+        sr = upscale(batch["lr"])
+        if metric is None:
+            metric = SRMetrics(scale, sync_on_compute=False).to(sr.device)
+        update_metrics(metric, sr, batch["hr"])
+    if metric is None:
+        return math.nan, math.nan
+    psnr_mean, ssim_mean, _ = metric.compute().tolist()
+    return psnr_mean, ssim_mean
 
 
 def evaluate_sets(upscale: Upscaler, datamodule) -> dict[str, tuple[float, float]]:

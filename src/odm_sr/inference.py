@@ -1,4 +1,4 @@
-"""Whole-image inference helpers: tiled ("chopped") forward with bounded memory, and window padding.
+"""Whole-image inference: tiled ("chopped") forward with bounded memory (window padding: ``models.windows``).
 
 ``forward_chopped`` splits the LR image into a grid of *core* blocks of side ``tile``; each block is
 run with up to ``overlap`` LR pixels of context on every side (less at the image edge, where the
@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["forward_chopped", "pad_to_multiple", "crop_to"]
+__all__ = ["forward_chopped"]
 
 
 def _starts(length: int, core: int) -> list[int]:
@@ -65,44 +63,3 @@ def forward_chopped(
                 :, :, oy : oy + scale * (y1 - y0), ox : ox + scale * (x1 - x0)
             ]
     return out
-
-
-def _symmetric_pad(x: Tensor, pad_h: int, pad_w: int) -> Tensor:
-    """Bottom/right padding by mirrored copies including the edge pixel (SwinIR's flip-and-concatenate)."""
-    h, w = x.shape[-2:]
-    mirror_h = torch.cat([torch.arange(h), torch.arange(h - 1, -1, -1)]).to(x.device)
-    mirror_w = torch.cat([torch.arange(w), torch.arange(w - 1, -1, -1)]).to(x.device)
-    x = x.index_select(-2, mirror_h[torch.arange(h + pad_h, device=x.device) % (2 * h)])
-    return x.index_select(-1, mirror_w[torch.arange(w + pad_w, device=x.device) % (2 * w)])
-
-
-def pad_to_multiple(
-    x: Tensor, multiple: int, mode: str = "reflect", always: bool = False
-) -> tuple[Tensor, tuple[int, int]]:
-    """Pad (N, C, H, W) at the bottom and right so H and W are multiples of ``multiple``.
-
-    ``always=True`` adds a whole extra ``multiple`` where a side already divides, as SwinIR's
-    ``main_test_swinir.py`` does (pad = (H // m + 1) * m - H); HAT pads only where needed (the default).
-
-    ``mode``: ``"symmetric"`` (SwinIR's official mirrored copies, edge pixel repeated), ``"reflect"``
-    (HAT's official ``F.pad(..., 'reflect')``, edge not repeated), ``"replicate"`` or ``"constant"`` (zeros).
-    Returns the padded tensor and the original (H, W); crop the output with
-    ``crop_to(y, scale * H, scale * W)``.
-    """
-    h, w = x.shape[-2:]
-    if always:
-        pad_h, pad_w = (h // multiple + 1) * multiple - h, (w // multiple + 1) * multiple - w
-    else:
-        pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x, (h, w)
-    if mode == "symmetric":
-        return _symmetric_pad(x, pad_h, pad_w), (h, w)
-    if mode not in ("reflect", "replicate", "constant"):
-        raise ValueError(f"unknown pad mode {mode!r}; use symmetric, reflect, replicate or constant")
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (h, w)
-
-
-def crop_to(x: Tensor, height: int, width: int) -> Tensor:
-    """Top-left (height, width) crop of a (..., H, W) tensor (undoes ``pad_to_multiple`` after upscaling)."""
-    return x[..., :height, :width]

@@ -11,13 +11,14 @@ import time
 import warnings
 from collections.abc import Iterator
 
+import hydra
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .evaluation import accumulate, eval_upscale, merge_across_ranks
-from .metrics import MetricAccumulator
-from .quant.base import QuantMethod, to_floats
+from .evaluation import eval_upscale, update_metrics
+from .metrics import SRMetrics
+from .quant.base import QuantMethod
 from .quant.distributed import all_reduce_sum_, world_size
 
 
@@ -25,19 +26,27 @@ class NonFiniteLossError(RuntimeError):
     """Raised when a training loss is NaN or infinite: the run stops, keeping the last good checkpoint."""
 
 
-def non_finite_ranks(loss: Tensor, terms: dict[str, Tensor]) -> dict[int, dict[str, float]]:
+def non_finite_ranks(loss: Tensor, terms: dict[str, Tensor], step: Tensor | None = None
+                     ) -> dict[int, dict[str, float]]:
     """{rank: its loss terms} for every rank whose loss is NaN/inf; empty when all are finite.
 
-    Under DDP every rank gets the same answer (one small all-reduce per step; the terms are exchanged only on
-    failure), so all ranks stop with the same message instead of leaving the others blocked in the next
-    collective. (ODM's L_M is a norm over the global batch: one rank's NaN makes every rank's L_M NaN.)
+    Under DDP every rank gets the same answer (one small all-reduce and one host sync; the terms are exchanged
+    only on failure), so all ranks stop with the same message instead of leaving the others blocked in the next
+    collective. (ODM's L_M is a norm over the global batch: one rank's NaN makes every rank's L_M NaN.) With
+    ``step`` (a 0-d tensor), each bad rank's entry also holds it under ``STEP_KEY``.
     """
     bad = _per_rank((~torch.isfinite(loss.detach())).float().reshape(1))[:, 0]
     if not bool(bad.any()):
         return {}
-    values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]) if terms else loss.new_zeros(0)
+    names = list(terms) + ([STEP_KEY] if step is not None else [])
+    parts = [v.detach().float().reshape(()) for v in terms.values()]
+    parts += [step.detach().float().reshape(())] if step is not None else []
+    values = torch.stack(parts) if parts else loss.new_zeros(0)
     rows = _per_rank(values)
-    return {r: dict(zip(terms, rows[r].tolist(), strict=True)) for r in bad.nonzero()[:, 0].tolist()}
+    return {r: dict(zip(names, rows[r].tolist(), strict=True)) for r in bad.nonzero()[:, 0].tolist()}
+
+
+STEP_KEY = "@step"
 
 
 def _per_rank(x: Tensor) -> Tensor:
@@ -68,8 +77,11 @@ class SRLitModule(L.LightningModule):
         # the teacher is frozen and rebuilt from the FP weights: keep it out of the state dict
         self._teacher = [teacher] if teacher is not None else []
         self.register_buffer("calibrated", torch.tensor(calibration_batches <= 0))
-        self._metrics: dict[str, MetricAccumulator] = {}
-        self.set_names: dict[str, list[str]] = {"val": [], "test": []}
+        # {stage/set: SRMetrics} of the running val/test epoch; plain dict: no state-dict keys, moved by hand
+        self._metrics: dict[str, SRMetrics] = {}
+        self.set_names: dict[str, list[str]] = {"val": [], "test": []}  # from the data module (``setup``)
+        self.last_metrics: dict[str, float] = {}
+        self._val_started = 0.0
         # wall time of training (calibration included) and of validating during fit; a resumed run adds the time of
         # the run it continues (from the checkpoint), so results.json reports the whole run
         self.seconds_before = {"train": 0.0, "validation": 0.0}
@@ -86,7 +98,7 @@ class SRLitModule(L.LightningModule):
     # -- helpers --------------------------------------------------------------------------------------
     @property
     def pixel_range(self) -> float:
-        return float(getattr(self.net, "pixel_range", 1.0))
+        return float(self.net.pixel_range)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -97,13 +109,15 @@ class SRLitModule(L.LightningModule):
         return eval_upscale(self.net, self.eval_cfg)(lr01)
 
     # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:  # the names behind each dataloader_idx
+            self.set_names = {"val": list(datamodule.val_set_names), "test": list(datamodule.test_set_names)}
+
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        groups = self.method.param_groups(self.net, float(cfg.get("lr", 1e-4)))
-        opt = torch.optim.Adam(groups, lr=float(cfg.get("lr", 1e-4)), betas=tuple(cfg.get("betas", (0.9, 0.999))),
-                               eps=float(cfg.get("eps", 1e-8)), weight_decay=float(cfg.get("weight_decay", 0.0)))
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.get("milestones", [])),
-                                                     gamma=float(cfg.get("gamma", 0.5)))
+        cfg = self.optim_cfg  # conf/optim: optimizer and scheduler are partial instantiations
+        opt = hydra.utils.instantiate(cfg["optimizer"])(self.method.param_groups(self.net, float(cfg["lr"])))
+        sched = hydra.utils.instantiate(cfg["scheduler"])(opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
@@ -128,6 +142,9 @@ class SRLitModule(L.LightningModule):
 
     # -- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One manual-optimisation step. No host sync on a step that does not log (issue 10): the finite check
+        of the loss is kept on the device (``_watch_finite``) and read on logging steps, before their optimizer
+        step, and before every checkpoint is written; the logged values go to the host once per logging step."""
         opt = self.optimizers()
         sched = self.lr_schedulers()
         lr, hr = batch["lr"] * self.pixel_range, batch["hr"] * self.pixel_range
@@ -135,11 +152,14 @@ class SRLitModule(L.LightningModule):
         if out is None:  # e.g. DDTB's calibration epoch: no optimizer step, the schedule still advances
             sched.step()
             self._step_count += 1
+            if self._watch is not None:  # keeps the record's step count right
+                self._watch["seen"] = self._watch["seen"] + 1
             return None
         loss = out.loss.detach()
-        bad = non_finite_ranks(loss, out.terms)
-        if bad:
-            raise NonFiniteLossError(self._non_finite_message(bad))
+        self._watch_finite(loss, out.terms)
+        logging = (self._step_count + 1) % self._log_every() == 0
+        if logging:
+            self.check_finite()
         logs = self.method.backward(out, self.net, self.manual_backward)
         clip = float(self.optim_cfg.get("grad_clip", 0.0))
         if clip > 0:
@@ -150,7 +170,11 @@ class SRLitModule(L.LightningModule):
         self._step_count += 1
         if self._compile_breaks_before is not None and self.graph_breaks is None:
             self._report_compile()
-        self._log_train(loss, out.terms, {**out.logs, **logs}, opt)
+        logs = {**out.logs, **logs}
+        if "mr/rho" in logs:  # the run sum of ρ, on the device (read at checkpoints and for results.json)
+            self._add_rho(logs["mr/rho"], loss.device)
+        if logging:
+            self._log_train(loss, out.terms, logs, opt)
         return None
 
     def _report_compile(self) -> None:
@@ -164,7 +188,63 @@ class SRLitModule(L.LightningModule):
         if self._trainer is not None:
             self.log("compile/graph_breaks", float(self.graph_breaks), rank_zero_only=True)
 
-    def _non_finite_message(self, bad: dict[int, dict[str, float]]) -> str:
+    def _add_rho(self, rho: Tensor | float, device: torch.device) -> None:
+        if self._balance_total is None:  # made in on_train_start in a run: no host-to-device copy in a step
+            self._balance_total = torch.tensor(self._balance_base, dtype=torch.float64, device=device)
+        self._balance_total = self._balance_total + torch.as_tensor(rho).detach().to(torch.float64)
+        self.balance_steps += 1
+
+    def on_train_start(self) -> None:
+        if self._balance_total is None:
+            self._balance_total = torch.tensor(self._balance_base, dtype=torch.float64, device=self.device)
+
+    def on_train_end(self) -> None:
+        self.check_finite()  # a non-finite loss after the last logging step stops the run here
+
+    def _log_every(self) -> int:
+        """``trainer.log_every_n_steps`` (Lightning writes the logs of the steps it divides); every step without
+        a Trainer."""
+        return max(1, int(self._trainer.log_every_n_steps or 1)) if self._trainer is not None else 1
+
+    # -- non-finite losses ---------------------------------------------------------------------------------
+    _watch: dict | None = None  # the device-side record since the last check: see _watch_finite
+
+    def _watch_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        """Record on the device, without a host sync, the first non-finite loss since the last check: its terms
+        and how many steps after the check it came. ``check_finite`` reads it."""
+        names = tuple(terms)
+        watch = self._watch
+        if watch is not None and watch["names"] != names:  # the terms change (a schedule stage): check first
+            self.check_finite()
+            watch = None
+        if watch is None:
+            zero = loss.new_zeros(())
+            watch = self._watch = {"names": names, "base": self._step_count, "seen": zero.clone(),
+                                   "loss": zero.clone(), "step": zero.clone(),
+                                   "terms": loss.new_zeros(len(names))}
+        values = torch.stack([v.detach().to(loss.dtype).reshape(()) for v in terms.values()]) if names \
+            else loss.new_zeros(0)
+        first = ~torch.isfinite(loss) & torch.isfinite(watch["loss"])
+        watch["loss"] = torch.where(first, loss, watch["loss"])
+        watch["terms"] = torch.where(first, values, watch["terms"])
+        watch["step"] = torch.where(first, watch["seen"], watch["step"])
+        watch["seen"] = watch["seen"] + 1
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` if a loss since the last check was NaN/inf (on any rank: a collective,
+        so every rank calls it at the same points: logging steps, checkpoint saves, the end of training). One
+        host sync. A non-finite loss thus stops the run at the latest at the next logging step or checkpoint,
+        naming the step it came at; no checkpoint is written after it."""
+        watch, self._watch = self._watch, None
+        if watch is None:
+            return
+        step = watch["step"] + watch["base"]
+        bad = non_finite_ranks(watch["loss"], dict(zip(watch["names"], watch["terms"], strict=True)), step)
+        if bad:
+            first = int(min(t.pop(STEP_KEY) for t in bad.values()))
+            raise NonFiniteLossError(self._non_finite_message(bad, first))
+
+    def _non_finite_message(self, bad: dict[int, dict[str, float]], step: int) -> str:
         """The stop message: each bad rank's loss terms (rank-prefixed under DDP) and advice that works (resume
         applies the new optim.* values: ``trainer_checkpoint.CurrentOptimSettingsOnResume``)."""
         prefix = "rank {}: " if world_size() > 1 else ""
@@ -172,7 +252,7 @@ class SRLitModule(L.LightningModule):
         callback = self._trainer.checkpoint_callback if self._trainer is not None else None  # None: no Trainer
         last = (callback.last_model_path if callback is not None else "") or "<run>/checkpoints/last.ckpt"
         lower = float(self.optim_cfg.get("lr", 1e-4)) / 10
-        return (f"non-finite training loss at step {self.global_step_count} ({terms}); stopping. The last good "
+        return (f"non-finite training loss at step {step} ({terms}); stopping. The last good "
                 f"checkpoint is kept: continue from it with a lower learning rate, resume={last} "
                 f"optim.lr={lower:.3g} (the new optim.* values replace the checkpoint's), or check the data.")
 
@@ -184,6 +264,7 @@ class SRLitModule(L.LightningModule):
     _step_count = 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # no checkpoint after a non-finite loss: the last one written stays the last good one
         # the torch RNG (drop-path, DataLoader base seeds) so that a resumed run continues bit for bit
         checkpoint["odm_sr_step_count"] = int(self._step_count)
         checkpoint["odm_sr_torch_rng"] = torch.get_rng_state()
@@ -221,33 +302,58 @@ class SRLitModule(L.LightningModule):
         return self.seconds_before["train"] + now
 
     @property
+    def balance_sum(self) -> float:
+        """The run's sum of ρ (ODM's ``mr/rho``) over its optimizer steps; kept on the device during training
+        (float64, the same additions in the same order as a host sum), read here with one host sync."""
+        return float(self._balance_total) if self._balance_total is not None else self._balance_base
+
+    @balance_sum.setter
+    def balance_sum(self, value: float) -> None:
+        self._balance_base, self._balance_total = float(value), None
+
+    _balance_base = 0.0
+    _balance_total: Tensor | None = None
+
+    @property
     def balance_mean(self) -> float | None:
         """The run's mean of ρ = λ_M·w·‖g_M‖/‖g_R‖ over its optimizer steps (None without MR)."""
         return self.balance_sum / self.balance_steps if self.balance_steps else None
 
     def _log_train(self, loss: Tensor, terms: dict, logs: dict, opt) -> None:
-        values = {"train/loss": float(loss)}
-        values.update({f"train/loss_{k}": float(v.detach()) for k, v in terms.items()})
+        """Log a logging step's values: every tensor among them (loss, terms, a method's logs, ``balance_stats``)
+        reaches the host in one transfer; a method's ``log_stats`` makes its own (one ``to_floats``)."""
+        entries: list[tuple[str, Tensor | float]] = [("train/loss", loss)]
+        entries += [(f"train/loss_{k}", v) for k, v in terms.items()]
         # a method's key with a '/' is a panel of its own (mr/rho), the rest go under train/
-        values.update({k if "/" in k else f"train/{k}": float(v) for k, v in logs.items()})
-        if "mr/rho" in logs:
-            self.balance_sum += float(logs["mr/rho"])
-            self.balance_steps += 1
+        entries += [(k if "/" in k else f"train/{k}", v) for k, v in logs.items()]
         for group in opt.optimizer.param_groups if hasattr(opt, "optimizer") else opt.param_groups:
-            values[f"lr/{group.get('name', 'group')}"] = float(group["lr"])
-        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 50)))
-        if self._step_count % every == 0:
-            values.update({f"quant/{k}": float(v) for k, v in self.method.log_stats(self.net).items()})
-            values.update({f"mr/{k}": v for k, v in to_floats(self.method.balance_stats()).items()})
+            entries.append((f"lr/{group.get('name', 'group')}", float(group["lr"])))
+        entries += [(f"quant/{k}", float(v)) for k, v in self.method.log_stats(self.net).items()]
+        entries += [(f"mr/{k}", v) for k, v in self.method.balance_stats().items()]
+        tensors = [v.detach().reshape(()).to(torch.float64) for _, v in entries if isinstance(v, Tensor)]
+        host = iter(torch.stack(tensors).tolist() if tensors else [])  # float64: each value exactly
+        values = {k: next(host) if isinstance(v, Tensor) else float(v) for k, v in entries}
         self.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, batch_size=1)
-        self.log("loss", float(loss), prog_bar=True, on_step=True, logger=False, batch_size=1)
+        self.log("loss", values["train/loss"], prog_bar=True, on_step=True, logger=False, batch_size=1)
 
     # -- evaluation -----------------------------------------------------------------------------------
+    def _eval_metric(self, key: str) -> SRMetrics:
+        if key not in self._metrics:
+            self._metrics[key] = SRMetrics(int(self.net.scale)).to(self.device)
+        return self._metrics[key]
+
+    def _start_eval(self, stage: str) -> None:
+        """Fresh metrics for every named set of ``stage``, in order (under DDP every rank computes, i.e. syncs,
+        the same sets in the same order)."""
+        self._metrics = {k: m for k, m in self._metrics.items() if not k.startswith(stage + "/")}
+        for name in self.set_names.get(stage) or []:
+            self._eval_metric(f"{stage}/{name}")
+
     def _eval_step(self, stage: str, batch: dict, dataloader_idx: int) -> None:
         names = self.set_names.get(stage) or []
         set_name = names[dataloader_idx] if dataloader_idx < len(names) else f"set{dataloader_idx}"
-        acc = self._metrics.setdefault(f"{stage}/{set_name}", MetricAccumulator())
-        accumulate(acc, self.upscale(batch["lr"]), batch["hr"], int(self.net.scale), batch.get("name"))
+        update_metrics(self._eval_metric(f"{stage}/{set_name}"), self.upscale(batch["lr"]), batch["hr"],
+                       batch.get("index"))
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -256,25 +362,32 @@ class SRLitModule(L.LightningModule):
         self._eval_step("test", batch, dataloader_idx)
 
     def _flush(self, stage: str) -> None:
-        values = {}
+        """Log each set's PSNR/SSIM: ``SRMetrics.compute`` sums the states over the DDP ranks (torchmetrics), one
+        host transfer for all the sets; a set no rank counted an image of is not logged."""
         keys = [k for k in self._metrics if k.startswith(stage + "/")]
-        if world_size() > 1:  # DDP: the same sets in the same order on every rank (merging is a collective)
-            keys = list(dict.fromkeys([f"{stage}/{name}" for name in self.set_names.get(stage) or []] + keys))
-        for key in keys:
-            acc = merge_across_ranks(self._metrics.pop(key, None) or MetricAccumulator())
-            if acc.count:
-                values[f"{key}/psnr"] = acc.psnr
-                values[f"{key}/ssim"] = acc.ssim
-        self.last_metrics = {**getattr(self, "last_metrics", {}), **values}
+        metrics = [self._metrics.pop(k) for k in keys]
+        values = {}
+        if metrics:
+            rows = torch.stack([m.compute() for m in metrics]).tolist()
+            for key, (psnr_mean, ssim_mean, count) in zip(keys, rows, strict=True):
+                if count:
+                    values[f"{key}/psnr"] = psnr_mean
+                    values[f"{key}/ssim"] = ssim_mean
+        self.last_metrics = {**self.last_metrics, **values}
         if values:
             self.log_dict(values, add_dataloader_idx=False, batch_size=1)
 
     def on_validation_epoch_start(self) -> None:
         self._val_started = time.perf_counter()
+        self._start_eval("val")
 
     def on_validation_epoch_end(self) -> None:
         self._flush("val")
-        self._validation_this_fit += time.perf_counter() - getattr(self, "_val_started", time.perf_counter())
+        self._validation_this_fit += time.perf_counter() - self._val_started
+
+    def on_test_epoch_start(self) -> None:
+        self.last_metrics = {}  # a test run reports its own sets only
+        self._start_eval("test")
 
     def on_test_epoch_end(self) -> None:
         self._flush("test")

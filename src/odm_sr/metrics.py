@@ -2,7 +2,8 @@
 
 Pipeline: model output -> ``to_uint8`` (scale to 0-255, round, clamp, cast) -> Y channel as MATLAB
 ``rgb2ycbcr`` (float64, not rounded) -> crop ``border`` (= scale) pixels on each side -> per-image PSNR
-and SSIM -> mean over the images of a set (``MetricAccumulator``).
+and SSIM -> mean over the images of a set (``SRMetrics``, a ``torchmetrics.Metric``: sums and a count,
+summed over DDP ranks by torchmetrics itself).
 
 Images are channel-first, (C, H, W) with C in {1, 3} (or a batch of one, (1, C, H, W)), uint8, as torch
 tensors or NumPy arrays.
@@ -15,11 +16,10 @@ gray truth.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 __all__ = [
     "to_uint8",
@@ -27,7 +27,9 @@ __all__ = [
     "psnr",
     "ssim",
     "evaluate_pair",
-    "MetricAccumulator",
+    "psnr_tensor",
+    "ssim_tensor",
+    "SRMetrics",
 ]
 
 ArrayLike = Tensor | np.ndarray
@@ -107,16 +109,19 @@ def _compare_channels(sr: ArrayLike, hr: ArrayLike, border: int) -> tuple[Tensor
     return sr_p, hr_p
 
 
+def psnr_tensor(sr: ArrayLike, hr: ArrayLike, border: int) -> Tensor:
+    """``psnr`` as a float64 0-d tensor on ``sr``'s device (no host sync); ``inf`` for identical images."""
+    sr_p, hr_p = _compare_channels(sr, hr, border)
+    mse = torch.mean((sr_p - hr_p) ** 2)
+    return 10.0 * torch.log10(255.0**2 / mse)
+
+
 def psnr(sr: ArrayLike, hr: ArrayLike, border: int) -> float:
     """Y-channel PSNR of one uint8 (C, H, W) image pair: 10 log10(255^2 / MSE) after cropping ``border``.
 
     Returns ``inf`` for identical images.
     """
-    sr_p, hr_p = _compare_channels(sr, hr, border)
-    mse = torch.mean((sr_p - hr_p) ** 2).item()
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(255.0**2 / mse)
+    return psnr_tensor(sr, hr, border).item()
 
 
 def _gaussian_window_1d() -> Tensor:
@@ -143,11 +148,12 @@ def _filter_valid(planes: Tensor) -> Tensor:
     return out
 
 
-def ssim(sr: ArrayLike, hr: ArrayLike, border: int) -> float:
+def ssim_tensor(sr: ArrayLike, hr: ArrayLike, border: int) -> Tensor:
     """Y-channel SSIM of one uint8 (C, H, W) pair, Wang et al.'s ``ssim_index.m`` after cropping ``border``.
 
     Gaussian 11x11 window (sigma 1.5), C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 255, statistics
-    computed on the valid region only (no padding, output (H-10) x (W-10)), then the mean of the map:
+    computed on the valid region only (no padding, output (H-10) x (W-10)), then the mean of the map (a float64
+    0-d tensor on ``sr``'s device):
 
         SSIM = mean[(2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))]
     """
@@ -163,7 +169,12 @@ def ssim(sr: ArrayLike, hr: ArrayLike, border: int) -> float:
     sigma_xy = e_xy - mu_x * mu_y
     num = (2.0 * mu_x * mu_y + c1) * (2.0 * sigma_xy + c2)
     den = (mu_x * mu_x + mu_y * mu_y + c1) * (sigma_x2 + sigma_y2 + c2)
-    return torch.mean(num / den).item()
+    return torch.mean(num / den)
+
+
+def ssim(sr: ArrayLike, hr: ArrayLike, border: int) -> float:
+    """``ssim_tensor`` as a float."""
+    return ssim_tensor(sr, hr, border).item()
 
 
 def evaluate_pair(sr_uint8: ArrayLike, hr_uint8: ArrayLike, scale: int) -> tuple[float, float]:
@@ -171,49 +182,50 @@ def evaluate_pair(sr_uint8: ArrayLike, hr_uint8: ArrayLike, scale: int) -> tuple
     return psnr(sr_uint8, hr_uint8, border=scale), ssim(sr_uint8, hr_uint8, border=scale)
 
 
-class MetricAccumulator:
-    """Per-image PSNR/SSIM of one set; ``psnr``/``ssim`` are means over images (never a pooled MSE).
+class SRMetrics(Metric):
+    """Mean per-image PSNR and SSIM of one set (never a pooled MSE), as sums and a count.
 
-    Use one accumulator per set (e.g. a dict keyed by set name).
+    ``update(sr_uint8, hr_uint8, weight)`` adds one image pair, (C, H, W) or (1, C, H, W), or a batch
+    (N, C, H, W) of equal-sized pairs; ``weight`` (0 or 1, a number or one per image) counts it or not, so a
+    rank can leave out the padding images of DDP's sampler (``evaluation.owned_weights``). ``compute()`` is the
+    float64 tensor ``[psnr, ssim, count]`` (psnr/ssim are nan when nothing was counted). The states are sums
+    (``dist_reduce_fx="sum"``): under DDP ``compute`` sums them over the ranks by itself. Everything stays on
+    the metric's device (move it with ``.to(device)``), so updates cost no host sync.
 
-    >>> acc = MetricAccumulator("Set5")
-    >>> acc.update(30.0, 0.9, image_name="baby")
-    >>> acc.update(32.0, 0.8)
-    >>> acc.count, acc.psnr, round(acc.ssim, 6)
-    (2, 31.0, 0.85)
+    >>> m = SRMetrics(scale=2)
+    >>> hr = torch.full((3, 24, 24), 100, dtype=torch.uint8)
+    >>> m.update(hr, hr); m.update(hr.flip(-1), hr, weight=0)
+    >>> m.compute().tolist()
+    [inf, 1.0, 1.0]
     """
 
-    def __init__(self, set_name: str = "") -> None:
-        self.set_name = set_name
-        self.per_image: list[tuple[str, float, float]] = []  # (image name, psnr, ssim) in update order
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
 
-    def update(self, psnr_value: float, ssim_value: float, image_name: str = "") -> None:
-        self.per_image.append((image_name, float(psnr_value), float(ssim_value)))
+    psnr_sum: Tensor
+    ssim_sum: Tensor
+    count: Tensor
 
-    def update_images(
-        self, sr_uint8: ArrayLike, hr_uint8: ArrayLike, scale: int, image_name: str = ""
-    ) -> tuple[float, float]:
-        """Compute (PSNR, SSIM) of one pair with ``evaluate_pair``, record it and return it."""
-        p, s = evaluate_pair(sr_uint8, hr_uint8, scale)
-        self.update(p, s, image_name=image_name)
-        return p, s
+    def __init__(self, scale: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.scale = int(scale)
+        for name in ("psnr_sum", "ssim_sum", "count"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    @property
-    def count(self) -> int:
-        return len(self.per_image)
+    def update(self, sr_uint8: ArrayLike, hr_uint8: ArrayLike, weight: float | Tensor = 1.0) -> None:
+        sr_t, hr_t = torch.as_tensor(sr_uint8), torch.as_tensor(hr_uint8)
+        if sr_t.dim() == 3:
+            sr_t, hr_t = sr_t[None], hr_t[None] if hr_t.dim() == 3 else hr_t
+        weights = torch.as_tensor(weight, dtype=torch.float64, device=self.count.device).expand(sr_t.shape[0])
+        for i in range(sr_t.shape[0]):
+            p = psnr_tensor(sr_t[i].to(self.count.device), hr_t[i], self.scale)
+            s = ssim_tensor(sr_t[i].to(self.count.device), hr_t[i], self.scale)
+            w = weights[i]
+            # where, not p * w: an uncounted identical pair (inf PSNR) must add 0, not nan
+            self.psnr_sum += torch.where(w > 0, p * w, torch.zeros_like(p))
+            self.ssim_sum += s * w
+            self.count += w
 
-    @property
-    def psnr(self) -> float:
-        """Mean PSNR over images (nan when empty)."""
-        return float(np.mean([r[1] for r in self.per_image])) if self.per_image else math.nan
-
-    @property
-    def ssim(self) -> float:
-        """Mean SSIM over images (nan when empty)."""
-        return float(np.mean([r[2] for r in self.per_image])) if self.per_image else math.nan
-
-    def compute(self) -> dict[str, float]:
-        return {"psnr": self.psnr, "ssim": self.ssim, "count": self.count}
-
-    def reset(self) -> None:
-        self.per_image.clear()
+    def compute(self) -> Tensor:
+        return torch.stack([self.psnr_sum / self.count, self.ssim_sum / self.count, self.count])

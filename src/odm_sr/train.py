@@ -130,13 +130,12 @@ def build_module(cfg: DictConfig) -> tuple[SRLitModule, Any]:
     datamodule = build_datamodule(cfg)
     datamodule.check_eval_sets()
     warn_if_tiled_dynamic(method, cfg.eval.get("tile"), "eval.tile")
-    lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim), teacher=teacher,
+    lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim, resolve=True), teacher=teacher,
                       eval_cfg=OmegaConf.to_container(cfg.eval),
-                      calibration_batches=int(getattr(method, "calibration_batches", 0) or 0),
+                      calibration_batches=method.calibration_batches,
                       hparams={"cfg": OmegaConf.to_container(cfg, resolve=True)},
                       compile_backend=str(cfg.trainer.get("compile_backend", "inductor"))
                       if cfg.trainer.get("compile", False) else None)
-    lit.set_names = {"val": list(cfg.data.val), "test": list(cfg.data.test)}
     return lit, datamodule
 
 
@@ -190,7 +189,7 @@ def ddp_strategy(strategy: Any, method: Any) -> Any:
     """
     from lightning.pytorch.strategies import StrategyRegistry
 
-    if not (isinstance(strategy, str) and getattr(method, "ddp_unused_parameters", False)):
+    if not (isinstance(strategy, str) and method.ddp_unused_parameters):
         return strategy
     if strategy.endswith("_find_unused_parameters_false"):
         raise ValueError(f"trainer.strategy={strategy}: method={method.name} leaves parameters out of some steps "
@@ -231,7 +230,6 @@ def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: li
     """{set: (PSNR, SSIM)} of ``trainer.test``. Under DDP they are merged over all ranks (``SRLitModule._flush``).
     ``lit.last_metrics`` holds them in float64 where this process ran the test; under the fork/spawn launchers
     it did not, and the trainer's callback metrics (float32, copied back from rank 0) are read instead."""
-    lit.last_metrics = {}
     trainer.test(lit, datamodule=datamodule, verbose=False, ckpt_path=ckpt_path)  # None: the weights in memory
     metrics = lit.last_metrics or trainer.callback_metrics
     missing = [s for s in set_names if f"test/{s}/psnr" not in metrics]

@@ -65,10 +65,10 @@ def test_tables_by_hand(root, tmp_path):
     sections = md.split("## ")[1:]
     assert len(sections) == 4
     scale, ablation, methods, mismatch = sections
-    # MR off: two seeds 29.00 / 29.10 -> 29.05 ± 0.07 (sample sd 0.0707); B100 = Set5 − 3
-    assert "| ODM MR off | 0.0000 ± 0.0000 | 29.05 ± 0.07 | 27.05 ± 0.07 | 26.05 ± 0.07 | 5100 ± 141 |" in scale
+    # MR off: two seeds 29.00 / 29.10 -> 29.050 ± 0.071 (sample sd 0.0707); B100 = Set5 − 3
+    assert "| ODM MR off | 0.0000 ± 0.0000 | 29.050 ± 0.071 | 27.050 ± 0.071 | 26.050 ± 0.071 | 5100 ± 141 |" in scale
     assert scale.index("MR off") < scale.index("λ_M=1e-05") < scale.index("λ_M=0.001") < scale.index("mse")
-    assert "| a | – | off | 28.50 |" in ablation and "| d | 1e-05 | naive | 28.90 |" in ablation
+    assert "| a | – | off | 28.500 |" in ablation and "| d | 1e-05 | naive | 28.900 |" in ablation
     assert "30.99 |" in ablation  # the paper's row d beside ours
     ranked = [line.split(" | ")[0].lstrip("| ") for line in methods.splitlines()[4:] if line.startswith("|")]
     assert ranked == ["ODM coop λ_M=0.001", "DAQ", "ODM coop λ_M=1e-05", "PAMS"]

@@ -100,3 +100,11 @@ def test_eval_exact_runs_the_integer_model_in_torch(tmp_path, monkeypatch):
         assert abs(rows["onnx"][name][0] - psnr) <= 1e-3 and abs(rows["onnx"][name][1] - ssim) <= 1e-5
     with pytest.raises(ExportError, match="DAQ"):
         eval_rows(tiny_checkpoint("edsr", "daq", 2, tmp_path / "daq"), ["eval.exact=true"], tmp_path / "d")
+
+
+def test_eval_exact_is_a_cpu_reference(tmp_path):
+    """``eval.exact=true`` with a GPU ``eval.device`` is refused before any work, naming the key (the integer
+    model keeps its float64 weights and codes on the CPU, the arithmetic ORT's CPU kernels do)."""
+    ckpt = tiny_checkpoint("edsr", "odm", 2, tmp_path)
+    with pytest.raises(ValueError, match=r"eval.exact=true runs on the CPU.*eval.device=cuda:1"):
+        eval_rows(ckpt, ["eval.exact=true", "eval.device=cuda:1"], tmp_path / "exact")

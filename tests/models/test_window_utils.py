@@ -100,3 +100,21 @@ def test_evaluation_pads_as_the_official_test_scripts() -> None:
     assert swinir.pad_mode == "reflect"  # restored after evaluation
     with pytest.raises(ValueError, match="eval.pad_mode='zeros'"):
         network_upscale(swinir, pad_mode="zeros")
+
+
+def test_pad_to_multiple_modes_on_a_5x6_image():
+    """(moved from the removed ``inference.pad_to_multiple``, same values) mirror = SwinIR's flip-and-concatenate,
+    reflect = ``F.pad(..., 'reflect')``; mirror pads a whole window on a multiple, reflect nothing."""
+    x = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(1, 2, 5, 6)
+    padded = pad_to_multiple(x, 4, mode="mirror")
+    assert padded.shape == (1, 2, 8, 8)
+    swinir = torch.cat([x, x.flip(2)], 2)[:, :, :8, :]  # SwinIR: cat([x, flip(x)])[:H + pad]
+    swinir = torch.cat([swinir, swinir.flip(3)], 3)[:, :, :, :8]
+    torch.testing.assert_close(padded, swinir)
+    assert padded[..., :5, :6].equal(x)
+    torch.testing.assert_close(pad_to_multiple(x, 4, mode="reflect"),
+                               torch.nn.functional.pad(x, (0, 2, 0, 3), mode="reflect"))
+    assert pad_to_multiple(x[..., :4, :4], 4).shape[-2:] == (4, 4)
+    assert pad_to_multiple(x[..., :4, :4], 4, "mirror").shape[-2:] == (8, 8)
+    with pytest.raises(ValueError, match="pad mode"):
+        pad_to_multiple(x, 4, mode="wrap")

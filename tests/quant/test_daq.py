@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from odm_sr.models import build_model
+from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.base import Bits
 from odm_sr.quant.blocks import ActSite, ImageCount
-from odm_sr.quant.daq import DAQ, GAUSSIAN_STEPS, DaqActQuantizer, DaqWeightQuantizer, auto_sigma_bits
+from odm_sr.quant.daq import DAQ, GAUSSIAN_STEPS, DaqActQuantizer, DaqWeightQuantizer
 from odm_sr.quant.layers import quantized_layers
 
 CONV = ActSite("q", 3, False)
@@ -137,8 +138,9 @@ def test_token_layout_uses_per_image_statistics():
 
 
 def test_auto_sigma_bits():
-    assert auto_sigma_bits(build_model("edsr_baseline", 2)) == 4
-    assert auto_sigma_bits(build_model("edsr", 2, n_resblocks=1, n_feats=8)) == 8
+    small = build_model("edsr", 2, n_resblocks=1, n_feats=8)
+    for model, expected in ((build_model("edsr_baseline", 2), 4), (small, 8)):
+        assert backbone_of(model).daq_sigma_bits(model) == expected
 
 
 def test_finetune_fixed_steps_apply_in_training_only():

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from odm_sr.models import build_model
+from odm_sr.quant.backbones import select_layers
 from odm_sr.quant.layers import QuantConv2d, QuantLinear, quantized_layers, to_quantized
-from odm_sr.quant.placement import select_layers, swap_layers
+from odm_sr.quant.placement import swap_layers
 
 
 class _AddOne(nn.Module):

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from odm_sr.models import build_model
 from odm_sr.quant import build_method
-from odm_sr.quant.base import Bits
+from odm_sr.quant.base import Bits, method_defaults
 from odm_sr.quant.calibration import quantizers_off
 from odm_sr.quant.functional import symmetric_quantize, uniform_quantize
 from odm_sr.quant.layers import QuantConv2d, quantized_layers
-from odm_sr.quant.odm import DEFAULTS, ODM, OdmActQuantizer, WeightClipQuantizer, odm_config
+from odm_sr.quant.odm import ODM, OdmActQuantizer, WeightClipQuantizer, odm_config
 
 LAYERS = ["body.0.body.0", "body.0.body.2", "body.1.body.0", "body.1.body.2"]
 
@@ -33,7 +33,7 @@ def _tiny_edsr(n_feats: int = 8):
 def test_defaults_and_nested_override():
     cfg = odm_config({"mr": {"weight_fn": "step"}, "init": {"j": 95}})
     assert cfg["mr"]["weight_fn"] == "step" and cfg["mr"]["mode"] == "coop"  # siblings keep their defaults
-    assert cfg["init"] == {**DEFAULTS["init"], "j": 95}
+    assert cfg["init"] == {**method_defaults("odm")["init"], "j": 95}
     assert odm_config(None)["lambda_m"] == 1e-5 and odm_config(None)["qparam_lr_mult"] == 10.0
 
 

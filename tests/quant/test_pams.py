@@ -246,7 +246,7 @@ def test_rdn_official_placement(monkeypatch):
 
 
 def test_transformer_uses_odm_layers():
-    from odm_sr.quant.placement import select_layers
+    from odm_sr.quant.backbones import select_layers
 
     kwargs = dict(img_size=8, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)
     expected = select_layers(build_model("swinir_light", 2, **kwargs))

@@ -41,7 +41,7 @@ C·32 + 64 MACs per image and dynamic quantizer at 2×2 bits; DAQ's runtime stat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from fractions import Fraction
 from typing import Any
@@ -50,13 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from odm_sr.models.edsr import MeanShift
-from odm_sr.models.hat import OCAB
-from odm_sr.models.windows import WindowAttention
+from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.base import Bits, to_dict
 from odm_sr.quant.daq import DaqActQuantizer
-from odm_sr.quant.ddtb import DDTB, GATE_BITS
+from odm_sr.quant.ddtb import GATE_BITS
 from odm_sr.quant.layers import QuantMixin
-from odm_sr.quant.placement import backbone_family
 from odm_sr.quant.quantizer import Quantizer
 
 FP_BITS = 32
@@ -124,9 +122,7 @@ def gate_shares(model: nn.Module, quantizers: dict[str, nn.Module],
 
 def default_dynamic_ratio(model: nn.Module) -> float:
     """DDTB's 'auto' dynamic ratio for this backbone (§4.3: EDSR 0.3, RDN 0.5, transformers 0.3)."""
-    method = DDTB()
-    method.family = backbone_family(model)
-    return float(method.resolved()["dynamic_ratio"])
+    return float(backbone_of(model).ddtb_auto["dynamic_ratio"])
 
 
 # -- storage -------------------------------------------------------------------------------------------------
@@ -163,7 +159,7 @@ def storage(model: nn.Module, rule: str = "full", *, ddtb_count_bn: bool = True,
     if rule not in RULES:
         raise ValueError(f"analysis.storage.rule={rule!r}: expected one of {RULES}")
     counted_roles = set(PAPER_LIKE_ROLES if rule == "paper_like" else OVERHEAD_ROLES)
-    per_layer_scale = rule == "paper_like" and backbone_family(model) in ("swinir", "hat")  # Table S8
+    per_layer_scale = rule == "paper_like" and backbone_of(model).per_layer_scale_storage  # Table S8
     if per_layer_scale:
         counted_roles = {"act_bound"}
     if not ddtb_count_bn:
@@ -286,14 +282,10 @@ def _quantizer_stub(rec: _Recorder, quantizer: nn.Module):
     return forward
 
 
-def _attention_hook(rec: _Recorder):
-    """Q·Kᵀ and A·V: 2·N_q·N_k·C per window (WindowAttention: N_k = N_q = M²; OCAB: N_k = overlap²)."""
+def _attention_hook(rec: _Recorder, macs: Callable[[nn.Module, Tensor], int]):
+    """Q·Kᵀ and A·V of one attention module, counted by the backbone table's ``attention_macs`` formula."""
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        x = args[0]
-        if isinstance(module, OCAB):
-            rec.attention_macs += 2 * x.shape[0] * x.shape[1] * module.overlap_win_size ** 2 * x.shape[2]
-        else:
-            rec.attention_macs += 2 * x.shape[0] * x.shape[1] * x.shape[1] * x.shape[2]
+        rec.attention_macs += macs(module, args[0])
     return hook
 
 
@@ -309,8 +301,9 @@ def _shape_only_forward(model: nn.Module, quantizers: dict[str, nn.Module],
     overrides = [(q, _quantizer_stub(rec, q)) for q in quantizers.values()]
     overrides += [(m, _layer_stub(rec, name, m)) for name, m in model.named_modules()
                   if isinstance(m, (nn.Conv2d, nn.Linear)) and owning_quantizer(name, quantizers) is None]
-    handles = [m.register_forward_hook(_attention_hook(rec)) for m in model.modules()
-               if isinstance(m, (WindowAttention, OCAB))]
+    formulas = backbone_of(model).attention_macs
+    handles = [m.register_forward_hook(_attention_hook(rec, formulas[type(m)])) for m in model.modules()
+               if type(m) in formulas]
     try:
         model.eval()
         with ExitStack() as stack:

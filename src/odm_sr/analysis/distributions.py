@@ -7,7 +7,7 @@ Every function takes a model (an ``nn.Module``, or the path of an odm-sr ``.ckpt
 the network one at a time, scaled to its ``pixel_range``, in eval mode, under ``no_grad``.
 
 Layers. The *quantized layers* are the conv/linear layers of ``quant.layers.quantized_layers``; an FP model
-(none) uses its backbone's placement rule (``quant.placement.select_layers``). A quantized layer's *quantizer*
+(none) uses its backbone's placement rule (``quant.backbones.select_layers``). A quantized layer's *quantizer*
 is its own ``act_quant`` or, without one (PAMS-style blocks: conv1 sees the block quantizer's output), the
 activation quantizer whose output it receives; the pre-quantizer tensor X_i is that quantizer's input.
 """
@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from odm_sr.analysis.complexity import find_quantizers
+from odm_sr.quant.backbones import select_layers
 from odm_sr.quant.calibration import batch_range, eval_mode
 from odm_sr.quant.functional import uniform_quantize
 from odm_sr.quant.layers import quantized_layers
-from odm_sr.quant.placement import select_layers
 
 DEFINITIONS = ("channel_mean", "channel_std", "tensor_mean_std")
 QUANTIZER_CHOICES = ("own", "fixed")

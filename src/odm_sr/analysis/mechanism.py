@@ -161,7 +161,7 @@ def table_mr_scale(conds: Sequence[Condition]) -> str:
     rows = [c for c in _odm(conds) if c.row in ("c", "e") and c.weight_fn in (None, "half_cos")]
     rows.sort(key=lambda c: (c.mode != "off", _lambda_order(c)))
     head = ["run", "ρ (mean)", *SETS, "mismatch (S10)", "Var img / ch (S9)", "n"]
-    body = [[c.label, cell(c, rho, 4), *(cell(c, _psnr_of(s)) for s in SETS), cell(c, MISMATCH, 0),
+    body = [[c.label, cell(c, rho, 4), *(cell(c, _psnr_of(s), 3) for s in SETS), cell(c, MISMATCH, 0),
              f"{cell(c, VAR_IMAGE, 1)} / {cell(c, VAR_CHANNEL, 1)}", str(len(c.runs))] for c in rows]
     return _table(head, body)
 
@@ -172,7 +172,7 @@ def table_ablation(conds: Sequence[Condition]) -> str:
     rows.sort(key=lambda c: (c.lambda_m or 0.0, c.row or ""))
     head = ["row", "λ_M", "MR", *SETS, "mismatch (S10)", "paper Set5 (λ_M=1e-5)", "n"]
     body = [[c.row or "", f"{c.lambda_m:g}" if c.mode != "off" else "–", c.mode or "",
-             *(cell(c, _psnr_of(s)) for s in SETS), cell(c, MISMATCH, 0), f"{PAPER_ROWS[c.row]:.2f}",
+             *(cell(c, _psnr_of(s), 3) for s in SETS), cell(c, MISMATCH, 0), f"{PAPER_ROWS[c.row]:.2f}",
              str(len(c.runs))] for c in rows if c.row]
     return _table(head, body)
 
@@ -185,7 +185,7 @@ def table_methods(conds: Sequence[Condition]) -> str:
                                     and c.weight_fn == "half_cos"))]
     rows.sort(key=lambda c: -(stats(c, _psnr_of("Set5")) or (0.0,))[0])
     head = ["method", *SETS, "mismatch (S10)", "train min", "n"]
-    body = [[c.label, *(cell(c, _psnr_of(s)) for s in SETS), cell(c, MISMATCH, 0), cell(c, train_minutes, 1),
+    body = [[c.label, *(cell(c, _psnr_of(s), 3) for s in SETS), cell(c, MISMATCH, 0), cell(c, train_minutes, 1),
              str(len(c.runs))] for c in rows]
     return _table(head, body)
 

@@ -28,7 +28,7 @@ class ResumableLoader(DataLoader):
         skip, self._skip = self._skip, 0
         if skip >= len(self):  # saved at the end of an epoch: the next one starts from its beginning
             skip = 0
-        if hasattr(self.sampler, "skip"):
+        if isinstance(self.sampler, EpochSampler):
             self.sampler.skip = skip * self.batch_size
         else:
             skip = 0

@@ -1,10 +1,11 @@
 """Whole-image SR data sets: stored LR/HR pairs, and HR folders with LR made by MATLAB bicubic.
 
 Every item (evaluation form) is ``{"lr": float (3, h, w) in [0, 1], "hr": float (C, s*h, s*w),
-"name": str, "hr_channels": C}``. HR is mod-cropped: its top-left s*h x s*w region, where h x w is the
-LR size (shared/data/README.md). The model input is always 3 channels: a grayscale LR is replicated;
-the grayscale HR keeps its one channel (``hr_channels = 1``) so metrics compare that channel
-(``odm_sr.metrics``). For training, wrap a data set in ``odm_sr.data.patches.PatchDataset``.
+"name": str, "hr_channels": C, "index": i}`` (``index``: the item's position in the set, by which a DDP rank
+leaves out the padding images of the distributed sampler: ``evaluation.owned_weights``). HR is mod-cropped: its
+top-left s*h x s*w region, where h x w is the LR size (shared/data/README.md). The model input is always 3
+channels: a grayscale LR is replicated; the grayscale HR keeps its one channel (``hr_channels = 1``) so metrics
+compare that channel (``odm_sr.metrics``). For training, wrap a data set in ``odm_sr.data.patches.PatchDataset``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class SRImageDataset(Dataset):
             "hr": to_tensor(hr),
             "name": self.names[index],
             "hr_channels": int(hr.shape[2]),
+            "index": int(index),
         }
 
 

@@ -21,7 +21,7 @@ activation lies that close to a rounding boundary of the next quantizer the two 
 (``bench/export_flips.py``, bench/README.md).
 
 The FP convs whose outputs reach a quantizer through the skips (EDSR ``head.0``, RDN ``SFENet1/2``:
-``EXACT_FP_CONVS``) and an integer layer with an FP input are exact in the same sense (``ExactConv2d``):
+``Backbone.exact_fp_convs``) and an integer layer with an FP input are exact in the same sense (``ExactConv2d``):
 PyTorch (oneDNN) and ORT (MLAS) sum a float32 conv in different orders, a few ulps apart, which was the
 origin of every > 1 grey level pixel of the trained 2-bit EDSR on B100 once the rescale was exact. Their
 graph is an exact im2col (a float32 Conv with one-hot kernels copies the taps) and a float64 ``MatMul``.
@@ -44,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.blocks import QuantDenseLayer, QuantRDB, QuantResBlock
 from odm_sr.quant.layers import QuantConv2d, QuantLinear, QuantMixin
-from odm_sr.quant.placement import backbone_family, replace_module
+from odm_sr.quant.placement import replace_module
 
 from .spec import ACT_QUANTIZERS, ActGrid, ExportError, WeightCodes, act_grid, check_static, weight_codes
 
@@ -309,8 +310,6 @@ class ExactConv2d(nn.Module):
         return emit_exact_conv(g, x, self.weight64, self.bias64, attrs)
 
 
-# FP convs whose outputs reach an activation quantizer (through the skips too), per backbone family
-EXACT_FP_CONVS = {"edsr": ("head.0",), "rdn": ("SFENet1", "SFENet2")}
 
 
 class IntegerLinear(_IntegerLayer):
@@ -359,9 +358,12 @@ def integer_model(model: nn.Module, spec: IntegerSpec) -> nn.Module:
         cls = IntegerConv2d if isinstance(layer, nn.Conv2d) else IntegerLinear
         replace_module(out, name, cls(layer, spec.weights[name], grids[name]))
     modules = dict(out.named_modules())
-    for name in EXACT_FP_CONVS.get(backbone_family(out), ()):
+    backbone = backbone_of(out)
+    for name in backbone.exact_fp_convs:
         if type(modules.get(name)) is nn.Conv2d:  # a quantized one is an integer layer already
             replace_module(out, name, ExactConv2d(modules[name]))
+    if backbone.exact_fp_ops is not None:  # SwinIR: LayerNorm, attention, GELU before the quantizers (export.exact)
+        backbone.exact_fp_ops(out)
     for name in act_quantizers(out):
         if not _is_consumed(name, spec):
             replace_module(out, name, FakeQuant(spec.grids[name]))

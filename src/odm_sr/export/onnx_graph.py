@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from odm_sr.evaluation import eval_pad_mode, window_padding
-from odm_sr.quant.placement import backbone_family
+from odm_sr.quant.backbones import backbone_of
 
 OPSET = 17
 INPUT, OUTPUT = "lr", "sr"
@@ -24,7 +24,7 @@ INPUT, OUTPUT = "lr", "sr"
 
 def has_dynamic_size(model: nn.Module) -> bool:
     """True for the CNN backbones, whose graph runs at any input size."""
-    return backbone_family(model) in ("edsr", "rdn")
+    return backbone_of(model).dynamic_size
 
 
 def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: str = "official") -> bytes:
@@ -34,7 +34,7 @@ def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: s
     ``odm-sr-eval`` does it (``evaluation.eval_pad_mode``).
     """
     dynamic = has_dynamic_size(int_model)
-    x = torch.rand(1, 3, *lr_hw) * float(getattr(int_model, "pixel_range", 1.0))
+    x = torch.rand(1, 3, *lr_hw) * float(int_model.pixel_range)
     axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}}
     buf = io.BytesIO()
     with window_padding(int_model, eval_pad_mode(int_model, pad_mode)), torch.no_grad(), warnings.catch_warnings():

@@ -42,7 +42,7 @@ class OnnxEngine:
                  graph: bytes | None = None) -> None:
         self.model, self.threads, self.pad_mode = int_model, threads, pad_mode
         self.scale = int(int_model.scale)
-        self.pixel_range = float(getattr(int_model, "pixel_range", 1.0))
+        self.pixel_range = float(int_model.pixel_range)
         self.dynamic = has_dynamic_size(int_model)
         self._sessions: dict[tuple[int, int] | None, object] = {}
         if graph is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
+
+from hydra.errors import InstantiationException
+
+from odm_sr.config import instantiate
 
 from .base import Bits, FullPrecision, QuantMethod, StepOutput, to_dict
 
@@ -21,15 +24,16 @@ def make_bits(bits_cfg: Any) -> Bits:
 
 
 def build_method(method_cfg: Any, bits_cfg: Any = None) -> QuantMethod:
-    """Instantiate the method class named by ``method_cfg.target`` (e.g. ``odm_sr.quant.odm.ODM``)."""
+    """``hydra.utils.instantiate`` of the method class named by ``method_cfg.target`` (e.g.
+    ``odm_sr.quant.odm.ODM``; ``target`` is also a key of every ``conf/method/*.yaml``), its keys as options.
+    A bad value raises the method's own ValueError."""
     cfg = to_dict(method_cfg)
     target = cfg.get("target", "odm_sr.quant.base.FullPrecision")
-    module_name, _, class_name = target.rpartition(".")
+    bits = make_bits(bits_cfg)
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
+        return instantiate({"_target_": target, **cfg}, bits=bits, _convert_="object")
+    except InstantiationException as err:  # the target could not be imported
         raise ValueError(f"method.target={target!r} cannot be imported: {err}") from err
-    return cls(cfg, make_bits(bits_cfg))
 
 
 __all__ = ["Bits", "FullPrecision", "QuantMethod", "StepOutput", "VALID_BITS", "build_method", "make_bits"]

@@ -8,13 +8,19 @@ then per step ``training_losses`` and ``backward``. A method is one file in ``qu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from odm_sr.config import CONFIG_DIR
+
+from .backbones import BACKBONES, Backbone, backbone_of
 
 
 @dataclass
@@ -50,14 +56,27 @@ def to_dict(cfg: Any) -> dict:
     """A plain dict from a DictConfig / dict / None (methods read plain values only)."""
     if cfg is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     return dict(cfg)
+
+
+@functools.cache
+def _method_yaml(name: str) -> DictConfig:
+    """``conf/method/<name>.yaml`` merged over the YAMLs its ``defaults`` list names (as Hydra composes it)."""
+    node = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
+    parents = [entry for entry in node.pop("defaults", []) if entry != "_self_"]
+    return OmegaConf.merge(*[_method_yaml(parent) for parent in parents], node)
+
+
+def method_defaults(name: str) -> dict:
+    """The one copy of a method's defaults: ``conf/method/<name>.yaml``, its interpolations (``${data.*}``)
+    resolved against the data group ``conf/train.yaml`` composes by default."""
+    choices = {k: v for entry in OmegaConf.load(CONFIG_DIR / "train.yaml").defaults
+               if isinstance(entry, DictConfig) for k, v in entry.items()}
+    root = OmegaConf.create({"data": OmegaConf.load(CONFIG_DIR / "data" / f"{choices['data']}.yaml"),
+                             "method": _method_yaml(name)})
+    return OmegaConf.to_container(root.method, resolve=True)  # type: ignore[return-value]
 
 
 def merge_config(defaults: dict, cfg: Any, extra_keys: tuple[str, ...] = (), _prefix: str = "") -> dict:
@@ -84,23 +103,71 @@ def merge_config(defaults: dict, cfg: Any, extra_keys: tuple[str, ...] = (), _pr
     return merged
 
 
+# -- option checks: the one style of every method option (ValueError "<key>=<value>: expected ...") ---------
+def check_choice(cfg: dict, key: str, allowed: Sequence, prefix: str = "") -> Any:
+    """``cfg[key]``, one of ``allowed`` (a bool only where ``allowed`` holds bools)."""
+    value = cfg[key]
+    bool_ok = any(isinstance(a, bool) for a in allowed)
+    if value not in allowed or (isinstance(value, bool) and not bool_ok):
+        raise ValueError(f"{prefix}{key}={value!r}: expected one of {tuple(allowed)}")
+    return value
+
+
+def check_bool(cfg: dict, key: str, prefix: str = "") -> bool:
+    """``cfg[key]``, true or false."""
+    if not isinstance(cfg[key], bool):
+        raise ValueError(f"{prefix}{key}={cfg[key]!r}: expected true or false")
+    return cfg[key]
+
+
+def check_number(cfg: dict, key: str, prefix: str = "", positive: bool = False) -> float:
+    """``cfg[key]``, a number ≥ 0 (> 0 with ``positive``)."""
+    value = cfg[key]
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"{prefix}{key}={value!r}: expected a {kind} number")
+    return value
+
+
+def check_range(cfg: dict, key: str, low: float, high: float, prefix: str = "", *, open_low: bool = False,
+                open_high: bool = False, auto: bool = False) -> Any:
+    """``cfg[key]``, a number in the interval from ``low`` to ``high`` (ends open as given); ``'auto'`` passes
+    with ``auto``."""
+    value = cfg[key]
+    if auto and value == "auto":
+        return value
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    inside = number and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
+    if not inside:
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        either = "'auto' or " if auto else ""
+        raise ValueError(f"{prefix}{key}={value!r}: expected {either}a number in {interval}")
+    return value
+
+
 class QuantMethod:
-    """Base class: full-precision training with an L1 reconstruction loss."""
+    """Base class: full-precision training with an L1 reconstruction loss.
+
+    Options are the keys of ``conf/method/<config_name>.yaml`` (their defaults, see ``method_defaults``), given as
+    a mapping ``cfg`` and/or keyword arguments (``hydra.utils.instantiate``); an unknown key raises ValueError."""
 
     name = "fp"
+    config_name = "fp"  # conf/method/<config_name>.yaml holds the defaults
     needs_teacher = False  # True: the LightningModule keeps a frozen FP copy and passes it as ``teacher``
-    supported_backbones: tuple[str, ...] = ("edsr", "rdn", "swinir", "hat")
-    backbone_note = ""  # why a backbone is unsupported, appended to the error
     per_image_statistics = False  # True: activations are quantized with statistics of the whole input image,
     # so a tiled forward (eval.tile, odm-sr-upscale --tile) differs from the whole-image one
     # True: some steps leave parameters out of the loss's graph on purpose, so DDP must look for unused parameters
     # (odm_sr.train.ddp_strategy); their gradients stay None there as in a single process (Adam skips them)
     ddp_unused_parameters = False
+    init_from_fp = True  # False: only the teacher gets model.pretrained's weights (PAMS's random_student_init)
+    calibration_batches = 0  # training batches ``calibrate`` receives before the first step (ODM: init.num_batches)
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        self.cfg = to_dict(cfg)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        self.cfg = merge_config(method_defaults(self.config_name), {**to_dict(cfg), **options},
+                                extra_keys=("calibration_batches",))  # calibration_batches: older run configs
         self.bits = bits or Bits()
-        self.name = str(self.cfg.get("name", type(self).name))  # the config's name (e.g. odm_fq, lsq)
+        self.name = str(self.cfg["name"])  # the config's name (e.g. odm_fq, lsq)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def quantize(self, model: nn.Module) -> nn.Module:
@@ -123,8 +190,9 @@ class QuantMethod:
         return StepOutput(sr=sr, terms={"rec": F.l1_loss(sr, hr)})
 
     def backward(self, out: StepOutput, model: nn.Module,
-                 backward_fn: Callable[[Tensor], None]) -> dict[str, float]:
-        """Fill ``.grad``; the default backpropagates the sum of the loss terms."""
+                 backward_fn: Callable[[Tensor], None]) -> dict[str, Tensor | float]:
+        """Fill ``.grad``; the default backpropagates the sum of the loss terms. Returns values to log (floats, or
+        0-d tensors left on the device: ``SRLitModule`` moves them to the host on logging steps only)."""
         backward_fn(sum(out.terms.values()))
         return {}
 
@@ -137,13 +205,24 @@ class QuantMethod:
         per-layer share of mismatch regularisation in θ's gradient and each layer's M_i)."""
         return {}
 
-    def check_backbone(self, model: nn.Module) -> None:
-        from .placement import backbone_family
+    def gate_ratio(self) -> float | None:
+        """Share of dynamic gates that complexity counts before calibration has chosen them (DDTB); None: the
+        backbone's default."""
+        return None
 
-        family = backbone_family(model)
-        if family not in self.supported_backbones:
-            raise ValueError(f"method {self.name!r} does not support backbone {family!r}; "
-                             f"supported: {', '.join(self.supported_backbones)}{self.backbone_note}")
+    def unsupported(self, backbone: Backbone) -> str:
+        """Why this method cannot quantize ``backbone`` (appended to the error); empty when it can."""
+        return ""
+
+    def check_backbone(self, model: Any) -> Backbone:
+        """The backbone table's row of ``model`` (anything with a ``name``); ValueError if unsupported."""
+        spec = backbone_of(model)
+        note = self.unsupported(spec)
+        if note:
+            supported = [f for f, s in BACKBONES.items() if not self.unsupported(s)]
+            raise ValueError(f"method {self.name!r} does not support backbone {spec.family!r}; "
+                             f"supported: {', '.join(supported)}{note}")
+        return spec
 
 
 class FullPrecision(QuantMethod):

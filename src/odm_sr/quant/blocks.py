@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .placement import backbone_family, select_layers, swap_layers
+from odm_sr.models.edsr import ResBlock
 
-EDSR_RULES = ("pams_style", "block_convs")
-RDN_RULES = ("pams_style", "rdb_lff_gff", "rdb_lff", "rdb_conv")
+from .placement import swap_layers
 
 
 class ImageCount:
@@ -127,7 +125,7 @@ def _make(make_act: ActFactory | None, site: ActSite) -> nn.Module | None:
     return make_act(site) if make_act is not None else None
 
 
-def _swap(model: nn.Module, names: list[str], make_act: ActFactory | None, make_weight: WeightFactory | None,
+def swap_with_sites(model: nn.Module, names: list[str], make_act: ActFactory | None, make_weight: WeightFactory | None,
           images: ImageCount, act_on: Callable[[str], bool] = lambda name: True) -> None:
     """Swap the named convs/linears; those with ``act_on(name)`` also get an input quantizer."""
 
@@ -141,23 +139,25 @@ def _swap(model: nn.Module, names: list[str], make_act: ActFactory | None, make_
     swap_layers(model, names, factory)
 
 
-def _edsr_pams_style(model: nn.Module, make_act, make_weight, images, conv1_raw_input: bool) -> None:
-    blocks = [(name, m) for name, m in model.body.named_children() if hasattr(m, "res_scale")]
+def edsr_pams_style(model: nn.Module, make_act, make_weight, images, quirks: dict) -> None:
+    """EDSR ResBlocks as PAMS_ResBlock (quirk ``conv1_raw_input``)."""
+    blocks = [(name, m) for name, m in model.body.named_children() if isinstance(m, ResBlock)]
     convs = [f"body.{name}.body.{i}" for name, _ in blocks for i in (0, 2)]
-    _swap(model, convs, make_act, make_weight, images, act_on=lambda name: name.endswith(".2"))
+    swap_with_sites(model, convs, make_act, make_weight, images, act_on=lambda name: name.endswith(".2"))
     for name, block in blocks:
         channels = block.body[0].in_channels
         q1 = _make(make_act, ActSite(f"body.{name}.quant_act1", channels, False, images))
         q3 = _make(make_act, ActSite(f"body.{name}.quant_act3", channels, False, images))
-        model.body._modules[name] = QuantResBlock(block, q1, q3, conv1_raw_input)
+        model.body._modules[name] = QuantResBlock(block, q1, q3, bool(quirks.get("conv1_raw_input", False)))
 
 
-def _rdn_pams_style(model: nn.Module, make_act, make_weight, images, gff3_fp_input: bool) -> None:
+def rdn_pams_style(model: nn.Module, make_act, make_weight, images, quirks: dict) -> None:
+    """RDN's RDBs, dense layers, LFF and GFF as in PAMS/DDTB (quirk ``rdn_gff3_fp_input``)."""
     rdb = [n for n, m in model.RDBs.named_modules()
            if isinstance(m, nn.Conv2d) and n.endswith((".conv.0", "LFF"))]
     convs = [f"RDBs.{n}" for n in rdb] + ["GFF.0", "GFF.1"]
-    fp_input = {"GFF.1"} if gff3_fp_input else set()
-    _swap(model, convs, make_act, make_weight, images,
+    fp_input = {"GFF.1"} if quirks.get("rdn_gff3_fp_input", False) else set()
+    swap_with_sites(model, convs, make_act, make_weight, images,
           act_on=lambda name: not name.endswith(".conv.0") and name not in fp_input)
     for i, block in enumerate(model.RDBs):
         for c, layer in enumerate(block.convs):
@@ -168,51 +168,14 @@ def _rdn_pams_style(model: nn.Module, make_act, make_weight, images, gff3_fp_inp
         model.RDBs._modules[str(i)] = QuantRDB(block, _make(make_act, site))
 
 
-def apply_placement(model: nn.Module, placement: dict, make_act: ActFactory | None,
-                    make_weight: WeightFactory | None, conv1_raw_input: bool = False,
-                    gff3_fp_input: bool = False) -> nn.Module:
-    """Quantize ``model`` in place: ``placement.edsr`` / ``placement.rdn`` = ``pams_style`` uses the wrappers
-    above; any other rule (and SwinIR/HAT, ``transformer_same_layers``) puts W + A on the layers that
-    ``placement.select_layers`` names. ``make_act`` / ``make_weight`` = None leave that side in FP."""
-    family = backbone_family(model)
-    rule = placement.get(family)
-    allowed = {"edsr": EDSR_RULES, "rdn": RDN_RULES}.get(family)
-    if allowed is not None and rule not in allowed:
-        raise ValueError(f"placement.{family}={rule!r}: expected one of {allowed}")
-    if family in ("swinir", "hat") and not placement.get("transformer_same_layers", True):
-        raise ValueError("placement.transformer_same_layers=false is not implemented: PAMS, DAQ and DDTB "
-                         "use the ODM transformer layers (METHODS.md §2.3)")
-    if placement.get("quant_attn_matmul", False):
-        raise NotImplementedError("placement.quant_attn_matmul=true (2DQuant's q/k/v and softmax "
-                                  "quantizers) is not implemented for PAMS, DAQ and DDTB")
-    images = ImageCount()
-    if family == "edsr" and rule == "pams_style":
-        _edsr_pams_style(model, make_act, make_weight, images, conv1_raw_input)
-    elif family == "rdn" and rule == "pams_style":
-        _rdn_pams_style(model, make_act, make_weight, images, gff3_fp_input)
-    else:
-        _swap(model, select_layers(model, placement), make_act, make_weight, images)
-    model.register_forward_pre_hook(images)
-    return model
-
-
 # -- config helpers shared by PAMS, DAQ and DDTB ------------------------------------------------------
-EXTRA_KEYS = ("target", "name", "calibration_batches")  # read by the entry points, not by the method
 
 
-def read_quirks(cfg: dict, known: tuple[str, ...]) -> dict[str, bool]:
-    """``quirks.<name>`` switches (all false), ``official: true`` turns them all on."""
-    quirks = dict(cfg.get("quirks") or {})
-    official = bool(cfg.get("official", False))
-    return {name: official or bool(quirks.get(name, False)) for name in known}
-
-
-def positive(cfg: dict, key: str, kind: type = float) -> Any:
-    """``cfg[key]`` as ``kind``, which must be > 0."""
-    value = kind(cfg[key])
-    if value <= 0:
-        raise ValueError(f"{key}={value}: expected a positive {kind.__name__}")
-    return value
+def read_quirks(cfg: dict) -> dict[str, bool]:
+    """The ``quirks.<name>`` switches (their names and defaults: the method's YAML); ``official: true`` turns them
+    all on."""
+    official = bool(cfg["official"])
+    return {name: official or bool(on) for name, on in cfg["quirks"].items()}
 
 
 # -- optimizer groups shared by PAMS and DDTB -------------------------------------------------------------

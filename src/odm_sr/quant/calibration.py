@@ -40,8 +40,9 @@ from .layers import QuantMixin
 SOURCES = ("fp", "sequential")
 
 
-class _StopForward(Exception):
-    """Raised by a pre-hook to end a calibration forward once the layer of interest has seen its input."""
+class StopForward(Exception):
+    """Raised by a forward pre-hook to end a forward early, once the module of interest has seen its input
+    (calibration of one layer; the SKT teacher's feature)."""
 
 
 def range_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -102,7 +103,7 @@ def _recording(layers: dict[str, nn.Module], j: float, sums: dict[str, Tensor],
             sums[name][:2] += batch_range(gather_cat(inputs[0]), j).to(sums[name].device)  # DDP: union batch
             sums[name][2] += 1
             if name == stop_at:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
@@ -120,7 +121,7 @@ def _device(model: nn.Module) -> torch.device:
 def _forward(model: nn.Module, x: Tensor) -> None:
     try:
         model(x)
-    except _StopForward:
+    except StopForward:
         pass
 
 

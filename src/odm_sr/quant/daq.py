@@ -11,37 +11,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, merge_config
-from .blocks import EXTRA_KEYS, ActSite, apply_placement, group_by_image, read_quirks, ungroup
-from .placement import backbone_family
+from .backbones import apply_placement, backbone_of
+from .base import Bits, QuantMethod
+from .blocks import ActSite, group_by_image, read_quirks, ungroup
+from .functional import straight_through
 from .quantizer import Quantizer
 
-DAQ_QUIRKS = ("unbounded_relu_branch", "finetune_fixed_steps", "nonpositive_sigma_offset")
 # Gaussian-optimal step factors t_b for b = 1..9 bits (`gaussian_steps`, indexed by b − 1 in the release)
 GAUSSIAN_STEPS = {1: 2.0, 2: 1.596, 3: 0.996, 4: 0.586, 5: 0.335, 6: 0.188, 7: 0.104, 8: 0.057, 9: 0.031}
-DAQ_DEFAULTS = {
-    "official": False,
-    "quirks": dict.fromkeys(DAQ_QUIRKS, False),
-    "sigma_bits": "auto",  # 4 for EDSR-baseline, 8 otherwise; 32 = σ not quantized
-    "stats_scope": "image",
-    "placement": {"edsr": "block_convs", "rdn": "rdb_conv", "transformer_same_layers": True,
-                  "hat_quantize_cab": False, "quant_attn_matmul": False},
-}
 # `--finetune`: fixed factors for every bit-width (quirk `finetune_fixed_steps`: EDSR only, training only)
 FINETUNE_STEP, FINETUNE_SIGMA_STEP = 1.596, 0.057
-
-
-class _IdentitySTE(torch.autograd.Function):
-    """Forward: the quantized values ``q`` exactly; backward: ∂/∂x = 1 (``q.detach() + x − x.detach()`` as
-    released, without its float round-off on the levels)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, q: Tensor) -> Tensor:
-        return q.view_as(q)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        return grad_out, None
 
 
 def step_factor(bits: int) -> float:
@@ -143,7 +122,7 @@ class DaqActQuantizer(Quantizer):
         return ungroup(out, x, self.site)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _IdentitySTE.apply(x, self.quantized(x))
+        return straight_through(x, self.quantized(x))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, sigma_bits={self.sigma_bits}, unbounded={self.unbounded}"
@@ -162,33 +141,23 @@ class DaqWeightQuantizer(Quantizer):
         factor = FINETUNE_STEP if self.fixed_steps and self.training else self.factor
         with torch.no_grad():
             q = midrise(w, factor * w.std(), self.bits)
-        return _IdentitySTE.apply(w, q)
+        return straight_through(w, q)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
-
-
-def auto_sigma_bits(model: nn.Module) -> int:
-    """4 for EDSR-baseline (64 features, 16 blocks), 8 otherwise (the released test scripts' ``qq``)."""
-    if getattr(model, "name", "") == "edsr_baseline":
-        return 4
-    if getattr(model, "name", "").startswith("edsr"):
-        blocks = [m for m in model.body if hasattr(m, "res_scale")]
-        if len(blocks) == 16 and model.head[0].out_channels == 64:
-            return 4
-    return 8
 
 
 class DAQ(QuantMethod):
     """DAQ: W + A on the placement's layers, L1 only (base ``training_losses``), nothing learnable."""
 
     name = "daq"
+    config_name = "daq"
     per_image_statistics = True  # per-image, per-channel mean/std of every quantized activation
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        super().__init__(cfg, bits)
-        self.cfg = c = merge_config(DAQ_DEFAULTS, cfg, EXTRA_KEYS)
-        self.quirks = read_quirks(c, DAQ_QUIRKS)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        c = self.cfg
+        self.quirks = read_quirks(c)
         sigma_bits = c["sigma_bits"]
         valid = (*GAUSSIAN_STEPS, 32)
         if sigma_bits != "auto" and (isinstance(sigma_bits, bool) or sigma_bits not in valid):
@@ -206,9 +175,10 @@ class DAQ(QuantMethod):
 
     def quantize(self, model: nn.Module) -> nn.Module:
         self.check_backbone(model)
-        sigma_bits = auto_sigma_bits(model) if self.sigma_bits == "auto" else int(self.sigma_bits)
+        spec = backbone_of(model)
+        sigma_bits = spec.daq_sigma_bits(model) if self.sigma_bits == "auto" else int(self.sigma_bits)
         # the release passes --finetune to EDSR's ResBlocks only (RDN hard-codes it off; no transformer there)
-        fixed = self.quirks["finetune_fixed_steps"] and backbone_family(model) == "edsr"
+        fixed = self.quirks["finetune_fixed_steps"] and spec.daq_finetune_steps
         unbounded, offset = self.quirks["unbounded_relu_branch"], self.quirks["nonpositive_sigma_offset"]
         make_act = None if self.bits.a >= 32 else (
             lambda site: DaqActQuantizer(self.bits.a, site, sigma_bits, unbounded, fixed, offset))

@@ -18,14 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
+from .backbones import DDTB_AUTO_EDSR, apply_placement, backbone_of
+from .base import Bits, QuantMethod, StepOutput, check_choice, check_number, check_range, to_floats
 from .blocks import (
-    EXTRA_KEYS,
     ActSite,
-    apply_placement,
     clip_param_groups,
     group_by_image,
-    positive,
     read_quirks,
     ungroup,
 )
@@ -41,27 +39,10 @@ from .functional import (
     wanted,
 )
 from .layers import QuantMixin
-from .placement import backbone_family
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
 
-DDTB_QUIRKS = ("bounds_pm10_above_2bit", "gate_frozen_first_conv", "rdn_calib_quantized_weights",
-               "conv1_raw_input", "rdn_gff3_fp_input")
 GATE_BITS, GATE_HIDDEN = 2, 32
-DDTB_DEFAULTS = {
-    "official": False,
-    "quirks": dict.fromkeys(DDTB_QUIRKS, False),
-    "skt": {"weight": 1000.0, "feature": "pre_reconstruction"},
-    "stages": {"calib_epochs": 1, "reg_epochs": 4},  # FP calibration epoch, then gates run unused + L_reg
-    "dynamic_ratio": "auto",  # EDSR 0.3, RDN 0.5, transformers 0.3
-    "init_percentile": "auto",  # M: EDSR 99, RDN 95, transformers 99
-    "weight_clip": "auto",  # EDSR/transformers percentile [p1, p99], RDN minmax
-    "gate_pool": "image",
-    "iters_per_epoch": 1000,
-    "qparam_lr": 1e-2,  # absolute lr of the alpha_lower / alpha_upper group
-    "placement": {"edsr": "pams_style", "rdn": "pams_style", "transformer_same_layers": True,
-                  "hat_quantize_cab": False, "quant_attn_matmul": False},
-}
 
 
 _HALF: dict[tuple[torch.dtype, torch.device], Tensor] = {}
@@ -377,34 +358,30 @@ class DDTB(QuantMethod):
     """DDTB: PAMS placement with DDTB quantizers; loss L1 + ``skt.weight``·L_SKT + L_reg (METHODS.md §4.3)."""
 
     name = "ddtb"
+    config_name = "ddtb"
     needs_teacher = True
     per_image_statistics = True  # the dynamic gates read GAP(x) of the whole input
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        super().__init__(cfg, bits)
-        self.cfg = c = merge_config(DDTB_DEFAULTS, cfg, EXTRA_KEYS)
-        self.quirks = read_quirks(c, DDTB_QUIRKS)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        c = self.cfg
+        self.quirks = read_quirks(c)
         self.skt_weight, _ = check_skt_config(c["skt"])
-        self.iters_per_epoch = positive(c, "iters_per_epoch", int)
-        self.qparam_lr = positive(c, "qparam_lr")
-        self.calib_epochs, self.reg_epochs = int(c["stages"]["calib_epochs"]), int(c["stages"]["reg_epochs"])
-        if self.calib_epochs < 0 or self.reg_epochs < 0:
-            raise ValueError(f"stages={c['stages']}: calib_epochs and reg_epochs must be >= 0")
-        self.dynamic_ratio, self.init_percentile = c["dynamic_ratio"], c["init_percentile"]
-        if self.dynamic_ratio != "auto" and not 0.0 <= float(self.dynamic_ratio) <= 1.0:
-            raise ValueError(f"dynamic_ratio={self.dynamic_ratio}: expected 'auto' or a number in [0, 1]")
-        if self.init_percentile != "auto" and not 50.0 < float(self.init_percentile) <= 100.0:
-            raise ValueError(f"init_percentile={self.init_percentile}: expected 'auto' or in (50, 100]")
-        self.weight_clip = c["weight_clip"]
-        if self.weight_clip not in ("auto", "percentile", "minmax"):
-            raise ValueError(f"weight_clip={self.weight_clip!r}: expected 'auto', 'percentile' or 'minmax'")
+        self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
+        self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))
+        self.calib_epochs = int(check_number(c["stages"], "calib_epochs", "stages."))
+        self.reg_epochs = int(check_number(c["stages"], "reg_epochs", "stages."))
+        self.dynamic_ratio = check_range(c, "dynamic_ratio", 0.0, 1.0, auto=True)
+        self.init_percentile = check_range(c, "init_percentile", 50.0, 100.0, open_low=True, auto=True)
+        self.weight_clip = check_choice(c, "weight_clip", ("auto", "percentile", "minmax"))
         if c["gate_pool"] == "window":
             raise NotImplementedError("gate_pool='window' (one gate per attention window) is not "
                                       "implemented; use 'image' (GAP over all tokens of the image)")
         if c["gate_pool"] != "image":
             raise ValueError(f"gate_pool={c['gate_pool']!r}: expected 'image' or 'window'")
         self.placement = c["placement"]
-        self.family = "edsr"
+        self.auto = dict(DDTB_AUTO_EDSR)  # the backbone's 'auto' values, set by quantize
+        self.calib_keeps_weights = False  # quirk rdn_calib_quantized_weights on a backbone it applies to
 
     @property
     def ddp_unused_parameters(self) -> bool:
@@ -415,14 +392,18 @@ class DDTB(QuantMethod):
     def resolved(self) -> dict[str, Any]:
         """The 'auto' settings for the quantized backbone: EDSR (and transformers) 0.3 / p99 / percentile
         weights; RDN 0.5 / p95 / min-max weights."""
-        rdn = self.family == "rdn"
-        auto = {"dynamic_ratio": 0.5 if rdn else 0.3, "init_percentile": 95.0 if rdn else 99.0,
-                "weight_clip": "minmax" if rdn else "percentile"}
-        return {k: auto[k] if getattr(self, k) == "auto" else getattr(self, k) for k in auto}
+        chosen = {"dynamic_ratio": self.dynamic_ratio, "init_percentile": self.init_percentile,
+                  "weight_clip": self.weight_clip}
+        return {k: self.auto[k] if v == "auto" else v for k, v in chosen.items()}
+
+    def gate_ratio(self) -> float:
+        return float(self.resolved()["dynamic_ratio"])
 
     def quantize(self, model: nn.Module) -> nn.Module:
         self.check_backbone(model)
-        self.family = backbone_family(model)
+        spec = backbone_of(model)
+        self.auto = dict(spec.ddtb_auto)
+        self.calib_keeps_weights = self.quirks["rdn_calib_quantized_weights"] and spec.ddtb_calib_quantized_weights
         auto = self.resolved()
         calibrate = not (self.quirks["bounds_pm10_above_2bit"] and self.bits.a > 2)
         make_act = None if self.bits.a >= 32 else (
@@ -430,9 +411,7 @@ class DDTB(QuantMethod):
                                       self.quirks["gate_frozen_first_conv"]))
         make_weight = None if self.bits.w >= 32 else (
             lambda name, layer: DdtbWeightQuantizer(self.bits.w, auto["weight_clip"]))
-        model = apply_placement(model, self.placement, make_act, make_weight,
-                                conv1_raw_input=self.quirks["conv1_raw_input"],
-                                gff3_fp_input=self.quirks["rdn_gff3_fp_input"])  # as released (and PAMS)
+        model = apply_placement(model, self.placement, make_act, make_weight, self.quirks)  # as released
         WeightBatch([m for m in model.modules() if isinstance(m, QuantMixin)
                      and isinstance(m.weight_quant, DdtbWeightQuantizer)],
                     [m for m in model.modules() if isinstance(m, DdtbActQuantizer)]).attach(model)
@@ -455,7 +434,7 @@ class DDTB(QuantMethod):
         return {n: m for n, m in model.named_modules() if isinstance(m, DdtbActQuantizer)}
 
     def _set_quantized(self, model: nn.Module, on: bool, recording: bool = False) -> None:
-        keep_weights = self.quirks["rdn_calib_quantized_weights"] and self.family == "rdn"
+        keep_weights = self.calib_keeps_weights
         for m in model.modules():
             if isinstance(m, DdtbActQuantizer):
                 m.enabled, m.recording = on, recording
@@ -470,7 +449,7 @@ class DDTB(QuantMethod):
         self._set_quantized(model, False, recording=False)
 
     def _finish_calibration(self, model: nn.Module) -> list[str]:
-        chosen = select_dynamic(self.act_quantizers(model), float(self.resolved()["dynamic_ratio"]))
+        chosen = select_dynamic(self.act_quantizers(model), self.gate_ratio())
         self._set_quantized(model, True)
         return chosen
 

@@ -3,7 +3,7 @@
 
 - **Convs.** Every conv from head to tail gets the method's W + A quantizers: ``head.0``,
   ``body.{i}.body.{0,2}``, ``body.{R}``, ``tail.0.*``, ``tail.1`` (not MeanShift;
-  ``placement.select_layers(full=True)``).
+  ``placement.all_conv_linear``).
   ``fq.quantize_image_input=false``: ``head.0``'s input, the mean-shifted 8-bit image, is not re-quantized
   (its weight is).
 - **Skip connections** (``fq.sc_operands=both``): each ResBlock computes q_res(res_scale·body(x)) + q_skip(x),
@@ -31,13 +31,12 @@ from torch import Tensor, nn
 
 from odm_sr.models.edsr import EDSR, ResBlock
 
+from .base import check_bool, check_choice
 from .layers import QuantMixin
 from .mismatch import MismatchRegistry, active_registry
-from .placement import QuantizerFactory, select_layers, swap_layers
+from .placement import QuantizerFactory, all_conv_linear, swap_layers
 from .quantizer import Quantizer
 
-FQ_DEFAULTS: dict[str, Any] = {"enabled": False, "quantize_image_input": False, "sc_operands": "both",
-                               "quantize_outputs": False, "sc_in_mismatch": True}
 SC_OPERANDS = ("both", "identity")
 IMAGE_INPUT_LAYER = "head.0"  # EDSR's first conv: its input is the mean-shifted image
 
@@ -45,12 +44,10 @@ SkipQuantizerFactory = Callable[[], nn.Module]
 
 
 def check_fq_config(fq: dict) -> None:
-    """Validate the ``fq`` block (merged over ``FQ_DEFAULTS``); ValueError names the offending key."""
+    """Validate the ``fq`` block (defaults: ``fq`` in ``conf/method/odm.yaml``); ValueError names the offending key."""
     for key in ("enabled", "quantize_image_input", "quantize_outputs", "sc_in_mismatch"):
-        if not isinstance(fq[key], bool):
-            raise ValueError(f"fq.{key}={fq[key]!r}: expected true or false")
-    if fq["sc_operands"] not in SC_OPERANDS:
-        raise ValueError(f"fq.sc_operands={fq['sc_operands']!r}: expected one of {SC_OPERANDS}")
+        check_bool(fq, key, "fq.")
+    check_choice(fq, "sc_operands", SC_OPERANDS, "fq.")
     if fq["quantize_outputs"]:
         raise ValueError("fq.quantize_outputs=true is not implemented: ODM-FQ has no output quantizers "
                          "(METHODS.md §4.5)")
@@ -130,9 +127,8 @@ def quantize_fully(model: nn.Module, fq: dict, make_quantizers: QuantizerFactory
     one skip-operand quantizer (None: skips stay FP, e.g. ``bits.sc=32``).
     """
     if not isinstance(model, EDSR) or isinstance(model, FullyQuantizedEDSR):
-        name = getattr(model, "name", type(model).__name__)
         raise ValueError(f"fq.enabled=true: fully-quantized mode is implemented for EDSR only (METHODS.md "
-                         f"§4.5, Table S4), and needs a float model; got {name!r} ({type(model).__name__})")
+                         f"§4.5, Table S4), and needs a float model; got {type(model).__name__}")
 
     def conv_quantizers(name: str, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         act, weight = make_quantizers(name, layer)
@@ -140,7 +136,7 @@ def quantize_fully(model: nn.Module, fq: dict, make_quantizers: QuantizerFactory
             act = None
         return act, weight
 
-    swap_layers(model, select_layers(model, full=True), conv_quantizers)
+    swap_layers(model, all_conv_linear(model), conv_quantizers)
     if fq["sc_operands"] == "both" and make_skip_quantizer is not None:
         _quantize_skips(model, make_skip_quantizer, fq["sc_in_mismatch"])
     return model
@@ -163,5 +159,5 @@ def skip_quantizers(model: nn.Module) -> dict[str, SkipQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SkipQuantizer)}
 
 
-__all__ = ["FQ_DEFAULTS", "FullyQuantizedEDSR", "FullyQuantizedResBlock", "SkipQuantizer", "check_fq_config",
+__all__ = ["FullyQuantizedEDSR", "FullyQuantizedResBlock", "SkipQuantizer", "check_fq_config",
            "quantize_fully", "skip_quantizers"]

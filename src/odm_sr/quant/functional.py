@@ -49,6 +49,21 @@ def wanted(ctx, index: int) -> bool:
         return True
 
 
+def clipped_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(∂L/∂x, ∂L/∂bound) of a fused clip-and-round Function that saved ``(inside, d, bound)`` and ``ctx.factor``:
+    the input's gradient through the inside mask, the bound's as one row product with d = ∂q/∂bound per element
+    (None where the forward did not need it), times the bound's gradient factor; each only where the pass reaches
+    it (:func:`wanted`)."""
+    inside, d, bound = ctx.saved_tensors
+    grad_b = None
+    if d is not None and wanted(ctx, 1):
+        (grad_b,) = row_grads(d.unsqueeze(0), grad_out, (bound,))
+        if ctx.factor != 1.0:
+            grad_b = grad_b * ctx.factor
+    grad_in = grad_out * inside if wanted(ctx, 0) else None
+    return grad_in, grad_b
+
+
 def row_grads(rows: Tensor, grad: Tensor, likes: Sequence[Tensor]) -> list[Tensor]:
     """Σ grad·rows[i] reduced to the shape of ``likes[i]``: the bound gradients of a fused quantizer.
 
@@ -126,14 +141,7 @@ class _SymmetricQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        inside, d, bound = ctx.saved_tensors
-        grad_b = None
-        if d is not None and wanted(ctx, 1):
-            (grad_b,) = row_grads(d.unsqueeze(0), grad_out, (bound,))
-            if ctx.factor != 1.0:
-                grad_b = grad_b * ctx.factor
-        grad_in = grad_out * inside if wanted(ctx, 0) else None
-        return grad_in, grad_b, None, None
+        return (*clipped_backward(ctx, grad_out), None, None)
 
 
 def uniform_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -> Tensor:
@@ -267,8 +275,8 @@ class _MaxAbsQuant(torch.autograd.Function):
 
 
 class _StraightThrough(torch.autograd.Function):
-    """The value of ``q`` with the gradient of ``x`` (∂/∂x = 1): ``x + (q − x).detach()`` without its two ops
-    (and without its round-off on the levels)."""
+    """The value of ``q`` with the gradient of ``x`` (∂/∂x = 1): ``x + (q − x).detach()`` (DAQ's released
+    ``q.detach() + x − x.detach()``) without its ops and without their float round-off on the levels."""
 
     @staticmethod
     def forward(ctx, x: Tensor, q: Tensor) -> Tensor:

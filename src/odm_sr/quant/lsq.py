@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .functional import grad_scale, percentile, row_grads, symmetric_quantize, wanted
+from .functional import clipped_backward, grad_scale, percentile, symmetric_quantize
 from .quantizer import Quantizer
 
 GRIDS = ("lsq_integer", "odm_symmetric")
@@ -38,14 +38,7 @@ class _LsqQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        inside, d, scale = ctx.saved_tensors
-        grad_s = None
-        if d is not None and wanted(ctx, 1):
-            (grad_s,) = row_grads(d.unsqueeze(0), grad_out, (scale,))
-            if ctx.factor != 1.0:
-                grad_s = grad_s * ctx.factor
-        grad_w = grad_out * inside if wanted(ctx, 0) else None
-        return grad_w, grad_s, None, None, None
+        return (*clipped_backward(ctx, grad_out), None, None, None)
 
 
 class LsqWeightQuantizer(Quantizer):

@@ -24,41 +24,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
+from .backbones import BACKBONES, Backbone, select_layers
+from .base import (
+    Bits,
+    QuantMethod,
+    StepOutput,
+    check_bool,
+    check_choice,
+    check_number,
+    merge_config,
+    method_defaults,
+    to_floats,
+)
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
 from .cooperative import COS_SCOPES, WEIGHT_FNS, balance_by_group, combine_gradients
 from .distributed import average_across_ranks, gather_cat
-from .fq import FQ_DEFAULTS, check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
+from .fq import check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
 from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
 from .mismatch import NORMS, MismatchRegistry, active_registry
-from .placement import select_layers, swap_layers
+from .placement import swap_layers
 from .quantizer import Quantizer
 
 WEIGHT_STATS = ("p99_abs", "max_abs")
 MR_MODES = ("coop", "naive", "off")
 
-DEFAULTS: dict[str, Any] = {
-    "name": "odm",
-    "target": "odm_sr.quant.odm.ODM",
-    "lambda_r": 1.0,
-    "lambda_m": 1e-5,
-    "qparam_lr_mult": 10.0,
-    "weight_quantizer": "wcc",
-    "quantize_bias": False,
-    "init_from_fp": True,
-    "init": {"j": 99.0, "num_batches": 100, "source": "fp", "interp": "linear"},
-    "wcc": {"stat": "p99_abs", "learn_gamma": True, "detach_stat": True, "lr_mult": 10.0},
-    "lsq": {"grid": "lsq_integer", "lr_mult": 10.0, "grad_scale": True},
-    "mr": {"mode": "coop", "weight_fn": "half_cos", "cos_scope": "global", "norm": "l2",
-           "detach_target": True, "grad_to_qparams": False, "cos_include_unreached": True,
-           "params": "conv_linear_wb"},
-    "placement": {"edsr": "block_convs", "rdn": "rdb_lff_gff", "hat_quantize_cab": False,
-                  "quant_attn_matmul": False, "transformer_same_layers": True},
-    "fq": dict(FQ_DEFAULTS),  # [fq] fully-quantized mode (ODM-FQ, METHODS.md §4.5), off by default; see fq.py
-}
-_EXTRA_KEYS = ("calibration_batches",)  # read by the training entry point; must equal init.num_batches
 
 
 class OdmActQuantizer(Quantizer):
@@ -142,33 +133,19 @@ class WeightClipQuantizer(Quantizer):
 
 
 # -- configuration ----------------------------------------------------------------------------------------
-def _check_choice(cfg: dict, key: str, allowed: Sequence, prefix: str = "") -> None:
-    if cfg[key] not in allowed:
-        raise ValueError(f"{prefix}{key}={cfg[key]!r}: expected one of {tuple(allowed)}")
-
-
-def _check_bool(cfg: dict, key: str, prefix: str = "") -> None:
-    if not isinstance(cfg[key], bool):
-        raise ValueError(f"{prefix}{key}={cfg[key]!r}: expected true or false")
-
-
-def _check_number(cfg: dict, key: str, prefix: str = "", positive: bool = False) -> None:
-    value = cfg[key]
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not number or value < 0 or (positive and value == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{prefix}{key}={value!r}: expected a {kind} number")
-
-
 def odm_config(cfg: Any = None) -> dict:
-    """The method config merged over ``DEFAULTS`` and validated (ValueError names the offending key)."""
-    c = merge_config(DEFAULTS, cfg, extra_keys=_EXTRA_KEYS)
+    """The method config merged over ``conf/method/odm.yaml`` and validated (ValueError names the offending key)."""
+    return check_odm_config(merge_config(method_defaults("odm"), cfg, extra_keys=("calibration_batches",)))
+
+
+def check_odm_config(c: dict) -> dict:
+    """Validate a merged ODM config; returns it."""
     for key in ("lambda_r", "lambda_m"):
-        _check_number(c, key)
-    _check_number(c, "qparam_lr_mult", positive=True)
-    _check_choice(c, "weight_quantizer", ("wcc", "lsq"))
+        check_number(c, key)
+    check_number(c, "qparam_lr_mult", positive=True)
+    check_choice(c, "weight_quantizer", ("wcc", "lsq"))
     for key in ("quantize_bias", "init_from_fp"):
-        _check_bool(c, key)
+        check_bool(c, key)
     if c["quantize_bias"]:
         raise ValueError("quantize_bias=true is not implemented: ODM keeps biases FP (METHODS.md §5.1)")
     init, wcc, lsq, mr, placement = c["init"], c["wcc"], c["lsq"], c["mr"], c["placement"]
@@ -181,26 +158,25 @@ def odm_config(cfg: Any = None) -> dict:
     if "calibration_batches" in c and c["calibration_batches"] != init["num_batches"]:
         raise ValueError(f"calibration_batches={c['calibration_batches']!r} differs from "
                          f"init.num_batches={init['num_batches']!r}: set both to the same value")
-    _check_choice(init, "source", SOURCES, "init.")
-    _check_choice(init, "interp", ("linear",), "init.")
-    _check_choice(wcc, "stat", WEIGHT_STATS, "wcc.")
-    _check_bool(wcc, "learn_gamma", "wcc.")
-    _check_bool(wcc, "detach_stat", "wcc.")
-    _check_number(wcc, "lr_mult", "wcc.", positive=True)
-    _check_choice(lsq, "grid", GRIDS, "lsq.")
-    _check_number(lsq, "lr_mult", "lsq.", positive=True)
-    _check_bool(lsq, "grad_scale", "lsq.")
-    _check_choice(mr, "mode", MR_MODES, "mr.")
-    _check_choice(mr, "weight_fn", WEIGHT_FNS, "mr.")
-    _check_choice(mr, "cos_scope", COS_SCOPES, "mr.")
-    _check_choice(mr, "norm", NORMS, "mr.")
-    _check_choice(mr, "params", ("conv_linear_wb",), "mr.")
+    check_choice(init, "source", SOURCES, "init.")
+    check_choice(init, "interp", ("linear",), "init.")
+    check_choice(wcc, "stat", WEIGHT_STATS, "wcc.")
+    check_bool(wcc, "learn_gamma", "wcc.")
+    check_bool(wcc, "detach_stat", "wcc.")
+    check_number(wcc, "lr_mult", "wcc.", positive=True)
+    check_choice(lsq, "grid", GRIDS, "lsq.")
+    check_number(lsq, "lr_mult", "lsq.", positive=True)
+    check_bool(lsq, "grad_scale", "lsq.")
+    check_choice(mr, "mode", MR_MODES, "mr.")
+    check_choice(mr, "weight_fn", WEIGHT_FNS, "mr.")
+    check_choice(mr, "cos_scope", COS_SCOPES, "mr.")
+    check_choice(mr, "norm", NORMS, "mr.")
+    check_choice(mr, "params", ("conv_linear_wb",), "mr.")
     for key in ("detach_target", "grad_to_qparams", "cos_include_unreached"):
-        _check_bool(mr, key, "mr.")
-    _check_choice(placement, "edsr", ("block_convs",), "placement.")  # pams_style is PAMS's pattern
-    for key in ("hat_quantize_cab", "transformer_same_layers"):
-        _check_bool(placement, key, "placement.")
-    _check_choice(placement, "quant_attn_matmul", (False,), "placement.")
+        check_bool(mr, key, "mr.")
+    check_choice(placement, "edsr", ("block_convs",), "placement.")  # pams_style is PAMS's pattern
+    check_bool(placement, "hat_quantize_cab", "placement.")
+    check_choice(placement, "quant_attn_matmul", (False,), "placement.")
     check_fq_config(c["fq"])  # [fq]
     return c
 
@@ -210,18 +186,23 @@ GROUPS = ("theta", "act_qparams", "wcc_gamma", "lsq_scale", "rest")
 
 
 class ODM(QuantMethod):
-    """ODM (METHODS.md §5). Config keys and defaults: ``DEFAULTS``; see ``odm_config``."""
+    """ODM (METHODS.md §5). Config keys and defaults: ``conf/method/odm.yaml``; see ``check_odm_config``."""
 
     name = "odm"
+    config_name = "odm"
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        super().__init__(odm_config(cfg), bits)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        check_odm_config(self.cfg)
         self.init_from_fp = self.cfg["init_from_fp"]
         self.calibration_batches = self.cfg["init"]["num_batches"]
         self._balance: dict[str, Tensor] = {}
-        if self.cfg["fq"]["enabled"] and not self.bits.is_float:
-            self.supported_backbones = ("edsr",)
-            self.backbone_note = " (fully-quantized mode is implemented for EDSR only)"
+
+    def unsupported(self, backbone: Backbone) -> str:
+        if self.cfg["fq"]["enabled"] and not self.bits.is_float and not backbone.fully_quantized:
+            done = [f.upper() for f, spec in BACKBONES.items() if spec.fully_quantized]
+            return f" (fully-quantized mode is implemented for {', '.join(done)} only)"
+        return ""
 
     # -- set-up -------------------------------------------------------------------------------------------
     def quantize(self, model: nn.Module) -> nn.Module:
@@ -300,8 +281,9 @@ class ODM(QuantMethod):
                           objective=(rec + self.cfg["lambda_m"] * mismatch).detach())
 
     def backward(self, out: StepOutput, model: nn.Module,
-                 backward_fn: Callable[[Tensor], None]) -> dict[str, float]:
-        """Write ``.grad`` per §5.7 (accumulating into existing grads, like ``backward``).
+                 backward_fn: Callable[[Tensor], None]) -> dict[str, Tensor]:
+        """Write ``.grad`` per §5.7 (accumulating into existing grads, like ``backward``). Returns the logged
+        scalars as detached 0-d tensors on the device (the caller moves them to the host on logging steps only).
 
         coop/naive: g_R = ∇(λ_R L_R) for θ, φ and rest; g_M = ∇L_M for θ (+ φ if
         ``mr.grad_to_qparams``), None where L_M does not reach. Autograd only walks L_M's own graph (the
@@ -315,7 +297,7 @@ class ODM(QuantMethod):
         mr, rec = self.cfg["mr"], out.terms["rec"]
         if mr["mode"] == "off" or "mismatch" not in out.terms:
             backward_fn(rec)
-            return to_floats({"loss_rec": rec})
+            return {"loss_rec": rec.detach()}
         mismatch = out.terms["mismatch"]
         groups = self.partition(model)
         theta, rest = groups["theta"], groups["rest"]
@@ -339,10 +321,10 @@ class ODM(QuantMethod):
             phi_grads = [_add_scaled(r, m, self.cfg["lambda_m"])
                          for r, m in zip(phi_grads, g_m[n_t:], strict=True)]
         _accumulate(theta + phi + rest, list(theta_grads) + phi_grads + list(g_r[n_t + n_p:]))
-        return to_floats({"loss_rec": rec, "loss_mismatch": mismatch, "cos": stats["cos"],
-                           "weight": stats["weight"], "grad_norm_rec": stats["grad_norm_rec"],
-                           "grad_norm_mismatch": stats["grad_norm_mismatch"],
-                           "sign_conflict": stats["sign_conflict"], "mr/rho": stats["balance"]})
+        logs = {"loss_rec": rec, "loss_mismatch": mismatch, "cos": stats["cos"], "weight": stats["weight"],
+                "grad_norm_rec": stats["grad_norm_rec"], "grad_norm_mismatch": stats["grad_norm_mismatch"],
+                "sign_conflict": stats["sign_conflict"], "mr/rho": stats["balance"]}
+        return {k: torch.as_tensor(v).detach().reshape(()) for k, v in logs.items()}  # 0-d tensors: no host sync
 
     def balance_stats(self) -> dict[str, Tensor]:
         """MR's share of θ's gradient in the last step, per quantized layer (logged as ``mr/<layer>/rho``):
@@ -398,4 +380,4 @@ def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) 
             p.grad.add_(g.detach())
 
 
-__all__ = ["DEFAULTS", "ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config", "quantizer_names"]
+__all__ = ["ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config", "quantizer_names"]

@@ -11,35 +11,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Bits, QuantMethod, StepOutput, merge_config, to_floats
+from .backbones import apply_placement
+from .base import Bits, QuantMethod, StepOutput, check_number, check_range, to_floats
 from .blocks import (
-    EXTRA_KEYS,
     ActSite,
-    apply_placement,
     clip_param_groups,
     group_by_image,
-    positive,
     read_quirks,
 )
 from .distributed import all_reduce_mean_, world_size
 from .functional import max_abs_weight_quantize, row_grads, wanted
 from .quantizer import Quantizer
 from .skt import check_skt_config, distillation_losses
-
-PAMS_QUIRKS = ("random_student_init", "conv1_raw_input", "alpha_last_batch", "rdn_gff3_fp_input",
-               "alpha_grad_while_tracking")
-PAMS_DEFAULTS = {
-    "official": False,
-    "quirks": dict.fromkeys(PAMS_QUIRKS, False),
-    "skt": {"weight": 1000.0, "feature": "pre_reconstruction"},
-    "alpha_init": 10.0,  # α before the first tracked batch (only eval before training sees it)
-    "ema_decay": 0.9997,
-    "ema_epochs": 1,  # epochs in which α tracks the data instead of clipping
-    "iters_per_epoch": 1000,
-    "qparam_lr": 1e-2,  # absolute lr of the α group
-    "placement": {"edsr": "pams_style", "rdn": "pams_style", "transformer_same_layers": True,
-                  "hat_quantize_cab": False, "quant_attn_matmul": False},
-}
 
 
 class _SymmetricZeroQuant(torch.autograd.Function):
@@ -172,22 +155,19 @@ class PAMS(QuantMethod):
     """PAMS: W + A quantization with learnable α, L1 + ``skt.weight``·L_SKT (METHODS.md §4.1)."""
 
     name = "pams"
+    config_name = "pams"
     needs_teacher = True
 
-    def __init__(self, cfg: Any = None, bits: Bits | None = None):
-        super().__init__(cfg, bits)
-        self.cfg = c = merge_config(PAMS_DEFAULTS, cfg, EXTRA_KEYS)
-        self.quirks = read_quirks(c, PAMS_QUIRKS)
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        c = self.cfg
+        self.quirks = read_quirks(c)
         self.skt_weight, _ = check_skt_config(c["skt"])
-        self.alpha_init = positive(c, "alpha_init")
-        self.ema_decay = float(c["ema_decay"])
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay}: expected 0 <= decay < 1")
-        self.ema_epochs = int(c["ema_epochs"])
-        if self.ema_epochs < 0:
-            raise ValueError(f"ema_epochs={self.ema_epochs}: expected >= 0")
-        self.iters_per_epoch = positive(c, "iters_per_epoch", int)
-        self.qparam_lr = positive(c, "qparam_lr")
+        self.alpha_init = float(check_number(c, "alpha_init", positive=True))
+        self.ema_decay = float(check_range(c, "ema_decay", 0.0, 1.0, open_high=True))
+        self.ema_epochs = int(check_number(c, "ema_epochs"))
+        self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
+        self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))
         self.placement = c["placement"]
 
     @property
@@ -207,9 +187,7 @@ class PAMS(QuantMethod):
             lambda site: PamsActQuantizer(self.bits.a, site, self.alpha_init, self.ema_decay,
                                       self.quirks["alpha_last_batch"], self.quirks["alpha_grad_while_tracking"]))
         make_weight = None if self.bits.w >= 32 else (lambda name, layer: PamsWeightQuantizer(self.bits.w))
-        return apply_placement(model, self.placement, make_act, make_weight,
-                               conv1_raw_input=self.quirks["conv1_raw_input"],
-                               gff3_fp_input=self.quirks["rdn_gff3_fp_input"])
+        return apply_placement(model, self.placement, make_act, make_weight, self.quirks)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuantizer)]

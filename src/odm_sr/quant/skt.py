@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .placement import backbone_family
+from .backbones import backbone_of
+from .base import check_choice, check_number
+from .calibration import StopForward
 
 SKT_FEATURES = ("pre_reconstruction",)
 
@@ -33,16 +35,7 @@ def skt_loss(f_student: Tensor, f_teacher: Tensor) -> Tensor:
 
 def reconstruction_input_module(model: nn.Module) -> nn.Module:
     """The module whose input is the SKT feature F (the reconstruction input) of ``model``."""
-    family = backbone_family(model)
-    if family == "edsr":
-        return model.tail
-    if family == "rdn":
-        return model.UPNet
-    if hasattr(model, "conv_before_upsample"):  # SwinIR-classical, HAT
-        return model.conv_before_upsample
-    if hasattr(model, "upsample"):  # SwinIR-light (pixelshuffledirect)
-        return model.upsample
-    raise ValueError(f"no reconstruction input known for {type(model).__name__} ({family})")
+    return backbone_of(model).skt_feature(model)
 
 
 class _Captured:
@@ -67,16 +60,7 @@ def capture_reconstruction_input(model: nn.Module) -> Iterator[_Captured]:
 
 def check_skt_config(skt: dict) -> tuple[float, str]:
     """Validate ``skt.weight`` (≥ 0) and ``skt.feature``; returns (weight, feature)."""
-    weight, feature = float(skt["weight"]), skt["feature"]
-    if weight < 0:
-        raise ValueError(f"skt.weight={weight}: expected a non-negative number")
-    if feature not in SKT_FEATURES:
-        raise ValueError(f"skt.feature={feature!r}: expected one of {SKT_FEATURES}")
-    return weight, feature
-
-
-class _StopForward(Exception):
-    """Raised by a pre-hook once the teacher's SKT feature is known: its reconstruction part never runs."""
+    return float(check_number(skt, "weight", "skt.")), check_choice(skt, "feature", SKT_FEATURES, "skt.")
 
 
 def teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
@@ -88,13 +72,13 @@ def teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
 
     def stop(module: nn.Module, args: tuple) -> None:
         captured(module, args)
-        raise _StopForward
+        raise StopForward  # the reconstruction part never runs
 
     handle = reconstruction_input_module(teacher).register_forward_pre_hook(stop)
     try:
         with torch.no_grad():
             teacher(lr)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         handle.remove()
