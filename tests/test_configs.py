@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -269,5 +270,55 @@ def test_an_older_checkpoint_config_with_retired_keys_still_loads(tmp_path):
     torch.save({"state_dict": state, "hyper_parameters": {"cfg": old}}, tmp_path / "old.ckpt")
     loaded, loaded_cfg = load_trained(tmp_path / "old.ckpt")
     assert "transformer_same_layers" not in loaded_cfg.method.placement and "name" not in loaded_cfg.optim
+    tensors = {k: v for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert tensors and all(torch.equal(loaded.state_dict()[k], v) for k, v in tensors.items())
+
+
+# method: {dotted key under method: the single value older runs stored}; each key had one legal value
+SINGLE_VALUE_KEYS = {
+    "odm": {"quantize_bias": False, "init.interp": "linear", "mr.params": "conv_linear_wb",
+            "placement.quant_attn_matmul": False, "fq.quantize_outputs": False},
+    "daq": {"stats_scope": "image", "placement.quant_attn_matmul": False},
+    "ddtb": {"gate_pool": "image", "skt.feature": "pre_reconstruction", "placement.quant_attn_matmul": False},
+    "pams": {"skt.feature": "pre_reconstruction", "placement.quant_attn_matmul": False},
+}
+
+
+@pytest.mark.parametrize("method", list(SINGLE_VALUE_KEYS))
+def test_an_older_checkpoint_with_single_value_keys_and_method_target_still_loads(method, tmp_path):
+    """Runs saved before the single-value keys were removed and before ``method.target`` became ``_target_``
+    hold them in their hyper-parameters: each is now an unknown key, and ``load_trained`` drops / renames them and
+    builds the same net."""
+    import torch
+
+    from odm_sr.checkpoint import load_trained
+    from odm_sr.quant import build_method
+
+    cfg = compose_config(["model=edsr_small", "model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8",
+                          "model.scale=2", f"method={method}", "bits=w2a2"], tmp_path)
+    torch.manual_seed(0)
+    net, _, _ = build_network(cfg)
+    old = OmegaConf.to_container(cfg, resolve=True)
+    for dotted, value in SINGLE_VALUE_KEYS[method].items():
+        *parents, key = dotted.split(".")
+        node = old["method"]
+        for parent in parents:
+            node = node[parent]
+        node[key] = value
+        alone = OmegaConf.to_container(cfg.method, resolve=True)
+        alone_node = alone
+        for parent in parents:
+            alone_node = alone_node[parent]
+        alone_node[key] = value
+        with pytest.raises(ValueError, match=f"unknown method config key '{re.escape(dotted)}'; known: "):
+            build_method(alone, old["bits"])
+    with pytest.raises(ValueError, match="unknown method config key 'target'; known: "):
+        build_method({**OmegaConf.to_container(cfg.method, resolve=True), "target": cfg.method._target_}, old["bits"])
+    old["method"]["target"] = old["method"].pop("_target_")
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"cfg": old}}, tmp_path / "old.ckpt")
+    loaded, loaded_cfg = load_trained(tmp_path / "old.ckpt")
+    stored = OmegaConf.to_container(loaded_cfg.method, resolve=True)
+    assert stored == OmegaConf.to_container(cfg.method, resolve=True)  # every old key gone, _target_ back
     tensors = {k: v for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
     assert tensors and all(torch.equal(loaded.state_dict()[k], v) for k, v in tensors.items())

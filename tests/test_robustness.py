@@ -136,11 +136,12 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     [
         (["bits.w=5"], r"bits\.w=5: expected one of \(2, 3, 4, 8, 32\)"),
         (["bits.a=1"], r"bits\.a=1"),
-        (["method.target=odm_sr.quant.nope.Nope"], r"method\.target='odm_sr\.quant\.nope\.Nope' cannot be imported"),
+        (["method._target_=odm_sr.quant.nope.Nope"],
+         r"method\._target_='odm_sr\.quant\.nope\.Nope' cannot be imported"),
         (["method=odm", "bits=w2a2", "method.init.j=50"], r"j"),
         (["method=odm", "bits=w2a2", "method.init.j=101"], r"j"),
         (["method=odm", "bits=w2a2", "method.lambda_m=-1e-5"], r"lambda_m"),
-        (["model.scale=5"], r"model\.scale=5: expected 2, 3 or 4"),
+        (["model.scale=5"], r"model\.scale=5: expected one of \(2, 3, 4\)"),
         (["eval.pad_mode=zeros"], r"eval\.pad_mode='zeros': expected one of \('official', 'reflect', 'mirror'\)"),
     ],
 )

@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .checks import check_choice, check_choices, check_number
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = Path(os.environ.get("ODM_SR_CONF", REPO_ROOT / "conf"))
 
@@ -57,25 +59,17 @@ def validate_config(cfg: DictConfig) -> None:
     from .quant import build_method, make_bits
 
     make_bits(cfg.bits)
-    scale = int(cfg.model.scale)
-    if scale not in (2, 3, 4):
-        raise ValueError(f"model.scale={scale}: expected 2, 3 or 4")
+    check_choice(cfg.model, "scale", (2, 3, 4), "model.")
     method = build_method(cfg.method, cfg.bits)  # validates the method's own options
     method.check_backbone(SimpleNamespace(name=str(cfg.model.name)))
     for key in ("batch_size", "lr_patch", "iters_per_epoch"):
-        if int(cfg.data[key]) <= 0:
-            raise ValueError(f"data.{key}={cfg.data[key]}: expected a positive integer")
-    if float(cfg.optim.lr) <= 0:
-        raise ValueError(f"optim.lr={cfg.optim.lr}: expected a positive learning rate")
-    after_fit = list((cfg.get("analyze") or {}).get("after_fit") or [])
+        check_number(cfg.data, key, "data.", positive=True, integer=True)
+    check_number(cfg.optim, "lr", "optim.", positive=True)
     from .analysis.cli import AFTER_FIT
 
-    unknown = [name for name in after_fit if name not in AFTER_FIT]
-    if unknown:
-        raise ValueError(f"analyze.after_fit={after_fit}: {unknown} not in {AFTER_FIT}")
-    pad_mode = cfg.get("eval", {}).get("pad_mode", "official")
-    if pad_mode not in EVAL_PAD_MODES:
-        raise ValueError(f"eval.pad_mode={pad_mode!r}: expected one of {EVAL_PAD_MODES}")
+    check_choices({"after_fit": (cfg.get("analyze") or {}).get("after_fit") or []}, "after_fit", AFTER_FIT,
+                  "analyze.")
+    check_choice({"pad_mode": cfg.get("eval", {}).get("pad_mode", "official")}, "pad_mode", EVAL_PAD_MODES, "eval.")
     if method.name == "fp" and (method.bits.w, method.bits.a) != (32, 32):
         raise ValueError(f"method=fp with bits=w{method.bits.w}a{method.bits.a}: full-precision training "
                          f"quantizes nothing, so the run would be mislabelled; use bits=fp32, or a QAT method "
@@ -87,14 +81,13 @@ def validate_config(cfg: DictConfig) -> None:
 def validate_trainer(trainer: DictConfig) -> None:
     """``max_steps`` and ``val_check_interval`` values that would train forever, write results for an untrained
     network, or crash inside Lightning."""
-    max_steps, max_epochs = int(trainer.get("max_steps", -1)), int(trainer.get("max_epochs", -1) or -1)
-    if max_steps == 0 or max_steps < -1 or (max_steps == -1 and max_epochs <= 0):
-        raise ValueError(f"trainer.max_steps={max_steps}: expected a positive number of optimizer steps "
-                         f"(-1, unbounded, only together with a positive trainer.max_epochs)")
-    interval = trainer.get("val_check_interval")
-    if interval is not None and not float(interval) > 0:
-        raise ValueError(f"trainer.val_check_interval={interval}: expected a positive number of steps "
-                         f"(or a fraction of an epoch in (0, 1])")
+    steps = {"max_steps": trainer.get("max_steps", -1), "val_check_interval": trainer.get("val_check_interval")}
+    if steps["max_steps"] != -1 or int(trainer.get("max_epochs", -1) or -1) <= 0:
+        check_number(steps, "max_steps", "trainer.", positive=True,
+                     hint="optimizer steps; -1 (unbounded) only together with a positive trainer.max_epochs")
+    if steps["val_check_interval"] is not None:
+        check_number(steps, "val_check_interval", "trainer.", positive=True,
+                     hint="a number of steps, or a fraction of an epoch in (0, 1]")
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -113,16 +106,26 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 # Keys that configs of older runs (checkpoint hyper-parameters) hold and that nothing reads any more: a key with
-# a single legal value (the transformer placement) or one no code read.
-RETIRED_KEYS = ("method.placement.transformer_same_layers", "optim.name")
+# a single legal value (its value is now fixed; the YAML of its method says so) or one no code read.
+RETIRED_KEYS = ("method.placement.transformer_same_layers", "optim.name",
+                "method.quantize_bias", "method.init.interp", "method.mr.params", "method.placement.quant_attn_matmul",
+                "method.stats_scope", "method.gate_pool", "method.skt.feature", "method.fq.quantize_outputs")
+# Keys renamed since: old dotted key -> its new name (in the same node)
+RENAMED_KEYS = {"method.target": "_target_"}
 
 
 def drop_retired_keys(cfg: DictConfig) -> DictConfig:
-    """``cfg`` without ``RETIRED_KEYS`` (in place), with the model's ``_target_`` an older config lacks, so that an
-    older checkpoint's config still builds."""
+    """``cfg`` without ``RETIRED_KEYS`` and with ``RENAMED_KEYS`` renamed (in place), with the model's
+    ``_target_`` an older config lacks, so that an older checkpoint's config still builds."""
     if "_target_" not in cfg.model:
         with open_dict(cfg.model):
             cfg.model._target_ = "odm_sr.builders.backbone"
+    for dotted, new in RENAMED_KEYS.items():
+        parent, _, key = dotted.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if isinstance(node, DictConfig) and key in node:
+            with open_dict(node):
+                node[new] = node.pop(key)
     for dotted in RETIRED_KEYS:
         parent, _, key = dotted.rpartition(".")
         node = OmegaConf.select(cfg, parent)

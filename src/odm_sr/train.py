@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                  **trainer_overrides(cfg.trainer, method))
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
     train_seconds = lit.train_seconds  # S12: training incl. calibration, the whole run (resumes included)
-    complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64), placement=cfg.method.get("placement"))
+    complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64))
     for logger in trainer.loggers:
         logger.log_metrics({**complexity, "time/train_seconds": train_seconds}, step=lit.global_step_count)
     results: dict[str, Any] = {"run_name": cfg.run_name, "config": OmegaConf.to_container(cfg, resolve=True),

@@ -18,7 +18,7 @@ DDTB = "odm_sr.quant.ddtb.DDTB"
 
 def quantized(name: str, scale: int, target: str, bits: int = 2, cfg: dict | None = None, **kwargs):
     model = build_model(name, scale, **kwargs)
-    build_method({"target": target, **(cfg or {})}, {"w": bits, "a": bits}).quantize(model)
+    build_method({"_target_": target, **(cfg or {})}, {"w": bits, "a": bits}).quantize(model)
     return model
 
 

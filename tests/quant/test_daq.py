@@ -232,8 +232,9 @@ def test_config_validation():
     assert DAQ({"official": True}, Bits(2, 2)).quirks == {"unbounded_relu_branch": True,
                                                           "finetune_fixed_steps": True,
                                                           "nonpositive_sigma_offset": True}
-    with pytest.raises(NotImplementedError, match="window"):
-        DAQ({"stats_scope": "window"}, Bits(2, 2))
+    for value in ("image", "window"):  # one legal value ('image'), so not a key
+        with pytest.raises(ValueError, match="unknown method config key 'stats_scope'; known: "):
+            DAQ({"stats_scope": value}, Bits(2, 2))
     with pytest.raises(ValueError, match="sigma_bits"):
         DAQ({"sigma_bits": 12}, Bits(2, 2))
     with pytest.raises(ValueError, match="unknown method config key"):

@@ -259,8 +259,11 @@ def test_config_validation():
         DDTB({"dynamic_ratio": 1.5}, Bits(2, 2))
     with pytest.raises(ValueError, match="calib_epochs"):
         DDTB({"stages": {"calib_epochs": -1}}, Bits(2, 2))
-    with pytest.raises(NotImplementedError, match="gate_pool"):
-        DDTB({"gate_pool": "window"}, Bits(2, 2))
+    for value in ("image", "window"):  # one legal value ('image'), so not a key
+        with pytest.raises(ValueError, match="unknown method config key 'gate_pool'; known: "):
+            DDTB({"gate_pool": value}, Bits(2, 2))
+    with pytest.raises(ValueError, match="unknown method config key 'skt.feature'; known: weight"):
+        DDTB({"skt": {"feature": "pre_reconstruction"}}, Bits(2, 2))
     with pytest.raises(ValueError, match="weight_clip"):
         DDTB({"weight_clip": "p95"}, Bits(2, 2))
 

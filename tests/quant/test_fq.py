@@ -50,7 +50,8 @@ def test_fq_is_off_by_default_and_validated():
     model = ODM({}, W4A4_SC8).quantize(_tiny_edsr())
     assert type(model) is EDSR and not skip_quantizers(model) and "head.0" not in quantized_layers(model)
     invalid = [({"sc_operands": "left"}, "fq.sc_operands"), ({"enabled": "yes"}, "fq.enabled"),
-               ({"quantize_outputs": True}, "fq.quantize_outputs"), ({"sc_bits": 8}, "fq.sc_bits")]
+               ({"quantize_outputs": False}, "unknown method config key 'fq.quantize_outputs'"),  # one value: no key
+               ({"sc_bits": 8}, "fq.sc_bits")]
     for override, match in invalid:
         with pytest.raises(ValueError, match=match):
             odm_config({"fq": override})
@@ -200,7 +201,7 @@ def test_compose_odm_fq_w4a4(tmp_path):
     assert isinstance(method, ODM) and cfg.method.name == "odm_fq"
     assert method.bits == Bits(w=4, a=4, sc=8) and cfg.bits.sc == 8
     assert method.cfg["fq"] == {"enabled": True, "quantize_image_input": False, "sc_operands": "both",
-                                "quantize_outputs": False, "sc_in_mismatch": True}
+                                "sc_in_mismatch": True}
     assert method.cfg["lambda_m"] == 1e-5  # the rest is inherited from method=odm
     model = method.quantize(_tiny_edsr())
     assert list(skip_quantizers(model)) == SKIPS

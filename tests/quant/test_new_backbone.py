@@ -96,4 +96,4 @@ def test_registered_backbone_trains_and_reports_complexity(vdsr_row, method_name
 
 def test_unregistered_backbone_is_refused():
     with pytest.raises(ValueError, match="no placement rule for backbone 'vdsr_tiny'"):
-        build_method({"target": "odm_sr.quant.odm.ODM"}, {"w": 2, "a": 2}).quantize(TinyVDSR())
+        build_method({"_target_": "odm_sr.quant.odm.ODM"}, {"w": 2, "a": 2}).quantize(TinyVDSR())

@@ -53,10 +53,12 @@ def test_defaults_and_nested_override():
     ({"mr": {"norm": "l1"}}, "mr.norm"),
     ({"lamda_m": 1e-5}, "lamda_m"),
     ({"mr": {"weightfn": "cos"}}, "mr.weightfn"),
-    ({"quantize_bias": True}, "quantize_bias"),
+    ({"quantize_bias": False}, "unknown method config key 'quantize_bias'"),  # one legal value: not a key
+    ({"init": {"interp": "linear"}}, "unknown method config key 'init.interp'"),
+    ({"mr": {"params": "conv_linear_wb"}}, "unknown method config key 'mr.params'"),
     ({"calibration_batches": 10}, "calibration_batches"),
     ({"placement": {"edsr": "pams_style"}}, "placement.edsr"),
-    ({"placement": {"quant_attn_matmul": True}}, "placement.quant_attn_matmul"),
+    ({"placement": {"quant_attn_matmul": False}}, "unknown method config key 'placement.quant_attn_matmul'"),
 ])
 def test_invalid_config_raises(override, match):
     with pytest.raises(ValueError, match=match):
@@ -64,7 +66,7 @@ def test_invalid_config_raises(override, match):
 
 
 def test_build_method_from_yaml_like_config():
-    method = build_method({"target": "odm_sr.quant.odm.ODM", "name": "odm", "calibration_batches": 100},
+    method = build_method({"_target_": "odm_sr.quant.odm.ODM", "name": "odm", "calibration_batches": 100},
                           {"w": 2, "a": 2})
     assert isinstance(method, ODM) and method.bits == Bits(2, 2, 32)
     assert method.init_from_fp is True and method.calibration_batches == 100

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from odm_sr.models import build_model
-from odm_sr.quant.base import frozen_copy
+from odm_sr.quant.base import Bits, frozen_copy
+from odm_sr.quant.pams import PAMS
 from odm_sr.quant.skt import (
     attention_map,
     capture_reconstruction_input,
@@ -97,9 +98,10 @@ def test_distillation_losses_leave_teacher_untouched():
 
 
 def test_check_skt_config():
-    feature = "pre_reconstruction"
-    assert check_skt_config({"weight": 1000, "feature": feature}) == (1000.0, feature)
+    assert check_skt_config({"weight": 1000}) == 1000.0
     with pytest.raises(ValueError, match="skt.weight"):
-        check_skt_config({"weight": -1, "feature": "pre_reconstruction"})
-    with pytest.raises(ValueError, match="skt.feature"):
-        check_skt_config({"weight": 1, "feature": "tail_output"})
+        check_skt_config({"weight": -1})
+    # F is always the reconstruction input (one legal value), so skt.feature is not a key: PAMS and DDTB reject it
+    for value in ("pre_reconstruction", "tail_output"):
+        with pytest.raises(ValueError, match="unknown method config key 'skt.feature'; known: weight"):
+            PAMS({"skt": {"feature": value}}, Bits(2, 2))

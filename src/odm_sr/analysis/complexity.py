@@ -31,10 +31,10 @@ H_o·W_o·C_o·(C_i/groups)·k², linear tokens·C_i·C_o); every quantizer is b
 calibrated or updated, and tags its output with its bits. A layer's b_w is its weight quantizer's bits; its
 b_a is its own input quantizer's bits or, without one, the bits of the quantizer that produced its input
 (PAMS/DDTB conv1 after q1, RDN dense layers), else 32. Window attention (Q·Kᵀ and A·V) adds 2·N_q·N_k·C per
-window, i.e. 2·H·W·M²·C per Swin layer (M = 24 keys for HAT's OCAB), at 32×32 unless
-``quant_attn_matmul``. Not counted: adds, norms, softmax, activations, pixel shuffle, and **MeanShift**
-(weight I/std with std 1, i.e. a bias add; SwinIR/HAT subtract the mean without any conv). DDTB gates add
-C·32 + 64 MACs per image and dynamic quantizer at 2×2 bits; DAQ's runtime statistics add
+window, i.e. 2·H·W·M²·C per Swin layer (M = 24 keys for HAT's OCAB), at 32×32 (every method keeps them
+FP) unless ``bitops(quant_attn_matmul=True)``. Not counted: adds, norms, softmax, activations, pixel shuffle,
+and **MeanShift** (weight I/std with std 1, i.e. a bias add; SwinIR/HAT subtract the mean without any conv).
+DDTB gates add C·32 + 64 MACs per image and dynamic quantizer at 2×2 bits; DAQ's runtime statistics add
 ``daq_ops_per_elem`` FP operations (32×32) per input element of each of its activation quantizers.
 """
 
@@ -51,7 +51,6 @@ from torch import Tensor, nn
 
 from odm_sr.models.edsr import MeanShift
 from odm_sr.quant.backbones import backbone_of
-from odm_sr.quant.base import Bits, to_dict
 from odm_sr.quant.daq import DaqActQuantizer
 from odm_sr.quant.ddtb import GATE_BITS
 from odm_sr.quant.layers import QuantMixin
@@ -365,30 +364,17 @@ def bitops(model: nn.Module, lr_hw: Sequence[int] = (64, 64), *, quant_attn_matm
 
 
 # -- summaries and tables ------------------------------------------------------------------------------------
-def _bits(bits: Any) -> Bits:
-    if bits is None:
-        return Bits()
-    if isinstance(bits, Bits):
-        return bits
-    if isinstance(bits, int):
-        return Bits(w=bits, a=bits)
-    cfg = to_dict(bits)
-    return Bits(**{k: int(cfg.get(k, FP_BITS)) for k in ("w", "a", "sc")})
-
-
 def summarize(model: nn.Module, method_name: str = "", bits: Any = None, lr_hw: Sequence[int] = (64, 64), *,
-              rule: str = "full", placement: Any = None, ddtb_count_bn: bool = True,
+              rule: str = "full", ddtb_count_bn: bool = True,
               daq_ops_per_elem: float = 4, dynamic_ratio: float | None = None) -> dict[str, float]:
     """The metrics a training run logs: ``complexity/{storage_k, overhead_k, bitops_g, macs_g}``.
 
-    The counts come from the model's own quantizers; ``method_name`` is only for the caller's labels.
-    ``bits`` (Bits, dict/DictConfig with w/a, or an int) gives the attention-matmul bits when
-    ``placement.quant_attn_matmul`` is true.
+    The counts come from the model's own quantizers; ``method_name`` and ``bits`` are only for the caller's
+    labels (the attention matmuls stay FP under every method).
     """
-    del method_name  # the model's quantizers say everything; kept for the logging call's symmetry
-    quant_attn = bool(to_dict(placement).get("quant_attn_matmul", False))
+    del method_name, bits  # the model's quantizers say everything; kept for the logging call's symmetry
     s = storage(model, rule, ddtb_count_bn=ddtb_count_bn, dynamic_ratio=dynamic_ratio)
-    b = bitops(model, lr_hw, quant_attn_matmul=quant_attn, attn_bits=_bits(bits).a,
+    b = bitops(model, lr_hw,
                daq_ops_per_elem=daq_ops_per_elem, dynamic_ratio=dynamic_ratio)
     return {"complexity/storage_k": float(s["total_k"]), "complexity/overhead_k": float(s["overhead_k"]),
             "complexity/bitops_g": float(b["total"]) / 1e9, "complexity/macs_g": float(b["macs"]) / 1e9}

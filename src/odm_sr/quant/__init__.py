@@ -6,6 +6,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 
+from odm_sr.checks import check_choice
 from odm_sr.config import instantiate
 
 from .base import Bits, FullPrecision, QuantMethod, StepOutput, to_dict
@@ -16,24 +17,21 @@ VALID_BITS = (2, 3, 4, 8, 32)
 def make_bits(bits_cfg: Any) -> Bits:
     """Bits from a config with keys w, a (and sc); each must be one of 2, 3, 4, 8, 32."""
     cfg = to_dict(bits_cfg)
-    values = {k: int(cfg.get(k, 32)) for k in ("w", "a", "sc")}
-    for key, value in values.items():
-        if value not in VALID_BITS:
-            raise ValueError(f"bits.{key}={value}: expected one of {VALID_BITS}")
-    return Bits(**values)
+    values = {k: cfg.get(k, 32) for k in ("w", "a", "sc")}
+    return Bits(**{key: int(check_choice(values, key, VALID_BITS, "bits.")) for key in values})
 
 
 def build_method(method_cfg: Any, bits_cfg: Any = None) -> QuantMethod:
-    """``hydra.utils.instantiate`` of the method class named by ``method_cfg.target`` (e.g.
-    ``odm_sr.quant.odm.ODM``; ``target`` is also a key of every ``conf/method/*.yaml``), its keys as options.
+    """``hydra.utils.instantiate`` of the method class named by ``method_cfg._target_`` (e.g.
+    ``odm_sr.quant.odm.ODM``, the ``_target_`` of every ``conf/method/*.yaml``), its other keys as options.
     A bad value raises the method's own ValueError."""
     cfg = to_dict(method_cfg)
-    target = cfg.get("target", "odm_sr.quant.base.FullPrecision")
+    target = cfg.setdefault("_target_", "odm_sr.quant.base.FullPrecision")
     bits = make_bits(bits_cfg)
     try:
-        return instantiate({"_target_": target, **cfg}, bits=bits, _convert_="object")
+        return instantiate(cfg, bits=bits, _convert_="object")
     except InstantiationException as err:  # the target could not be imported
-        raise ValueError(f"method.target={target!r} cannot be imported: {err}") from err
+        raise ValueError(f"method._target_={target!r} cannot be imported: {err}") from err
 
 
 __all__ = ["Bits", "FullPrecision", "QuantMethod", "StepOutput", "VALID_BITS", "build_method", "make_bits"]

@@ -153,9 +153,6 @@ def apply_placement(model: nn.Module, placement: dict, make_act: ActFactory | No
     names. ``make_act`` / ``make_weight`` = None leave that side in FP."""
     spec = backbone_of(model)
     rule = spec.rule(placement)
-    if placement.get("quant_attn_matmul", False):
-        raise NotImplementedError("placement.quant_attn_matmul=true (2DQuant's q/k/v and softmax "
-                                  "quantizers) is not implemented for PAMS, DAQ and DDTB")
     images = ImageCount()
     if rule == "pams_style" and spec.pams_style is not None:
         spec.pams_style(model, make_act, make_weight, images, dict(quirks or {}))

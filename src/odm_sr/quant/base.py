@@ -3,13 +3,13 @@
 The LightningModule (``odm_sr.lit_module``) only orchestrates: it calls, in order,
 ``quantize`` (once, model surgery), ``calibrate`` (once, before the first step), ``param_groups`` (optimizer),
 then per step ``training_losses`` and ``backward``. A method is one file in ``quant/`` plus one YAML in
-``conf/method/`` whose ``target`` names its class; adding a method touches nothing else.
+``conf/method/`` whose ``_target_`` names its class; adding a method touches nothing else.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from odm_sr.checks import check_bool, check_choice, check_number, check_range  # noqa: F401 (re-exported)
 from odm_sr.config import CONFIG_DIR
 
 from .backbones import BACKBONES, Backbone, backbone_of
@@ -101,49 +102,6 @@ def merge_config(defaults: dict, cfg: Any, extra_keys: tuple[str, ...] = (), _pr
         else:
             merged[key] = value
     return merged
-
-
-# -- option checks: the one style of every method option (ValueError "<key>=<value>: expected ...") ---------
-def check_choice(cfg: dict, key: str, allowed: Sequence, prefix: str = "") -> Any:
-    """``cfg[key]``, one of ``allowed`` (a bool only where ``allowed`` holds bools)."""
-    value = cfg[key]
-    bool_ok = any(isinstance(a, bool) for a in allowed)
-    if value not in allowed or (isinstance(value, bool) and not bool_ok):
-        raise ValueError(f"{prefix}{key}={value!r}: expected one of {tuple(allowed)}")
-    return value
-
-
-def check_bool(cfg: dict, key: str, prefix: str = "") -> bool:
-    """``cfg[key]``, true or false."""
-    if not isinstance(cfg[key], bool):
-        raise ValueError(f"{prefix}{key}={cfg[key]!r}: expected true or false")
-    return cfg[key]
-
-
-def check_number(cfg: dict, key: str, prefix: str = "", positive: bool = False) -> float:
-    """``cfg[key]``, a number ≥ 0 (> 0 with ``positive``)."""
-    value = cfg[key]
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not number or value < 0 or (positive and value == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{prefix}{key}={value!r}: expected a {kind} number")
-    return value
-
-
-def check_range(cfg: dict, key: str, low: float, high: float, prefix: str = "", *, open_low: bool = False,
-                open_high: bool = False, auto: bool = False) -> Any:
-    """``cfg[key]``, a number in the interval from ``low`` to ``high`` (ends open as given); ``'auto'`` passes
-    with ``auto``."""
-    value = cfg[key]
-    if auto and value == "auto":
-        return value
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    inside = number and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
-    if not inside:
-        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-        either = "'auto' or " if auto else ""
-        raise ValueError(f"{prefix}{key}={value!r}: expected {either}a number in {interval}")
-    return value
 
 
 class QuantMethod:

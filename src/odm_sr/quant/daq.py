@@ -163,11 +163,6 @@ class DAQ(QuantMethod):
         if sigma_bits != "auto" and (isinstance(sigma_bits, bool) or sigma_bits not in valid):
             raise ValueError(f"sigma_bits={sigma_bits!r}: expected 'auto', 1..9 or 32 (not quantized)")
         self.sigma_bits = sigma_bits
-        if c["stats_scope"] == "window":
-            raise NotImplementedError("stats_scope='window' (statistics per attention window) is not "
-                                      "implemented; use 'image' (per image and channel over all tokens)")
-        if c["stats_scope"] != "image":
-            raise ValueError(f"stats_scope={c['stats_scope']!r}: expected 'image' or 'window'")
         for b in (self.bits.w, self.bits.a):
             if b < 32:
                 step_factor(b)

@@ -366,7 +366,7 @@ class DDTB(QuantMethod):
         super().__init__(cfg, bits, **options)
         c = self.cfg
         self.quirks = read_quirks(c)
-        self.skt_weight, _ = check_skt_config(c["skt"])
+        self.skt_weight = check_skt_config(c["skt"])
         self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
         self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))
         self.calib_epochs = int(check_number(c["stages"], "calib_epochs", "stages."))
@@ -374,11 +374,6 @@ class DDTB(QuantMethod):
         self.dynamic_ratio = check_range(c, "dynamic_ratio", 0.0, 1.0, auto=True)
         self.init_percentile = check_range(c, "init_percentile", 50.0, 100.0, open_low=True, auto=True)
         self.weight_clip = check_choice(c, "weight_clip", ("auto", "percentile", "minmax"))
-        if c["gate_pool"] == "window":
-            raise NotImplementedError("gate_pool='window' (one gate per attention window) is not "
-                                      "implemented; use 'image' (GAP over all tokens of the image)")
-        if c["gate_pool"] != "image":
-            raise ValueError(f"gate_pool={c['gate_pool']!r}: expected 'image' or 'window'")
         self.placement = c["placement"]
         self.auto = dict(DDTB_AUTO_EDSR)  # the backbone's 'auto' values, set by quantize
         self.calib_keeps_weights = False  # quirk rdn_calib_quantized_weights on a backbone it applies to

@@ -9,7 +9,7 @@
 - **Skip connections** (``fq.sc_operands=both``): each ResBlock computes q_res(res_scale·body(x)) + q_skip(x),
   the top level q_res(body(x)) + q_skip(x); every q is its own activation quantizer at ``bits.sc``.
   ``identity`` leaves both operands of every add FP.
-- **No output quantizers** (``fq.quantize_outputs=false``; ``true`` is not implemented).
+- **No output quantizers** (fixed, so not a key).
 - ``fq.sc_in_mismatch``: the skip quantizers report M_i to the active ``MismatchRegistry`` (L_M, §5.4) or not.
 
 FQSR as released (``billhhh/FQSR@24cb67a``) differs: one quantizer shared by both operands of an add, output
@@ -45,12 +45,9 @@ SkipQuantizerFactory = Callable[[], nn.Module]
 
 def check_fq_config(fq: dict) -> None:
     """Validate the ``fq`` block (defaults: ``fq`` in ``conf/method/odm.yaml``); ValueError names the offending key."""
-    for key in ("enabled", "quantize_image_input", "quantize_outputs", "sc_in_mismatch"):
+    for key in ("enabled", "quantize_image_input", "sc_in_mismatch"):
         check_bool(fq, key, "fq.")
     check_choice(fq, "sc_operands", SC_OPERANDS, "fq.")
-    if fq["quantize_outputs"]:
-        raise ValueError("fq.quantize_outputs=true is not implemented: ODM-FQ has no output quantizers "
-                         "(METHODS.md §4.5)")
 
 
 class _MutedRegistry(MismatchRegistry):

@@ -32,6 +32,7 @@ from .base import (
     check_bool,
     check_choice,
     check_number,
+    check_range,
     merge_config,
     method_defaults,
     to_floats,
@@ -144,22 +145,14 @@ def check_odm_config(c: dict) -> dict:
         check_number(c, key)
     check_number(c, "qparam_lr_mult", positive=True)
     check_choice(c, "weight_quantizer", ("wcc", "lsq"))
-    for key in ("quantize_bias", "init_from_fp"):
-        check_bool(c, key)
-    if c["quantize_bias"]:
-        raise ValueError("quantize_bias=true is not implemented: ODM keeps biases FP (METHODS.md §5.1)")
+    check_bool(c, "init_from_fp")
     init, wcc, lsq, mr, placement = c["init"], c["wcc"], c["lsq"], c["mr"], c["placement"]
-    j = init["j"]
-    if isinstance(j, bool) or not isinstance(j, (int, float)) or not 50 < j <= 100:
-        raise ValueError(f"init.j={j!r}: expected 50 < j <= 100 (100 = min/max)")
-    num = init["num_batches"]
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"init.num_batches={num!r}: expected a positive integer")
+    check_range(init, "j", 50, 100, "init.", open_low=True, hint="100 = min/max")
+    check_number(init, "num_batches", "init.", positive=True, integer=True)
     if "calibration_batches" in c and c["calibration_batches"] != init["num_batches"]:
         raise ValueError(f"calibration_batches={c['calibration_batches']!r} differs from "
                          f"init.num_batches={init['num_batches']!r}: set both to the same value")
     check_choice(init, "source", SOURCES, "init.")
-    check_choice(init, "interp", ("linear",), "init.")
     check_choice(wcc, "stat", WEIGHT_STATS, "wcc.")
     check_bool(wcc, "learn_gamma", "wcc.")
     check_bool(wcc, "detach_stat", "wcc.")
@@ -171,12 +164,10 @@ def check_odm_config(c: dict) -> dict:
     check_choice(mr, "weight_fn", WEIGHT_FNS, "mr.")
     check_choice(mr, "cos_scope", COS_SCOPES, "mr.")
     check_choice(mr, "norm", NORMS, "mr.")
-    check_choice(mr, "params", ("conv_linear_wb",), "mr.")
     for key in ("detach_target", "grad_to_qparams", "cos_include_unreached"):
         check_bool(mr, key, "mr.")
     check_choice(placement, "edsr", ("block_convs",), "placement.")  # pams_style is PAMS's pattern
     check_bool(placement, "hat_quantize_cab", "placement.")
-    check_choice(placement, "quant_attn_matmul", (False,), "placement.")
     check_fq_config(c["fq"])  # [fq]
     return c
 

@@ -162,7 +162,7 @@ class PAMS(QuantMethod):
         super().__init__(cfg, bits, **options)
         c = self.cfg
         self.quirks = read_quirks(c)
-        self.skt_weight, _ = check_skt_config(c["skt"])
+        self.skt_weight = check_skt_config(c["skt"])
         self.alpha_init = float(check_number(c, "alpha_init", positive=True))
         self.ema_decay = float(check_range(c, "ema_decay", 0.0, 1.0, open_high=True))
         self.ema_epochs = int(check_number(c, "ema_epochs"))

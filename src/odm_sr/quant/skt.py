@@ -2,7 +2,7 @@
 
 AT(F) = L2-normalise(flatten(mean_c F²)) per sample; L_SKT = mean((AT_s − AT_t)²), as `at` / `at_loss` in
 `colorjam/PAMS@737cc09` and `zysxmu/DDTB@e21403d` `utils/common.py`. F is the input of the reconstruction
-part (`skt.feature=pre_reconstruction`): the EDSR tail input (body output + global skip), the RDN UPNet input
+part (fixed, so not a key): the EDSR tail input (body output + global skip), the RDN UPNet input
 (GFF output + SFENet1), and on SwinIR/HAT `conv_after_body(...) + x`, the input of `conv_before_upsample`
 (pixelshuffle upsamplers) or of `upsample` (SwinIR-light's pixelshuffledirect).
 """
@@ -17,10 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import backbone_of
-from .base import check_choice, check_number
+from .base import check_number
 from .calibration import StopForward
-
-SKT_FEATURES = ("pre_reconstruction",)
 
 
 def attention_map(feature: Tensor) -> Tensor:
@@ -58,9 +56,9 @@ def capture_reconstruction_input(model: nn.Module) -> Iterator[_Captured]:
         handle.remove()
 
 
-def check_skt_config(skt: dict) -> tuple[float, str]:
-    """Validate ``skt.weight`` (≥ 0) and ``skt.feature``; returns (weight, feature)."""
-    return float(check_number(skt, "weight", "skt.")), check_choice(skt, "feature", SKT_FEATURES, "skt.")
+def check_skt_config(skt: dict) -> float:
+    """Validate ``skt.weight`` (≥ 0); returns it."""
+    return float(check_number(skt, "weight", "skt."))
 
 
 def teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
