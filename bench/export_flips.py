@@ -42,7 +42,7 @@ from odm_sr.export.integer import (
     integer_model,
     weight_layers,
 )
-from odm_sr.export.onnx_graph import INPUT, has_dynamic_size, to_onnx
+from odm_sr.export.onnx_graph import INPUT, code_chains, has_dynamic_size, to_onnx
 from odm_sr.export.runtime import session, trained_integer
 from odm_sr.export.spec import ActGrid
 from odm_sr.metrics import to_uint8
@@ -103,14 +103,7 @@ def ort_with_codes(int_model: nn.Module, hw: tuple[int, int], threads: int):
     import onnx
 
     model = onnx.load_from_string(to_onnx(int_model, hw))
-    producer = {o: n for n in model.graph.node for o in n.output}
-    names = []
-    for node in model.graph.node:
-        if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.UINT8 for a in node.attribute):
-            cur = node
-            while cur.op_type != "Max":
-                cur = producer[cur.input[0]]
-            names.append((node.output[0], cur.input[0]))
+    names = code_chains(model)
     for code, value in names:
         model.graph.output.append(onnx.helper.make_tensor_value_info(code, onnx.TensorProto.UINT8, None))
         model.graph.output.append(onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None))

@@ -14,7 +14,7 @@ from torch import nn
 from odm_sr.evaluation import eval_pad_mode, window_padding
 from odm_sr.export.exact import ExactGELU, ExactLayerNorm, erf64
 from odm_sr.export.integer import _IntegerLayer, extract_spec, integer_model
-from odm_sr.export.onnx_graph import to_onnx
+from odm_sr.export.onnx_graph import code_chains, to_onnx
 from odm_sr.export.runtime import session
 
 
@@ -60,15 +60,7 @@ def _ort_layer_inputs(graph: bytes, x: torch.Tensor) -> tuple[np.ndarray, list[n
     """ORT output and the float input of every integer layer's code chain (Max → … → Cast uint8), in graph
     order (= forward order)."""
     model = onnx.load_from_string(graph)
-    producer = {o: n for n in model.graph.node for o in n.output}
-    values = []
-    for node in model.graph.node:
-        if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.UINT8 for a in node.attribute):
-            cur = node
-            while cur.op_type != "Max":
-                cur = producer[cur.input[0]]
-            values.append(cur.input[0])
-    for name in values:
+    for _, name in code_chains(model):
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     out = session(model.SerializeToString(), threads=1).run(None, {"lr": x.numpy()})
     return out[0], out[1:]

@@ -43,3 +43,19 @@ def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: s
                           output_names=[OUTPUT], dynamic_axes=axes if dynamic else None,
                           do_constant_folding=True)
     return buf.getvalue()
+
+
+def code_chains(model) -> list[tuple[str, str]]:
+    """(uint8 code, float input) value names of every integer layer's code chain (Max → … → Cast uint8) of an
+    ``onnx.ModelProto``, in graph order (= forward order): what the exactness checks expose as extra outputs."""
+    import onnx
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    chains = []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.UINT8 for a in node.attribute):
+            cur = node
+            while cur.op_type != "Max":
+                cur = producer[cur.input[0]]
+            chains.append((node.output[0], cur.input[0]))
+    return chains
