@@ -297,10 +297,8 @@ def static_levels(quantizer: Quantizer | None) -> np.ndarray | None:
     """The fixed levels of a static quantizer (its ``static_range`` laid out on its ``level_grid``), else None
     (DAQ, dynamic DDTB, FP). ODM: l + k·(u − l)/(2^b − 1); PAMS: α·k/Q, |k| ≤ Q = 2^(b−1) − 1; DDTB (static):
     the zero-anchored grid k/σ, σ = (2^b − 1)/(u − l)."""
-    if quantizer is None or quantizer.bits >= 32 or not quantizer.enabled:
-        return None
-    bounds = quantizer.static_range()
-    if bounds is None:
+    bounds = quantizer.static_range() if quantizer is not None and quantizer.bits < 32 else None
+    if bounds is None:  # FP, dynamic (DAQ, gated DDTB) or passing through (DDTB's calibration epoch)
         return None
     lower, upper = bounds
     bits = int(quantizer.bits)

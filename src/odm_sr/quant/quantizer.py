@@ -22,21 +22,20 @@ class Quantizer(nn.Module):
 
     - ``bits``: the bit width b; 32 = not quantized (``SkipQuantizer``, a host, quantizes through its
       ``act_quant``).
-    - ``enabled``: False while the quantizer passes its input through (DDTB's calibration epoch); default True.
     - ``is_dynamic``: whether a gated quantizer currently runs its gate (DDTB); None for quantizers without
       a switchable gate.
     - ``level_grid``: the level layout of :meth:`static_range` (one of ``LEVEL_GRIDS``): ``uniform``
       l + k·(u − l)/(2^b − 1) (ODM); ``zero_anchored`` k/σ, σ = (2^b − 1)/(u − l), k from round(σ·l) to
       round(σ·u) (DDTB); ``symmetric_zero`` α·k/Q, |k| ≤ Q = 2^(b−1) − 1 on [−α, α] (PAMS). None without a static range.
     - :meth:`static_range`: the fixed clipping range (l, u) of an activation quantizer, None where the range
-      is per image or per forward (DAQ, a gated DDTB layer), for weight quantizers and while disabled.
+      is per image or per forward (DAQ, a gated DDTB layer), for weight quantizers and while the quantizer
+      passes its input through (DDTB's ``enabled=False`` calibration epoch).
     - :meth:`weight_clip_bound`: the clip bound u_w of a weight quantizer that has one (ODM WCC, LSQ).
     - ``calibrates_range`` / :meth:`set_range`: whether activation-range calibration (``quant.calibration``)
       sets this quantizer's (l, u), and the setter it calls (ODM).
     """
 
     bits: int = 32
-    enabled: bool = True
     is_dynamic: bool | None = None
     level_grid: ClassVar[str | None] = None
     calibrates_range: ClassVar[bool] = False
