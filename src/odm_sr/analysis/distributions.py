@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from odm_sr.analysis.complexity import find_quantizers
+from odm_sr.models.base import pixel_range
 from odm_sr.quant.backbones import select_layers
 from odm_sr.quant.calibration import batch_range, eval_mode
 from odm_sr.quant.functional import uniform_quantize
@@ -159,7 +160,7 @@ def quantizer_sites(model: nn.Module) -> Iterator[dict[str, Site]]:
 
 def _forward_each(model: nn.Module, images: Any) -> Iterator[None]:
     """Run ``model`` on each image (eval mode, no_grad); yields after each forward."""
-    rng = float(getattr(model, "pixel_range", 1.0))
+    rng = pixel_range(model)
     with eval_mode(model), torch.no_grad():
         for x in iter_images(images, rng, _device(model)):
             model(x)
@@ -286,7 +287,7 @@ def odm_initialized(model: nn.Module | str | Path, images: Any, bits: int = 2, j
     images = list(images)
     cfg = {"init": {"j": float(j), "num_batches": max(1, len(images))}, "placement": placement or {}}
     ODM(cfg, Bits(w=bits if quantize_weights else 32, a=bits)).quantize(net)
-    rng = float(getattr(net, "pixel_range", 1.0))
+    rng = pixel_range(net)
     calibrate_activation_ranges(net, iter_images(images, rng, _device(net)), j=float(j),
                                 num_batches=max(1, len(images)), progress=False)
     return net.eval()
