@@ -198,3 +198,16 @@ def test_interface_matches_the_duck_typed_code_on_calibrated_models(method):
     assert bool(calibrated) == method.startswith(("odm", "lsq"))
     if method == "odm_fq":
         assert any(isinstance(m, SkipQuantizer) for m in net.modules())
+
+
+def test_quant_layers_always_have_both_quantizer_slots():
+    from odm_sr.quant.layers import QuantConv2d, QuantLinear
+
+    for layer in (QuantConv2d(3, 4, 3), QuantLinear(3, 4)):
+        assert layer.act_quant is None and layer.weight_quant is None
+        assert set(layer.state_dict()) == {"weight", "bias"}
+    conv = QuantConv2d.from_float(nn.Conv2d(3, 4, 3), OdmActQuantizer(2), WeightClipQuantizer(2))
+    assert isinstance(conv.act_quant, OdmActQuantizer) and isinstance(conv.weight_quant, WeightClipQuantizer)
+    assert set(dict(conv.named_children())) == {"act_quant", "weight_quant"}
+    host = SkipQuantizer(OdmActQuantizer(2))
+    assert isinstance(host.act_quant, OdmActQuantizer) and host.weight_quant is None
