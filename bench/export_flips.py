@@ -134,7 +134,7 @@ def analyse(ckpt: str | None, set_name: str, images: list[str] | None, threads: 
             swin_steps: int = -1) -> dict:
     net, spec, int_model = trained_integer(ckpt)[:3] if ckpt else small_swinir(swin_steps)
     net.eval()
-    rng = float(getattr(net, "pixel_range", 1.0))
+    rng = float(net.pixel_range)
     sources = [s for s in input_sources(net).values() if s is not None]  # the integer layers' codes
     ref, ref_logs = exact64_model(net, spec)
     t_logs, _ = torch32_codes(net, spec)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .data.imresize import imresize
 from .metrics import SRMetrics, to_uint8
+from .models.base import SRModel, pixel_range
 from .models.windows import PAD_MODES
 from .quant.distributed import world_size
 
@@ -82,9 +83,9 @@ def eval_pad_mode(net: torch.nn.Module, pad_mode: str = "official") -> str | Non
     (SwinIR ``main_test_swinir.py``: mirror; HAT ``pre_process``: reflect), else ``reflect`` or ``mirror``."""
     if pad_mode not in EVAL_PAD_MODES:
         raise ValueError(f"eval.pad_mode={pad_mode!r}: expected one of {EVAL_PAD_MODES}")
-    if not hasattr(net, "pad_mode"):
+    if not isinstance(net, SRModel) or net.pad_mode is None:
         return None
-    return getattr(net, "official_eval_pad_mode", net.pad_mode) if pad_mode == "official" else pad_mode
+    return (net.official_eval_pad_mode or net.pad_mode) if pad_mode == "official" else pad_mode
 
 
 @contextlib.contextmanager
@@ -123,7 +124,7 @@ def network_upscale(net: torch.nn.Module, tile: int | None = None, overlap: int 
     (``to_uint8``) as it comes, so memory grows with the uint8 output, not with a float copy of it."""
     from .inference import forward_chopped
 
-    rng = float(getattr(net, "pixel_range", 1.0))
+    rng = pixel_range(net)
     mode = eval_pad_mode(net, pad_mode)
 
     def run(x: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 
 from .evaluation import eval_upscale, update_metrics
@@ -326,7 +327,8 @@ class SRLitModule(L.LightningModule):
         entries += [(f"train/loss_{k}", v) for k, v in terms.items()]
         # a method's key with a '/' is a panel of its own (mr/rho), the rest go under train/
         entries += [(k if "/" in k else f"train/{k}", v) for k, v in logs.items()]
-        for group in opt.optimizer.param_groups if hasattr(opt, "optimizer") else opt.param_groups:
+        optimizer = opt.optimizer if isinstance(opt, LightningOptimizer) else opt  # self.optimizers()' wrapper
+        for group in optimizer.param_groups:
             entries.append((f"lr/{group.get('name', 'group')}", float(group["lr"])))
         entries += [(f"quant/{k}", float(v)) for k, v in self.method.log_stats(self.net).items()]
         entries += [(f"mr/{k}", v) for k, v in self.method.balance_stats().items()]

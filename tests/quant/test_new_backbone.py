@@ -10,12 +10,14 @@ from helpers import compose_config
 from torch import nn
 
 from odm_sr.analysis.complexity import summarize
+from odm_sr.models.base import SRModel
 from odm_sr.quant import build_method
 from odm_sr.quant.backbones import BACKBONES, Backbone, register_backbone
 
 
-class TinyVDSR(nn.Module):
-    """VDSR-like: bicubic upsampling, head conv, ``depth`` conv+ReLU blocks, tail conv, global residual."""
+class TinyVDSR(SRModel):
+    """VDSR-like (an ``SRModel``: ``name``, ``scale``, ``pixel_range``): bicubic upsampling, head conv,
+    ``depth`` conv+ReLU blocks, tail conv, global residual."""
 
     def __init__(self, scale: int = 2, feats: int = 8, depth: int = 2) -> None:
         super().__init__()

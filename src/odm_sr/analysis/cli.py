@@ -106,9 +106,15 @@ def _images(args: argparse.Namespace, cfg) -> tuple[str, Any]:
 
 def _names(dataset) -> list[str]:
     """Image names without loading the images (``SRImageDataset.names``, also through a ``Subset``)."""
-    base, indices = getattr(dataset, "dataset", dataset), getattr(dataset, "indices", range(len(dataset)))
-    names = getattr(base, "names", None)
-    return [names[i] for i in indices] if names is not None else [dataset[i]["name"] for i in range(len(dataset))]
+    from torch.utils.data import Subset
+
+    from odm_sr.data.datasets import SRImageDataset
+
+    subset = isinstance(dataset, Subset)
+    base, indices = (dataset.dataset, dataset.indices) if subset else (dataset, range(len(dataset)))
+    if isinstance(base, SRImageDataset):
+        return [base.names[i] for i in indices]
+    return [dataset[i]["name"] for i in range(len(dataset))]
 
 
 def _pick_image(dataset, wanted: str | None):

@@ -69,16 +69,16 @@ def is_quantizer(name: str, module: nn.Module) -> bool:
     return isinstance(module, Quantizer) and not isinstance(module, (nn.Conv2d, nn.Linear, QuantMixin))
 
 
-def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+def find_quantizers(model: nn.Module) -> dict[str, Quantizer]:
     """Top-most quantizer modules of ``model`` by qualified name, in module order."""
-    found: dict[str, nn.Module] = {}
+    found: dict[str, Quantizer] = {}
     for name, module in model.named_modules():
         if name and owning_quantizer(name, found) is None and is_quantizer(name, module):
             found[name] = module
     return found
 
 
-def owning_quantizer(name: str, quantizers: dict[str, nn.Module]) -> str | None:
+def owning_quantizer(name: str, quantizers: dict[str, Quantizer]) -> str | None:
     """The quantizer ``name`` is, or lives under, if any."""
     parts = name.split(".")
     for end in range(len(parts), 0, -1):
@@ -93,13 +93,13 @@ def layer_bits(bits_like: Any) -> int:
     return min(int(bits_like), FP_BITS)
 
 
-def _gated(quantizers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def _gated(quantizers: dict[str, Quantizer]) -> dict[str, Quantizer]:
     """Quantizers that hold sub-modules with parameters (DDTB's dynamic gates)."""
     return {n: q for n, q in quantizers.items()
             if any(True for child in q.children() for _ in child.parameters())}
 
 
-def gate_shares(model: nn.Module, quantizers: dict[str, nn.Module],
+def gate_shares(model: nn.Module, quantizers: dict[str, Quantizer],
                 dynamic_ratio: float | None = None) -> tuple[dict[str, Fraction], bool]:
     """Per gated quantizer, the share of its gate to count (1 dynamic, 0 static), and whether assumed.
 
@@ -108,7 +108,7 @@ def gate_shares(model: nn.Module, quantizers: dict[str, nn.Module],
     """
     gated = _gated(quantizers)
     flags = {n: bool(q.is_dynamic) for n, q in gated.items()  # a bool or a 0-d tensor buffer
-             if getattr(q, "is_dynamic", None) is not None}
+             if q.is_dynamic is not None}
     shares = {n: Fraction(1) for n in gated if n not in flags}
     if any(flags.values()) or not flags:
         shares.update({n: Fraction(int(flag)) for n, flag in flags.items()})
@@ -129,7 +129,7 @@ def _meanshift_params(model: nn.Module) -> set[int]:
     return {id(p) for m in model.modules() if isinstance(m, MeanShift) for p in m.parameters()}
 
 
-def _param_role(param_name: str, param: nn.Parameter, model: nn.Module, quantizers: dict[str, nn.Module],
+def _param_role(param_name: str, param: nn.Parameter, model: nn.Module, quantizers: dict[str, Quantizer],
                 quantized_weights: dict[int, int], gate_bits: int) -> tuple[str, int, str | None]:
     """(role, bits, owning quantizer) of one parameter, per the module docstring."""
     owner_name, _, leaf = param_name.rpartition(".")
@@ -236,7 +236,7 @@ class _Recorder:
             self.stat_elements += x.numel()
 
     def layer(self, name: str, module: nn.Module, x: Tensor, macs: int) -> None:
-        weight_q, act_q = getattr(module, "weight_quant", None), getattr(module, "act_quant", None)
+        weight_q, act_q = (module.weight_quant, module.act_quant) if isinstance(module, QuantMixin) else (None, None)
         self.note_quantizer_input(act_q, x)
         entry = self.layers.setdefault(name, {
             "macs": 0, "w_bits": layer_bits(weight_q.bits) if weight_q is not None else FP_BITS,
@@ -272,8 +272,8 @@ def _layer_stub(rec: _Recorder, name: str, layer: nn.Module):
     return forward
 
 
-def _quantizer_stub(rec: _Recorder, quantizer: nn.Module):
-    bits = layer_bits(getattr(quantizer, "bits", FP_BITS))
+def _quantizer_stub(rec: _Recorder, quantizer: Quantizer):
+    bits = layer_bits(quantizer.bits)
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         rec.note_quantizer_input(quantizer, x)
@@ -289,7 +289,7 @@ def _attention_hook(rec: _Recorder, macs: Callable[[nn.Module, Tensor], int]):
 
 
 @torch.no_grad()
-def _shape_only_forward(model: nn.Module, quantizers: dict[str, nn.Module],
+def _shape_only_forward(model: nn.Module, quantizers: dict[str, Quantizer],
                         lr_hw: Sequence[int]) -> _Recorder:
     """Run the forward described in the module docstring; the model is left exactly as it was."""
     rec = _Recorder()
@@ -317,13 +317,12 @@ def _shape_only_forward(model: nn.Module, quantizers: dict[str, nn.Module],
     return rec
 
 
-def _activation_bits(quantizers: dict[str, nn.Module]) -> int:
-    bits = [layer_bits(q.bits) for n, q in quantizers.items()
-            if hasattr(q, "bits") and n.rpartition(".")[2] != "weight_quant"]
+def _activation_bits(quantizers: dict[str, Quantizer]) -> int:
+    bits = [layer_bits(q.bits) for n, q in quantizers.items() if n.rpartition(".")[2] != "weight_quant"]
     return min(bits, default=FP_BITS)
 
 
-def _gate_macs(quantizers: dict[str, nn.Module], shares: dict[str, Fraction]) -> float:
+def _gate_macs(quantizers: dict[str, Quantizer], shares: dict[str, Fraction]) -> float:
     """Per image: each counted gate's 1×1 convs on the pooled vector, C·32 + 32·2 for DDTB."""
     total = Fraction(0)
     for name, q in _gated(quantizers).items():

@@ -26,10 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from odm_sr.analysis.complexity import find_quantizers
+from odm_sr.models.base import pixel_range
 from odm_sr.quant.backbones import select_layers
 from odm_sr.quant.calibration import batch_range, eval_mode
 from odm_sr.quant.functional import uniform_quantize
-from odm_sr.quant.layers import quantized_layers
+from odm_sr.quant.layers import QuantMixin, quantized_layers
+from odm_sr.quant.quantizer import LEVEL_GRIDS, Quantizer
 
 DEFINITIONS = ("channel_mean", "channel_std", "tensor_mean_std")
 QUANTIZER_CHOICES = ("own", "fixed")
@@ -149,7 +151,7 @@ def quantizer_sites(model: nn.Module) -> Iterator[dict[str, Site]]:
     handles = [model.register_forward_pre_hook(reset)]
     handles += [q.register_forward_hook(on_quantizer) for q in activation_quantizers(model).values()]
     for name, layer in input_layers(model).items():
-        own = getattr(layer, "act_quant", None)
+        own = layer.act_quant if isinstance(layer, QuantMixin) else None
         handles.append(layer.register_forward_hook(on_output(name, own)) if own is not None
                        else layer.register_forward_pre_hook(on_input(name)))
     with _hooks(handles):
@@ -158,7 +160,7 @@ def quantizer_sites(model: nn.Module) -> Iterator[dict[str, Site]]:
 
 def _forward_each(model: nn.Module, images: Any) -> Iterator[None]:
     """Run ``model`` on each image (eval mode, no_grad); yields after each forward."""
-    rng = float(getattr(model, "pixel_range", 1.0))
+    rng = pixel_range(model)
     with eval_mode(model), torch.no_grad():
         for x in iter_images(images, rng, _device(model)):
             model(x)
@@ -258,7 +260,7 @@ def feature_mismatch(model: nn.Module | str | Path, images: Any, quantizer: str 
         for _ in _forward_each(model, images):
             for name, (x, q, module) in sites.items():
                 if quantizer == "fixed":
-                    q = uniform_quantize(x, *ranges[name], int(getattr(module, "bits", 32)))
+                    q = uniform_quantize(x, *ranges[name], int(module.bits))
                 x64 = x.double()
                 rows.setdefault(name, []).append((float(x64.mean()), float(x64.std(unbiased=False)),
                                                   float((x64 - q.double()).norm())))
@@ -285,32 +287,33 @@ def odm_initialized(model: nn.Module | str | Path, images: Any, bits: int = 2, j
     images = list(images)
     cfg = {"init": {"j": float(j), "num_batches": max(1, len(images))}, "placement": placement or {}}
     ODM(cfg, Bits(w=bits if quantize_weights else 32, a=bits)).quantize(net)
-    rng = float(getattr(net, "pixel_range", 1.0))
+    rng = pixel_range(net)
     calibrate_activation_ranges(net, iter_images(images, rng, _device(net)), j=float(j),
                                 num_batches=max(1, len(images)), progress=False)
     return net.eval()
 
 
 # -- Figure S1: activation histograms ------------------------------------------------------------------------
-def static_levels(quantizer: nn.Module | None) -> np.ndarray | None:
-    """The fixed levels of a static quantizer, else None (DAQ, dynamic DDTB, FP). ODM: l + k·(u − l)/(2^b − 1);
-    PAMS: α·k/Q, |k| ≤ Q = 2^(b−1) − 1; DDTB (static): the zero-anchored grid k/σ, σ = (2^b − 1)/(u − l)."""
-    bits = int(getattr(quantizer, "bits", 32))
-    if quantizer is None or bits >= 32 or not getattr(quantizer, "enabled", True):
+def static_levels(quantizer: Quantizer | None) -> np.ndarray | None:
+    """The fixed levels of a static quantizer (its ``static_range`` laid out on its ``level_grid``), else None
+    (DAQ, dynamic DDTB, FP). ODM: l + k·(u − l)/(2^b − 1); PAMS: α·k/Q, |k| ≤ Q = 2^(b−1) − 1; DDTB (static):
+    the zero-anchored grid k/σ, σ = (2^b − 1)/(u − l)."""
+    bounds = quantizer.static_range() if quantizer is not None and quantizer.bits < 32 else None
+    if bounds is None:  # FP, dynamic (DAQ, gated DDTB) or passing through (DDTB's calibration epoch)
         return None
+    lower, upper = bounds
+    bits = int(quantizer.bits)
     n = 2 ** bits - 1
-    if hasattr(quantizer, "lower") and hasattr(quantizer, "upper"):
-        lower, upper = float(quantizer.lower.detach()), float(quantizer.upper.detach())
+    if quantizer.level_grid == "uniform":
         return lower + np.arange(n + 1) * (upper - lower) / n
-    if hasattr(quantizer, "alpha_lower") and not (getattr(quantizer, "is_dynamic", False)
-                                                  and getattr(quantizer, "use_gate", False)):
-        lower, upper = float(quantizer.alpha_lower.detach()), float(quantizer.alpha_upper.detach())
+    if quantizer.level_grid == "zero_anchored":
         sigma = n / (upper - lower)
         return np.arange(round(sigma * lower), round(sigma * upper) + 1) / sigma
-    if hasattr(quantizer, "alpha"):
+    if quantizer.level_grid == "symmetric_zero":
         q_max = 2 ** (bits - 1) - 1
-        return float(quantizer.alpha.detach()) * np.arange(-q_max, q_max + 1) / q_max
-    return None
+        return upper * np.arange(-q_max, q_max + 1) / q_max
+    raise ValueError(f"{type(quantizer).__name__}.level_grid={quantizer.level_grid!r}: expected one of "
+                     f"{LEVEL_GRIDS}")
 
 
 def pick_layers(names: Sequence[str], layers: Sequence[str | int]) -> list[str]:
@@ -355,7 +358,7 @@ def activation_histograms(model: nn.Module | str | Path, image: Any, layers: Seq
         counts, edges = np.histogram(values, bins=bins, range=(lo, hi if hi > lo else lo + 1.0))
         out[name] = {"counts": counts, "edges": edges, "levels": levels,
                      "quantizer": type(quantizer).__name__ if quantizer is not None else None,
-                     "bits": getattr(quantizer, "bits", None), "min": float(values.min()),
+                     "bits": quantizer.bits if quantizer is not None else None, "min": float(values.min()),
                      "max": float(values.max()), "mean": float(values.mean()), "std": float(values.std())}
     if path is not None:
         from odm_sr.analysis.plots import plot_histograms
@@ -373,11 +376,11 @@ def weight_stats(model: nn.Module | str | Path, placement: dict | None = None) -
     for name, layer in input_layers(model, placement).items():
         w = layer.weight.detach().double()
         row = {"layer": name, "min": float(w.min()), "max": float(w.max()), "mean": float(w.mean()), "clip": None}
-        quantizer = getattr(layer, "weight_quant", None)
-        bound = getattr(quantizer, "clip_bound", None)
-        if callable(bound):
+        quantizer = layer.weight_quant if isinstance(layer, QuantMixin) else None
+        if isinstance(quantizer, Quantizer):
             with torch.no_grad():
-                value = bound(layer.weight) if hasattr(quantizer, "weight_stat") else bound()
-            row["clip"] = float(value) if not math.isnan(float(value)) else None
+                value = quantizer.weight_clip_bound(layer.weight)
+            if value is not None:
+                row["clip"] = float(value) if not math.isnan(float(value)) else None
         rows.append(row)
     return rows

@@ -1,9 +1,10 @@
-"""SR backbones (plain `nn.Module`s with official module names) and their checkpoint loader.
+"""SR backbones (`SRModel`s with official module names) and their checkpoint loader.
 
-Every model has `name`, `scale` and `pixel_range` (255.0 for EDSR/RDN, 1.0 for SwinIR/HAT): forward
-takes and returns images in [0, pixel_range].
+Every model has `name`, `scale`, `pixel_range` (255.0 for EDSR/RDN, 1.0 for SwinIR/HAT; forward takes and
+returns images in [0, pixel_range]), `pad_mode` and `official_eval_pad_mode` (declared by `SRModel`).
 """
 
+from odm_sr.models.base import SRModel
 from odm_sr.models.build import MODEL_NAMES, SUPPORTED_SCALES, build_model
 from odm_sr.models.checkpoint import extract_state_dict, guess_scale, is_quantizer_key, load_pretrained
 from odm_sr.models.edsr import EDSR, MeanShift
@@ -18,6 +19,7 @@ __all__ = [
     "MODEL_NAMES",
     "RDN",
     "SUPPORTED_SCALES",
+    "SRModel",
     "MeanShift",
     "SwinIR",
     "build_model",

@@ -1,4 +1,4 @@
-"""`build_model`: backbone name + scale (+ constructor overrides) -> plain `nn.Module`.
+"""`build_model`: backbone name + scale (+ constructor overrides) -> an `SRModel`.
 
 Configurations are METHODS.md section 2.1; the SwinIR/HAT ones are the official test options
 (`img_size` 64 for SwinIR-light and HAT-S, 48 for SwinIR-classical, which sizes the stored `attn_mask`).
@@ -9,8 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from torch import nn
-
+from odm_sr.models.base import SRModel
 from odm_sr.models.edsr import EDSR
 from odm_sr.models.hat import HAT
 from odm_sr.models.rdn import RDN
@@ -18,7 +17,7 @@ from odm_sr.models.swinir import SwinIR
 
 SUPPORTED_SCALES = (2, 3, 4)
 
-MODEL_CONFIGS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+MODEL_CONFIGS: dict[str, tuple[type[SRModel], dict[str, Any]]] = {
     "edsr_baseline": (EDSR, dict(n_resblocks=16, n_feats=64, res_scale=1.0)),
     "edsr": (EDSR, dict(n_resblocks=32, n_feats=256, res_scale=0.1)),
     "rdn": (RDN, dict(config="B", G0=64)),
@@ -34,7 +33,7 @@ MODEL_NAMES = tuple(MODEL_CONFIGS)
 ALIASES = {"edsr_full": "edsr"}  # conf/model/edsr.yaml spells the full EDSR this way
 
 
-def build_model(name: str, scale: int, **overrides: Any) -> nn.Module:
+def build_model(name: str, scale: int, **overrides: Any) -> SRModel:
     """Build backbone `name` for `scale`, with constructor keyword `overrides`.
 
     Examples: `build_model("edsr_baseline", 4)`; a small EDSR for tests/configs:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from odm_sr.models.base import SRModel
+
 # A module whose name is `quant`/`quantizer`, ends in `_quant`/`_quantizer` or starts with `quant_`.
 _QUANTIZER_MODULE = re.compile(r"^(quant|quantizer)$|_(quant|quantizer)$|^quant_")
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict")
@@ -124,7 +126,7 @@ def mismatch_report(model: nn.Module, target: dict, state: dict) -> list[str]:
                      f"model {tuple(target[key].shape)}")
     if len(wrong_shape) > _SHOWN:
         lines.append(f"... {len(wrong_shape) - _SHOWN} more shape mismatch(es)")
-    model_scale = getattr(model, "scale", None)
+    model_scale = model.scale if isinstance(model, SRModel) else None
     checkpoint_scale = guess_scale(state)
     if lines and checkpoint_scale is not None and model_scale is not None and checkpoint_scale != model_scale:
         lines.insert(0, f"checkpoint looks like scale {checkpoint_scale}, model is scale {model_scale}")
@@ -148,7 +150,7 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
     target = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
     problems = mismatch_report(model, target, state)
     if problems and strict:
-        name = getattr(model, "name", type(model).__name__)
+        name = model.name if isinstance(model, SRModel) else type(model).__name__
         raise ValueError(f"{source}: does not match model {name!r}:\n  " + "\n  ".join(problems))
     usable = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
     model.load_state_dict(usable, strict=False)

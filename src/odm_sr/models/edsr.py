@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from odm_sr.models.base import SRModel
+
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted at the input, added back at the output
 
 
@@ -60,7 +62,7 @@ def pixelshuffle_upsampler(scale: int, num_feat: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class EDSR(nn.Module):
+class EDSR(SRModel):
     """EDSR; input and output in [0, rgb_range] (`pixel_range` 255.0 by default).
 
     forward: sub_mean, head, x + body(x) (body ends with a conv), tail (upsampler, conv F->3), add_mean.

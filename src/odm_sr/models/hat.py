@@ -16,6 +16,7 @@ from einops import rearrange
 from timm.layers import DropPath
 from torch import nn
 
+from odm_sr.models.base import SRModel
 from odm_sr.models.edsr import RGB_MEAN, pixelshuffle_upsampler
 from odm_sr.models.windows import (
     PAD_MODES,
@@ -198,7 +199,7 @@ class RHAG(nn.Module):
         return image_to_tokens(self.conv(features)) + x
 
 
-class HAT(nn.Module):
+class HAT(SRModel):
     """HAT for SR; input and output in [0, 1] (`pixel_range` 1.0). Defaults are HAT-S.
 
     drop_path_rate: the official default 0.1 (stochastic depth, active in train mode only).

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from odm_sr.models.base import SRModel
+
 RDN_CONFIGS = {"A": (20, 6, 32), "B": (16, 8, 64)}  # (D blocks, C convs per block, G growth rate)
 
 
@@ -53,7 +55,7 @@ def upsampling_net(scale: int, grow_rate0: int, grow_rate: int, kernel_size: int
     raise ValueError(f"scale {scale} is not supported; allowed: 2, 3, 4")
 
 
-class RDN(nn.Module):
+class RDN(SRModel):
     """RDN; input and output in [0, 255] (`pixel_range` 255.0).
 
     forward: f1 = SFENet1(x); D RDBs on SFENet2(f1); GFF(cat of all RDB outputs) + f1; UPNet.

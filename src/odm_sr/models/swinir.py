@@ -16,6 +16,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from odm_sr.models.base import SRModel
 from odm_sr.models.edsr import RGB_MEAN, pixelshuffle_upsampler
 from odm_sr.models.windows import (
     PAD_MODES,
@@ -110,7 +111,7 @@ class RSTB(nn.Module):
         return image_to_tokens(self.conv(features)) + x
 
 
-class SwinIR(nn.Module):
+class SwinIR(SRModel):
     """SwinIR for SR; input and output in [0, 1] (`pixel_range` 1.0).
 
     forward: pad to a window multiple (`pad_mode`), x - mean, conv_first, x + conv_after_body(RSTBs),

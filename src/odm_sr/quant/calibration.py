@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from .distributed import gather_cat
 from .functional import percentile
 from .layers import QuantMixin
+from .quantizer import Quantizer
 
 SOURCES = ("fp", "sequential")
 
@@ -46,9 +47,10 @@ class StopForward(Exception):
 
 
 def range_quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Quantized layers whose ``act_quant`` has ``set_range``, by name, in module order."""
+    """Quantized layers whose ``act_quant`` is calibrated (``Quantizer.calibrates_range``: ``set_range``), by
+    name, in module order."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, QuantMixin) and hasattr(m.act_quant, "set_range")}
+            if isinstance(m, QuantMixin) and isinstance(m.act_quant, Quantizer) and m.act_quant.calibrates_range}
 
 
 def batch_range(x: Tensor, j: float) -> Tensor:

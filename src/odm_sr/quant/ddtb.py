@@ -203,6 +203,8 @@ class DdtbActQuantizer(Quantizer):
       (σ_u, σ_l) = 2·sigmoid(g).
     """
 
+    level_grid = "zero_anchored"
+
     def __init__(self, bits: int, site: ActSite, percentile_m: float = 99.0, calibrate: bool = True,
                  gate_frozen_first_conv: bool = False) -> None:
         super().__init__()
@@ -232,6 +234,12 @@ class DdtbActQuantizer(Quantizer):
     def gate_runs(self) -> bool:
         """Whether a forward (of an enabled, initialized quantizer) runs the gate."""
         return self.is_dynamic and (self.training or self.use_gate)
+
+    def static_range(self) -> tuple[float, float] | None:
+        """(l, u); None while disabled or when the gate rescales them per image (dynamic with ``use_gate``)."""
+        if not self.enabled or (self.is_dynamic and self.use_gate):
+            return None
+        return float(self.alpha_lower.detach()), float(self.alpha_upper.detach())
 
     def get_extra_state(self) -> dict[str, bool]:
         return {"initialized": self.initialized, "is_dynamic": self.is_dynamic, "use_gate": self.use_gate}

@@ -17,6 +17,11 @@ class QuantMixin:
     act_quant: nn.Module | None
     weight_quant: nn.Module | None
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)  # the float layer (or module) it is mixed into
+        self.act_quant = None  # both always present: None until ``_attach`` (and where there is none)
+        self.weight_quant = None
+
     def _attach(self, act_quant: nn.Module | None, weight_quant: nn.Module | None) -> None:
         self.act_quant = act_quant
         self.weight_quant = weight_quant

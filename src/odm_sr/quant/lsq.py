@@ -79,5 +79,9 @@ class LsqWeightQuantizer(Quantizer):
         """The largest representable magnitude: Q_N·s (lsq_integer) or u_w (odm_symmetric)."""
         return self.scale * self.q_n if self.grid == "lsq_integer" else self.scale.clone()
 
+    def weight_clip_bound(self, weight: Tensor) -> Tensor:
+        """``clip_bound()`` (learned, independent of ``weight``)."""
+        return self.clip_bound()
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, grid={self.grid}"

@@ -60,6 +60,9 @@ class OdmActQuantizer(Quantizer):
     first forward initialises the bounds from its own input's (P_{100−j}, P_j) as a fallback.
     """
 
+    level_grid = "uniform"
+    calibrates_range = True
+
     def __init__(self, bits: int, init_j: float = 99.0):
         super().__init__()
         self.bits = int(bits)
@@ -77,6 +80,10 @@ class OdmActQuantizer(Quantizer):
         self.upper.fill_(max(upper, lower + 1e-6 * max(1.0, abs(lower))))
         self.initialized.fill_(True)
         self._ready = True
+
+    def static_range(self) -> tuple[float, float]:
+        """(l_a, u_a)."""
+        return float(self.lower.detach()), float(self.upper.detach())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -125,6 +132,10 @@ class WeightClipQuantizer(Quantizer):
     def clip_bound(self, w: Tensor) -> Tensor:
         """u_w = f(W)·γ_w."""
         return self.weight_stat(w) * self.gamma.to(w.dtype)
+
+    def weight_clip_bound(self, weight: Tensor) -> Tensor:
+        """u_w (``clip_bound``)."""
+        return self.clip_bound(weight)
 
     def forward(self, w: Tensor) -> Tensor:
         return symmetric_quantize(w, self.clip_bound(w), self.bits)

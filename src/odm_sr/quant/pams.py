@@ -98,6 +98,8 @@ class PamsActQuantizer(Quantizer):
     clipped) and Adam builds moments for it although each batch overwrites its value (`pams_quant_act.forward`).
     """
 
+    level_grid = "symmetric_zero"
+
     def __init__(self, bits: int, site: ActSite, alpha_init: float = 10.0, decay: float = 0.9997,
                  last_batch: bool = False, live_alpha: bool = False) -> None:
         super().__init__()
@@ -121,6 +123,11 @@ class PamsActQuantizer(Quantizer):
         self.seen = True
         self.running_max.copy_(tracked)
         self.alpha.copy_(tracked)
+
+    def static_range(self) -> tuple[float, float]:
+        """(−α, α)."""
+        alpha = float(self.alpha.detach())
+        return -alpha, alpha
 
     def tracked_max(self) -> Tensor:
         """This rank's running max of the batch statistic. DDP broadcasts rank 0's buffers before every forward
