@@ -15,7 +15,12 @@ def test_offline_wandb_run_directory(tmp_path, monkeypatch):
     overrides = [o for o in TINY_TRAIN if not o.startswith("logger=")] + [
         "logger=wandb", "method=odm", "bits=w2a2", "method.init.num_batches=2",
         "callbacks.wandb_histograms.every_n_steps=3", "callbacks.wandb_sr_crops.crop=32"]
-    results = train(compose_config(overrides, tmp_path))
+    import wandb
+
+    try:
+        results = train(compose_config(overrides, tmp_path))
+    finally:
+        wandb.teardown()  # wandb keeps the mode of its first set-up in the process: let later tests set theirs
     assert results["run_name"] == "edsr-x2-odm-w2a2"
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "exactly one offline run directory"
