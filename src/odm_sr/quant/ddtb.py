@@ -30,13 +30,12 @@ from .blocks import (
 from .calibration import eval_mode
 from .distributed import all_reduce_mean_, gather_cat
 from .functional import (
+    bounds_backward,
     max_abs_weight_quantize,
     max_abs_weight_quantize_rows,
     percentile,
     percentile_rows,
-    row_grads,
     straight_through,
-    wanted,
 )
 from .layers import QuantMixin
 from .quantizer import Quantizer
@@ -86,12 +85,7 @@ class _ZeroAnchoredQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_x, rows, lower, upper = ctx.saved_tensors
-        grad_l = grad_u = None
-        if rows is not None and (wanted(ctx, 1) or wanted(ctx, 2)):
-            grad_l, grad_u = row_grads(rows, grad_out, (lower, upper))
-        grad_in = grad_out * grad_x if wanted(ctx, 0) else None
-        return grad_in, grad_l, grad_u, None
+        return (*bounds_backward(ctx, grad_out), None)
 
 
 def zero_anchored_quantize(x: Tensor, lower: Tensor, upper: Tensor, bits: int) -> Tensor:

@@ -64,6 +64,18 @@ def clipped_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | Non
     return grad_in, grad_b
 
 
+def bounds_backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(∂L/∂x, ∂L/∂l, ∂L/∂u) of a fused two-bound quantizer Function that saved ``(∂q/∂x, rows, lower, upper)``,
+    ``rows`` = ∂q/∂(l, u) per element stacked (None where the forward did not need them): the input's gradient one
+    multiply, both bounds' one row product; each only where the pass reaches it (:func:`wanted`)."""
+    dq_dx, rows, lower, upper = ctx.saved_tensors
+    grad_l = grad_u = None
+    if rows is not None and (wanted(ctx, 1) or wanted(ctx, 2)):
+        grad_l, grad_u = row_grads(rows, grad_out, (lower, upper))
+    grad_in = grad_out * dq_dx if wanted(ctx, 0) else None
+    return grad_in, grad_l, grad_u
+
+
 def row_grads(rows: Tensor, grad: Tensor, likes: Sequence[Tensor]) -> list[Tensor]:
     """Σ grad·rows[i] reduced to the shape of ``likes[i]``: the bound gradients of a fused quantizer.
 
@@ -111,12 +123,7 @@ class _UniformQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        inside, rows, lower, upper = ctx.saved_tensors
-        grad_l = grad_u = None
-        if rows is not None and (wanted(ctx, 1) or wanted(ctx, 2)):
-            grad_l, grad_u = row_grads(rows, grad_out, (lower, upper))
-        grad_in = grad_out * inside if wanted(ctx, 0) else None
-        return grad_in, grad_l, grad_u, None
+        return (*bounds_backward(ctx, grad_out), None)
 
 
 class _SymmetricQuant(torch.autograd.Function):

@@ -26,6 +26,13 @@ class QuantMixin:
         self.act_quant = act_quant
         self.weight_quant = weight_quant
 
+    def _adopt(self, layer: nn.Module, act_quant: nn.Module | None, weight_quant: nn.Module | None):
+        """Take ``layer``'s weight and bias (the same Parameters) and attach the quantizers; returns self."""
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self._attach(act_quant, weight_quant)
+        return self
+
     def quantized_input(self, x: Tensor) -> Tensor:
         return self.act_quant(x) if self.act_quant is not None else x
 
@@ -42,10 +49,7 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                 device=conv.weight.device, dtype=conv.weight.dtype)
-        q.weight = conv.weight
-        q.bias = conv.bias
-        q._attach(act_quant, weight_quant)
-        return q
+        return q._adopt(conv, act_quant, weight_quant)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
@@ -58,10 +62,7 @@ class QuantLinear(QuantMixin, nn.Linear):
     def from_float(cls, linear: nn.Linear, act_quant: nn.Module | None, weight_quant: nn.Module | None):
         q = cls(linear.in_features, linear.out_features, linear.bias is not None,
                 device=linear.weight.device, dtype=linear.weight.dtype)
-        q.weight = linear.weight
-        q.bias = linear.bias
-        q._attach(act_quant, weight_quant)
-        return q
+        return q._adopt(linear, act_quant, weight_quant)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
