@@ -88,7 +88,10 @@ class SRLitModule(L.LightningModule):
         self.seconds_before = {"train": 0.0, "validation": 0.0}
         self._fit_started: float | None = None
         self._validation_this_fit = 0.0
-        self.balance_sum, self.balance_steps = 0.0, 0  # running sum of mr/rho (ODM): its run mean in results
+        self._step_count = 0  # iterations done, steps without an optimizer step included (``global_step_count``)
+        self._watch: dict | None = None  # the device-side non-finite record since the last check (``_watch_finite``)
+        # running sum of mr/rho (ODM): its run mean in results; on the device during training (``balance_sum``)
+        self._balance_base, self._balance_total, self.balance_steps = 0.0, None, 0
         # trainer.compile: torch.compile the student in place (keys unchanged) after calibration; None: eager
         self.compile_backend = compile_backend
         self._compile_breaks_before: int | None = None
@@ -208,8 +211,6 @@ class SRLitModule(L.LightningModule):
         return max(1, int(self._trainer.log_every_n_steps or 1)) if self._trainer is not None else 1
 
     # -- non-finite losses ---------------------------------------------------------------------------------
-    _watch: dict | None = None  # the device-side record since the last check: see _watch_finite
-
     def _watch_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         """Record on the device, without a host sync, the first non-finite loss since the last check: its terms
         and how many steps after the check it came. ``check_finite`` reads it."""
@@ -262,8 +263,6 @@ class SRLitModule(L.LightningModule):
         """Iterations done, including steps without an optimizer step (Lightning's global_step skips those)."""
         return int(self._step_count)
 
-    _step_count = 0
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # no checkpoint after a non-finite loss: the last one written stays the last good one
         # the torch RNG (drop-path, DataLoader base seeds) so that a resumed run continues bit for bit
@@ -311,9 +310,6 @@ class SRLitModule(L.LightningModule):
     @balance_sum.setter
     def balance_sum(self, value: float) -> None:
         self._balance_base, self._balance_total = float(value), None
-
-    _balance_base = 0.0
-    _balance_total: Tensor | None = None
 
     @property
     def balance_mean(self) -> float | None:

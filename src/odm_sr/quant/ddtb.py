@@ -116,9 +116,8 @@ class DdtbWeightQuantizer(Quantizer):
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
-        batch = self.batch
-        if batch is not None and batch.active and not batch.filled:
-            batch.fill()
+        if self.batch is not None:
+            self.batch.fill_once()
         if self.batched is not None and self.batched[0] is w:
             return self.batched[1]
         if self.clip == "percentile":
@@ -171,9 +170,8 @@ class DynamicGate(nn.Module):
         self.batched: dict[str, Tensor] | None = None  # {"conv1"/"conv2": q(W)} of this forward, set by the batch
 
     def quantized_weight(self, name: str) -> Tensor:
-        batch = self.batch
-        if batch is not None and batch.active and not batch.filled:
-            batch.fill()
+        if self.batch is not None:
+            self.batch.fill_once()
         if self.batched is not None and name in self.batched:
             return self.batched[name]
         return max_abs_weight_quantize(getattr(self, name).weight, GATE_BITS)
@@ -298,6 +296,11 @@ class WeightBatch:
             layer.weight_quant.batched = None
         for q in self.act_quantizers:
             q.gate.batched = None
+
+    def fill_once(self) -> None:
+        """``fill`` on the first call within a forward of the model; nothing outside one or after it."""
+        if self.active and not self.filled:
+            self.fill()
 
     def fill(self) -> None:
         """The quantized weights of every group of two or more same-shaped weights, once per forward."""
