@@ -120,18 +120,14 @@ def drop_retired_keys(cfg: DictConfig) -> DictConfig:
     if "_target_" not in cfg.model:
         with open_dict(cfg.model):
             cfg.model._target_ = "odm_sr.builders.backbone"
-    for dotted, new in RENAMED_KEYS.items():
+    for dotted, new in [*RENAMED_KEYS.items(), *((key, None) for key in RETIRED_KEYS)]:  # None: dropped
         parent, _, key = dotted.rpartition(".")
         node = OmegaConf.select(cfg, parent)
         if isinstance(node, DictConfig) and key in node:
             with open_dict(node):
-                node[new] = node.pop(key)
-    for dotted in RETIRED_KEYS:
-        parent, _, key = dotted.rpartition(".")
-        node = OmegaConf.select(cfg, parent)
-        if isinstance(node, DictConfig) and key in node:
-            with open_dict(node):
-                del node[key]
+                value = node.pop(key)
+                if new is not None:
+                    node[new] = value
     return cfg
 
 
