@@ -194,8 +194,9 @@ def percentile(x: Tensor, q: float | Sequence[float]) -> Tensor:
     scalar = isinstance(q, (int, float))
     qs = [float(q)] if scalar else [float(v) for v in q]
     n = flat.numel()
-    if 0 < n <= TAIL_TOPK_MAX_ELEMENTS and all(min(v, 100.0 - v) <= 12.5 for v in qs):
-        out = _tail_percentiles(flat, qs)
+    if _tail_path(n, qs):
+        values = _tail_values(flat, qs)
+        out = values[0].reshape(1) if len(values) == 1 else torch.stack(values)
     elif n <= 16_000_000:
         out = torch.quantile(flat, torch.tensor(qs, dtype=flat.dtype, device=flat.device) / 100.0)
     else:
@@ -208,23 +209,29 @@ def _round_to(value: float, dtype: torch.dtype) -> float:
     return value if dtype == torch.float64 else struct.unpack("f", struct.pack("f", value))[0]
 
 
-def _tail_percentiles(flat: Tensor, qs: list[float]) -> Tensor:
-    """``torch.quantile(flat, qs/100)`` (linear) for percentiles within 12.5 % of either end, via ``topk``."""
-    n = flat.numel()
-    # ranks as ATen's quantile computes them: q/100 rounded to the input dtype, times (n − 1) in double; the
-    # rounding in Python (no tensor, no host transfer: this runs every step for every WCC/DDTB weight)
-    ranks = [_round_to(v / 100.0, flat.dtype) * (n - 1) for v in qs]
+def _tail_path(n: int, qs: list[float]) -> bool:
+    """Whether ``percentile`` reads these percentiles of ``n`` values from a ``topk`` of the tail."""
+    return 0 < n <= TAIL_TOPK_MAX_ELEMENTS and all(min(v, 100.0 - v) <= 12.5 for v in qs)
+
+
+def _tail_values(rows: Tensor, qs: list[float]) -> list[Tensor]:
+    """``torch.quantile(rows, q/100, dim=-1)`` (linear) for each of ``qs`` (within 12.5 % of either end), via
+    ``topk`` over the last dimension of a 1-D tensor or of each row of a 2-D one."""
+    n = rows.shape[-1]
     values = []
-    for rank in ranks:
+    for v in qs:
+        # rank as ATen's quantile computes it: q/100 rounded to the input dtype, times (n − 1) in double; the
+        # rounding in Python (no tensor, no host transfer: this runs every step for every WCC/DDTB weight)
+        rank = _round_to(v / 100.0, rows.dtype) * (n - 1)
         below, above = int(rank), min(int(math.ceil(rank)), n - 1)
         if rank >= (n - 1) / 2:  # upper tail: the n − below largest, descending (index n − 1 − r)
-            top = flat.topk(n - below).values
-            lo, hi = top[n - 1 - below], top[n - 1 - above]
+            top = rows.topk(n - below, dim=-1).values
+            lo, hi = top[..., n - 1 - below], top[..., n - 1 - above]
         else:  # lower tail: the above + 1 smallest, ascending (index r)
-            top = flat.topk(above + 1, largest=False).values
-            lo, hi = top[below], top[above]
+            top = rows.topk(above + 1, dim=-1, largest=False).values
+            lo, hi = top[..., below], top[..., above]
         values.append(torch.lerp(lo, hi, rank - below))
-    return values[0].reshape(1) if len(values) == 1 else torch.stack(values)
+    return values
 
 
 def percentile_rows(x: Tensor, q: Sequence[float]) -> Tensor | None:
@@ -238,21 +245,9 @@ def percentile_rows(x: Tensor, q: Sequence[float]) -> Tensor | None:
     if rows.dtype not in (torch.float32, torch.float64):
         rows = rows.float()
     qs = [float(v) for v in q]
-    n = rows.shape[1] if rows.dim() == 2 else 0
-    if not (0 < n <= TAIL_TOPK_MAX_ELEMENTS and all(min(v, 100.0 - v) <= 12.5 for v in qs)):
+    if not (rows.dim() == 2 and _tail_path(rows.shape[1], qs)):
         return None
-    values = []
-    for v in qs:
-        rank = _round_to(v / 100.0, rows.dtype) * (n - 1)
-        below, above = int(rank), min(int(math.ceil(rank)), n - 1)
-        if rank >= (n - 1) / 2:
-            top = rows.topk(n - below, dim=1).values
-            lo, hi = top[:, n - 1 - below], top[:, n - 1 - above]
-        else:
-            top = rows.topk(above + 1, dim=1, largest=False).values
-            lo, hi = top[:, below], top[:, above]
-        values.append(torch.lerp(lo, hi, rank - below))
-    return torch.stack(values)
+    return torch.stack(_tail_values(rows, qs))
 
 
 def _kth_percentile(flat: Tensor, q: float) -> Tensor:
