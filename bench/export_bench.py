@@ -87,7 +87,7 @@ def small_swinir(steps: int, tmp: Path):
 def load_models(ckpts: dict[str, str], swin_steps: int, tmp: Path) -> dict:
     from odm_sr.checkpoint import load_trained
 
-    models = {name: load_trained(path) for name, path in ckpts.items()}
+    models = {name: (trained.net, trained.cfg) for name, trained in ((n, load_trained(p)) for n, p in ckpts.items())}
     if swin_steps >= 0:
         models["swinir_light_small_odm"] = small_swinir(swin_steps, tmp)
     return models

@@ -23,7 +23,7 @@ ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()"""
 LOAD = """from odm_sr.checkpoint import load_trained
 from odm_sr.data.registry import build_dataset
 
-net, cfg = load_trained(ROOT / CKPT)
+net, _, cfg = load_trained(ROOT / CKPT)
 dataset = build_dataset(DATA, "test", int(cfg.model.scale))
 images = [dataset[i] for i in range(min(LIMIT, len(dataset)) if LIMIT else len(dataset))]
 print(f"{cfg.run_name}: {len(images)} images of {DATA}")"""
@@ -68,7 +68,7 @@ NOTEBOOKS = {
         new_code_cell(SETUP),
         new_code_cell("from odm_sr.analysis import plot_weight_stats, weight_stats\n"
                       "from odm_sr.checkpoint import load_trained\n\n"
-                      "net, cfg = load_trained(ROOT / CKPT)\n"
+                      "net, _, cfg = load_trained(ROOT / CKPT)\n"
                       "stats = weight_stats(net)\n"
                       "rows = [\"| layer | min | max | mean | u_w |\", \"|---|---|---|---|---|\"]\n"
                       "for s in stats:\n"

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from odm_sr.config import compose_config  # noqa: F401 - the tests import it from here
+from odm_sr.config import (
+    compose_config,  # noqa: F401 - the tests import it from here
+    merge_config,
+    method_defaults,
+)
 
 # A training run small enough for a test: 1-block, 8-feature EDSR, 16-pixel LR patches, 6 steps.
 TINY_TRAIN = [
@@ -13,6 +17,31 @@ TINY_TRAIN = [
     "trainer=cpu", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=3", "logger=csv",
 ]
+
+
+def method_config(name: str, options: dict | None = None) -> dict:
+    """``method=<name>`` as a run composes it, ``options`` merged over it (an unknown key raises ValueError)."""
+    return merge_config(method_defaults(name), options or {}, extra_keys=("calibration_batches",))
+
+
+def make_method(name: str, options: dict | None = None, bits=None):
+    """The method of ``method_config(name, options)`` (built as a run builds it) at ``bits`` (a ``Bits``, a
+    {w, a, sc} mapping, or None: 32 bits)."""
+    from dataclasses import asdict, is_dataclass
+
+    from odm_sr.quant import build_method
+
+    return build_method(method_config(name, options), asdict(bits) if is_dataclass(bits) else bits)
+
+
+def check_config(cfg):
+    """What ``train`` does before it builds the network: check the plain values, build the method (which checks
+    its own options); returns the method."""
+    from odm_sr.quant import build_method
+    from odm_sr.train import check_method, check_values
+
+    check_values(cfg)
+    return check_method(build_method(cfg.method, cfg.bits))
 
 
 def _gloo_rank(rank: int, world: int, port: int, fn, out_dir: str) -> None:

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from odm_sr.config import validate_config
+from helpers import check_config
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -31,7 +30,7 @@ def test_every_stage_composes_with_the_documented_budget(mini_repro, tmp_path, m
     args = mini_repro.parse_args(["--no-progress"])
     ckpt = tmp_path / "fp" / "checkpoints" / "last.ckpt"
     cfg = mini_repro.compose_cfg(mini_repro.stage_overrides(args, method, bits, ckpt), tmp_path / method)
-    validate_config(cfg)
+    check_config(cfg)
     steps = 1500 if method == "fp" else 300
     assert cfg.trainer.max_steps == steps
     assert cfg.optim.milestones == [int(0.7 * steps)]

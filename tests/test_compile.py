@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import bare_step_module
+from helpers import bare_step_module, make_method
 
 from odm_sr.lit_module import SRLitModule
 from odm_sr.models import build_model
 from odm_sr.quant import Bits
-from odm_sr.quant.odm import ODM
 from odm_sr.train import LIT_TRAINER_KEYS, lightning_trainer_config
 
 
 def _module(backend: str | None) -> SRLitModule:
     torch.manual_seed(0)
     net = build_model("edsr", 2, n_resblocks=1, n_feats=8, res_scale=1.0)
-    method = ODM({"init": {"num_batches": 1}, "mr": {"mode": "off"}}, Bits(w=2, a=2))
+    method = make_method("odm", {"init": {"num_batches": 1}, "mr": {"mode": "off"}}, Bits(w=2, a=2))
     net = method.quantize(net)
     method.calibrate(net, [torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 255])
     return bare_step_module(net, method, compile_backend=backend)

@@ -88,8 +88,8 @@ class TrackedDict(dict):
 def method_reads(method: str, family: str, monkeypatch, tmp_path) -> set[str]:
     """Dotted method keys read while ``method`` is built and trains two steps on a tiny ``family`` network."""
     reads: set[str] = set()
-    merge = quant_base.merge_config
-    monkeypatch.setattr(quant_base, "merge_config", lambda *a, **k: TrackedDict(merge(*a, **k), reads))
+    options = quant_base.method_options
+    monkeypatch.setattr(quant_base, "method_options", lambda *a, **k: TrackedDict(options(*a, **k), reads))
     overrides = [*TINY_MODELS[family], "model.scale=2", f"method={method}", "data.iters_per_epoch=1",
                  "bits=fp32" if method == "fp" else ("bits=w4a4" if method == "odm_fq" else "bits=w2a2")]
     if method in ("odm", "lsq", "odm_fq"):

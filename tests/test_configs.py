@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import compose_config
+from helpers import check_config, compose_config, method_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from odm_sr.builders import build_network, pretrained_network
-from odm_sr.config import CONFIG_DIR, validate_config
+from odm_sr.config import CONFIG_DIR
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 # every option of the experiment group, shared bases (base/...) included
@@ -68,7 +68,7 @@ def test_experiment_composes_and_validates(name):
     # the base/paper* fragments set bits=w2a2 and no method: alone they would be an FP run labelled w2a2 (refused)
     cfg = compose_config([f"experiment={name}", "method=odm"], Path("/nonexistent/output_dir")) \
         if name.startswith("base/paper") else _composed(name)
-    validate_config(cfg)
+    check_config(cfg)
     OmegaConf.to_container(cfg.optim, resolve=True)
 
 
@@ -255,7 +255,6 @@ def test_an_older_checkpoint_config_with_retired_keys_still_loads(tmp_path):
     import torch
 
     from odm_sr.checkpoint import load_trained
-    from odm_sr.quant import build_method
 
     cfg = compose_config(["model=edsr_small", "model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8",
                           "model.scale=2", "method=pams", "bits=w2a2"], tmp_path)
@@ -265,10 +264,10 @@ def test_an_older_checkpoint_config_with_retired_keys_still_loads(tmp_path):
     old["method"]["placement"]["transformer_same_layers"] = True
     old["optim"]["name"] = "adam"
     with pytest.raises(ValueError, match="unknown method config key 'placement.transformer_same_layers'"):
-        build_method(old["method"], old["bits"])  # the key is gone from conf/method/pams.yaml
+        method_config("pams", old["method"])  # the key is gone from conf/method/pams.yaml
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"cfg": old}}, tmp_path / "old.ckpt")
-    loaded, loaded_cfg = load_trained(tmp_path / "old.ckpt")
+    loaded, _, loaded_cfg = load_trained(tmp_path / "old.ckpt")
     assert "transformer_same_layers" not in loaded_cfg.method.placement and "name" not in loaded_cfg.optim
     tensors = {k: v for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}
     assert tensors and all(torch.equal(loaded.state_dict()[k], v) for k, v in tensors.items())
@@ -292,7 +291,6 @@ def test_an_older_checkpoint_with_single_value_keys_and_method_target_still_load
     import torch
 
     from odm_sr.checkpoint import load_trained
-    from odm_sr.quant import build_method
 
     cfg = compose_config(["model=edsr_small", "model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8",
                           "model.scale=2", f"method={method}", "bits=w2a2"], tmp_path)
@@ -311,13 +309,13 @@ def test_an_older_checkpoint_with_single_value_keys_and_method_target_still_load
             alone_node = alone_node[parent]
         alone_node[key] = value
         with pytest.raises(ValueError, match=f"unknown method config key '{re.escape(dotted)}'; known: "):
-            build_method(alone, old["bits"])
+            method_config(method, alone)
     with pytest.raises(ValueError, match="unknown method config key 'target'; known: "):
-        build_method({**OmegaConf.to_container(cfg.method, resolve=True), "target": cfg.method._target_}, old["bits"])
+        method_config(method, {**OmegaConf.to_container(cfg.method, resolve=True), "target": cfg.method._target_})
     old["method"]["target"] = old["method"].pop("_target_")
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"cfg": old}}, tmp_path / "old.ckpt")
-    loaded, loaded_cfg = load_trained(tmp_path / "old.ckpt")
+    loaded, _, loaded_cfg = load_trained(tmp_path / "old.ckpt")
     stored = OmegaConf.to_container(loaded_cfg.method, resolve=True)
     assert stored == OmegaConf.to_container(cfg.method, resolve=True)  # every old key gone, _target_ back
     tensors = {k: v for k, v in net.state_dict().items() if isinstance(v, torch.Tensor)}

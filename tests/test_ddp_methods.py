@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import make_method
 
 pytestmark = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
                                 reason="ddp_fork needs the fork start method (Linux/macOS)")
@@ -87,15 +88,14 @@ def test_each_method_trains_under_ddp_through_its_schedule(tmp_path, name):
 def test_ddp_strategy_looks_for_unused_parameters_only_where_a_method_leaves_some_out():
     from odm_sr.quant import Bits
     from odm_sr.quant.base import FullPrecision
-    from odm_sr.quant.ddtb import DDTB
-    from odm_sr.quant.pams import PAMS
     from odm_sr.train import ddp_strategy
 
     w2a2 = Bits(w=2, a=2)
-    assert ddp_strategy("ddp", PAMS({}, w2a2)) == "ddp_find_unused_parameters_true"
-    assert ddp_strategy("ddp_fork", DDTB({}, w2a2)) == "ddp_fork_find_unused_parameters_true"
-    live = PAMS({"quirks": {"alpha_grad_while_tracking": True}}, w2a2)  # α takes part in every step
+    assert ddp_strategy("ddp", make_method("pams", {}, w2a2)) == "ddp_find_unused_parameters_true"
+    assert ddp_strategy("ddp_fork", make_method("ddtb", {}, w2a2)) == "ddp_fork_find_unused_parameters_true"
+    live = make_method("pams", {"quirks": {"alpha_grad_while_tracking": True}}, w2a2)  # α takes part in every step
     assert ddp_strategy("ddp", live) == "ddp"
-    assert ddp_strategy("ddp", FullPrecision()) == "ddp" and ddp_strategy("auto", PAMS({}, w2a2)) == "auto"
+    assert ddp_strategy("ddp", FullPrecision()) == "ddp"
+    assert ddp_strategy("auto", make_method("pams", {}, w2a2)) == "auto"
     with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
-        ddp_strategy("ddp_find_unused_parameters_false", PAMS({}, w2a2))
+        ddp_strategy("ddp_find_unused_parameters_false", make_method("pams", {}, w2a2))

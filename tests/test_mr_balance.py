@@ -71,8 +71,8 @@ def test_analyses_after_fit_are_written_and_summarised(odm_run):
 
 
 def test_unknown_analysis_is_rejected_before_any_work(tmp_path):
-    from odm_sr.config import validate_config
+    from odm_sr.train import check_values
 
     cfg = compose_config(TINY_TRAIN + ["analyze.after_fit=[mismatch,timing]"], tmp_path)
     with pytest.raises(ValueError, match=r"analyze.after_fit.*timing"):
-        validate_config(cfg)
+        check_values(cfg)

@@ -8,13 +8,12 @@ Rank 0 must not step on (or wait in a collective of) a run that rank 1 has left:
 from __future__ import annotations
 
 import torch
-from helpers import bare_step_module, run_on_ranks
+from helpers import bare_step_module, make_method, run_on_ranks
 
 from odm_sr.lit_module import NonFiniteLossError, SRLitModule, non_finite_ranks
 from odm_sr.models import build_model
 from odm_sr.quant import Bits
 from odm_sr.quant.base import FullPrecision
-from odm_sr.quant.odm import ODM
 
 WORLD = 2
 
@@ -23,7 +22,7 @@ def _module(method_name: str) -> SRLitModule:
     torch.manual_seed(0)
     net = build_model("edsr", 2, n_resblocks=1, n_feats=8, res_scale=1.0)
     if method_name == "odm":
-        method = ODM({"init": {"num_batches": 1}, "lambda_m": 1.0}, Bits(w=2, a=2))
+        method = make_method("odm", {"init": {"num_batches": 1}, "lambda_m": 1.0}, Bits(w=2, a=2))
         net = method.quantize(net)
         method.calibrate(net, [torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 255])
     else:

@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from helpers import compose_config
+from helpers import check_config, compose_config
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from odm_sr.config import CONFIG_DIR, validate_config
+from odm_sr.config import CONFIG_DIR
 
 SWEEP_DIR = CONFIG_DIR / "sweep"
 SWEEPS = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml") if p.stem != "common")
@@ -71,7 +71,7 @@ def test_sweep_composes_and_expands(name, tmp_path):
     assert cfg.hydra.sweep.dir == f"{cfg.paths.log_dir}/sweeps/{name}"
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
     for job in jobs if name in SELECTS_GROUPS else jobs[:1]:
-        validate_config(compose_config(job, tmp_path))
+        check_config(compose_config(job, tmp_path))
 
 
 def test_sweep_values():

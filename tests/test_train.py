@@ -102,7 +102,7 @@ def test_upscale_writes_the_rounded_tiled_output_atomically(tiny_run, tmp_path, 
     ckpt = tiny_run[0] / "checkpoints" / "last.ckpt"
     src, dst = _input_image(tmp_path / "in.png", (37, 29)), tmp_path / "out.png"
     upscale_file(ckpt, src, dst, tile=8, overlap=4)
-    net, _ = load_trained(ckpt)
+    net, _, _ = load_trained(ckpt)
     with torch.no_grad():
         expected = to_uint8(network_upscale(net, 8, 4)(to_tensor(read_image(src)[0])[None])[0], 1.0)
     assert np.array_equal(np.asarray(Image.open(dst)), expected.permute(1, 2, 0).numpy())

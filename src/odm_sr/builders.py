@@ -1,4 +1,5 @@
-"""Turn a composed config into objects: backbone, method, quantized network, data module, loggers, callbacks."""
+"""Turn a composed config into objects, each built once: method (with its bits), backbone and quantized network
+(checked against the method), data module, loggers, callbacks."""
 
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ def pretrained_network(model_cfg: DictConfig) -> nn.Module:
     return instantiate(model_cfg, pretrained=str(model_cfg.pretrained), _convert_="all")
 
 
-def build_network(cfg: DictConfig) -> tuple[nn.Module, QuantMethod, nn.Module | None]:
-    """Backbone (+ FP weights) → frozen teacher copy if the method needs one → quantized network."""
-    method = build_method(cfg.method, cfg.bits)
+def build_network(cfg: DictConfig,
+                  method: QuantMethod | None = None) -> tuple[nn.Module, QuantMethod, nn.Module | None]:
+    """Backbone (+ FP weights) → frozen teacher copy if the method needs one → quantized network, by ``method``
+    (built here from ``cfg.method`` / ``cfg.bits`` when None), which checks the backbone it gets."""
+    method = build_method(cfg.method, cfg.bits) if method is None else method
     pretrained = bool(cfg.model.get("pretrained"))
     net = pretrained_network(cfg.model) if pretrained else build_backbone(cfg.model)
     method.check_backbone(net)

@@ -1,16 +1,29 @@
-"""Loading trained odm-sr checkpoints (Lightning ``.ckpt``) back into a network for eval / upscale (without
-importing Lightning: ``odm_sr.trainer_checkpoint`` holds the pieces the trainer uses)."""
+"""Loading a trained odm-sr run back: its Lightning ``.ckpt`` read (``read_checkpoint``), the network and method
+its stored config builds (``build_stored``), its weights loaded and checked (``load_trained``); without importing
+Lightning (``odm_sr.trainer_checkpoint`` holds the trainer's side)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from .config import drop_retired_keys
+from .builders import build_network
+from .config import complete_method, drop_retired_keys
 from .models.checkpoint import load_torch_file
+from .quant import QuantMethod
+
+
+class Trained(NamedTuple):
+    """A trained run: its network (eval mode, weights loaded), the method that quantized it, its config."""
+
+    net: nn.Module
+    method: QuantMethod
+    cfg: DictConfig
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
@@ -23,22 +36,30 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
     return ckpt
 
 
-def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
-    """The trained (quantized) network of an odm-sr checkpoint and the config it was trained with."""
-    from .builders import build_network
+def build_stored(cfg: DictConfig) -> tuple[nn.Module, QuantMethod]:
+    """The quantized network (random weights: ``model.pretrained`` is not read) and the method that a stored run
+    config builds (checkpoint, packed file); ``cfg`` (retired keys already dropped) is left as it is, the method
+    keys added since the run are filled with their defaults."""
+    build_cfg = copy.deepcopy(cfg)
+    with open_dict(build_cfg):
+        build_cfg.model.pretrained = None  # the stored weights replace them; cfg keeps the run's FP source
+        build_cfg.method = complete_method(build_cfg.method)
+    net, method, _ = build_network(build_cfg)
+    return net, method
 
+
+def load_trained(path: str | Path) -> Trained:
+    """The trained (quantized) network of an odm-sr checkpoint, its method and the config it was trained with."""
     ckpt = read_checkpoint(path)
     cfg = drop_retired_keys(OmegaConf.create(ckpt["hyper_parameters"]["cfg"]))
-    build_cfg = cfg.copy()
-    build_cfg.model.pretrained = None  # the checkpoint holds every weight; cfg keeps the run's FP source
-    net, _, _ = build_network(build_cfg)
+    net, method = build_stored(cfg)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path}: does not match the network its config builds "
                          f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]})")
     check_finite(state, path)
-    return net.eval(), cfg
+    return Trained(net.eval(), method, cfg)
 
 
 def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:

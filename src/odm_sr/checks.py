@@ -1,6 +1,6 @@
 """The one style of every config check: ``ValueError("<prefix><key>=<value!r>: expected ...")``.
 
-Used by the methods' options (``quant/*.py``), ``make_bits`` and ``config.validate_config``; ``cfg`` is a dict or a
+Used by the methods' options (``quant/*.py``), ``make_bits`` and ``train.check_values``; ``cfg`` is a dict or a
 DictConfig, read with ``cfg[key]``. Imports nothing from odm_sr, so every layer can use it.
 """
 

@@ -1,16 +1,17 @@
-"""Config plumbing: where ``conf/`` is, the ``repo_root`` resolver, composition outside a Hydra run, and
-up-front validation."""
+"""Config plumbing, the lowest layer above ``checks`` (imports nothing else of odm_sr): where ``conf/`` is, the
+``repo_root`` / ``unique_dir`` resolvers, composition outside a Hydra run (``compose_config``, a method's
+composed defaults ``method_defaults``, ``merge_config``), the ``instantiate`` wrapper, the retired keys of older
+run configs and the unknown-key check of the groups read key by key."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-
-from .checks import check_choice, check_choices, check_number
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = Path(os.environ.get("ODM_SR_CONF", REPO_ROOT / "conf"))
@@ -44,50 +45,67 @@ def claim_unique_dir(path: str) -> str:
 def compose_config(overrides: list[str], output_dir: Path | str, config_name: str = "train") -> DictConfig:
     """``conf/<config_name>.yaml`` composed with ``overrides`` outside a Hydra run (tests, bench scripts), with
     ``paths.output_dir`` (the run folder Hydra would set) = ``output_dir``."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
+    cfg = _compose(config_name, list(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Fail before any work starts on values no method can use (one clear error each)."""
-    from .evaluation import EVAL_PAD_MODES
-    from .quant import build_method, make_bits
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    make_bits(cfg.bits)
-    check_choice(cfg.model, "scale", (2, 3, 4), "model.")
-    method = build_method(cfg.method, cfg.bits)  # validates the method's own options
-    method.check_backbone(SimpleNamespace(name=str(cfg.model.name)))
-    for key in ("batch_size", "lr_patch", "iters_per_epoch"):
-        check_number(cfg.data, key, "data.", positive=True, integer=True)
-    check_number(cfg.optim, "lr", "optim.", positive=True)
-    from .analysis.cli import AFTER_FIT
-
-    check_choices({"after_fit": (cfg.get("analyze") or {}).get("after_fit") or []}, "after_fit", AFTER_FIT,
-                  "analyze.")
-    check_choice({"pad_mode": cfg.get("eval", {}).get("pad_mode", "official")}, "pad_mode", EVAL_PAD_MODES, "eval.")
-    if method.name == "fp" and (method.bits.w, method.bits.a) != (32, 32):
-        raise ValueError(f"method=fp with bits=w{method.bits.w}a{method.bits.a}: full-precision training "
-                         f"quantizes nothing, so the run would be mislabelled; use bits=fp32, or a QAT method "
-                         f"(method=odm|pams|daq|ddtb|...) for w{method.bits.w}a{method.bits.a}")
-    validate_trainer(cfg.trainer)
-    reject_unknown_keys(cfg)
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (odm-sr-eval): its search path is conf/
+        return compose(config_name=config_name, overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
 
 
-def validate_trainer(trainer: DictConfig) -> None:
-    """``max_steps`` and ``val_check_interval`` values that would train forever, write results for an untrained
-    network, or crash inside Lightning."""
-    steps = {"max_steps": trainer.get("max_steps", -1), "val_check_interval": trainer.get("val_check_interval")}
-    if steps["max_steps"] != -1 or int(trainer.get("max_epochs", -1) or -1) <= 0:
-        check_number(steps, "max_steps", "trainer.", positive=True,
-                     hint="optimizer steps; -1 (unbounded) only together with a positive trainer.max_epochs")
-    if steps["val_check_interval"] is not None:
-        check_number(steps, "val_check_interval", "trainer.", positive=True,
-                     hint="a number of steps, or a fraction of an epoch in (0, 1]")
+@functools.cache
+def _composed_method(name: str) -> dict:
+    return OmegaConf.to_container(_compose("train", [f"method={name}"]).method, resolve=True)  # type: ignore
+
+
+def method_defaults(name: str) -> dict:
+    """``method=<name>`` as a run composes it (its ``defaults`` list merged, its ``${data.*}`` resolved against
+    the default data group): the defaults of a method config that was not composed (an older run's stored
+    config, a test's few options), for ``merge_config``. A fresh copy per call."""
+    return copy.deepcopy(_composed_method(str(name)))
+
+
+def merge_config(defaults: dict, cfg: Any, extra_keys: tuple[str, ...] = (), _prefix: str = "") -> dict:
+    """``defaults`` recursively updated by ``cfg`` (a mapping; nested dicts as in the YAML).
+
+    A key absent from ``defaults`` raises ValueError (a typo must not silently fall back to a default), except
+    top-level ``extra_keys``, which pass through unchecked.
+    """
+    user = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+    for key, value in user.items():
+        if key not in defaults:
+            if not _prefix and key in extra_keys:
+                merged[key] = value
+                continue
+            known = ", ".join(sorted(defaults))
+            raise ValueError(f"unknown method config key '{_prefix}{key}'; known: {known}")
+        if isinstance(defaults[key], dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"method config {_prefix}{key} must be a mapping, got {value!r}")
+            merged[key] = merge_config(defaults[key], value, _prefix=f"{_prefix}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def complete_method(method_cfg: Any) -> dict:
+    """A method config (``method.*``) as a plain dict, merged over the defaults of ``method=<its name>``
+    (``merge_config``: an unknown key raises ValueError) where ``conf/method/<name>.yaml`` exists: an older run's
+    stored config gets the keys added since. ``calibration_batches``: a key of older ODM run configs."""
+    name = method_cfg.get("name")
+    if not (CONFIG_DIR / "method" / f"{name}.yaml").is_file():
+        return OmegaConf.to_container(method_cfg, resolve=True) if isinstance(method_cfg, DictConfig) \
+            else dict(method_cfg)
+    return merge_config(method_defaults(name), method_cfg, extra_keys=("calibration_batches",))
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -144,7 +162,10 @@ def known_keys(group: str) -> set[str]:
 
 
 def reject_unknown_keys(cfg: DictConfig) -> None:
-    """A key no YAML of its group defines is a typo (``+data.batchsize=1``) that nothing would read."""
+    """A key no YAML of its group defines is a typo (``+data.batchsize=1``) that nothing would read; in
+    ``method``, a key the composed ``method=<method.name>`` lacks (``+method.quirks.typo=true``)."""
+    if cfg.get("method") is not None:
+        complete_method(cfg.method)
     for group in CHECKED_GROUPS:
         node = cfg.get(group)
         if node is None:

@@ -27,7 +27,6 @@ from .evaluation import (
 )
 from .files import write_json
 from .precision import apply_precision
-from .quant import build_method
 
 register_resolvers()
 
@@ -37,8 +36,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     apply_precision(cfg)  # fp32, TF32 per ``tf32`` as in training
     net, scale, rows = None, cfg.get("scale"), {}
     if cfg.get("ckpt"):
-        net, train_cfg = load_trained(cfg.ckpt)
-        warn_if_tiled_dynamic(build_method(train_cfg.method, train_cfg.bits), cfg.eval.get("tile"), "eval.tile")
+        net, method, train_cfg = load_trained(cfg.ckpt)
+        warn_if_tiled_dynamic(method, cfg.eval.get("tile"), "eval.tile")
         if scale is not None and int(scale) != int(net.scale):
             raise ValueError(f"scale={scale}: checkpoint {cfg.ckpt} holds a x{net.scale} model; "
                              f"evaluate it at scale={net.scale} (or leave scale unset)")

@@ -1,6 +1,8 @@
 """`odm-sr-train`: compose a config with Hydra, train, test, print the PSNR/SSIM table.
 
-``train(cfg)`` is a plain function that tests call with a composed config; ``main`` is the thin Hydra entry.
+``train(cfg)`` is a plain function that tests call with a composed config; ``main`` is the thin Hydra entry. It
+checks the config's plain values (``check_values``), then builds every object once, top-down: method (with its
+bits), network, data, callbacks, loggers, trainer; checks that need a built object run on that object.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from .builders import (
     pretrained_network,
     selected_checkpoint,
 )
-from .config import CONFIG_DIR, register_resolvers, validate_config
+from .checks import check_choice, check_choices, check_number
+from .config import CONFIG_DIR, register_resolvers, reject_unknown_keys
 from .console import quiet_known_noise
 from .evaluation import (
+    EVAL_PAD_MODES,
     bicubic_upscale,
     eval_upscale,
     evaluate_sets,
@@ -37,6 +41,7 @@ from .evaluation import (
 from .files import write_json
 from .lit_module import SRLitModule
 from .precision import apply_precision
+from .quant import QuantMethod, build_method
 from .trainer_checkpoint import AtomicCheckpointIO, CurrentOptimSettingsOnResume, check_resume_checkpoint
 
 register_resolvers()
@@ -44,7 +49,8 @@ register_resolvers()
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) and test; returns the results dict also written to ``<output_dir>/results.json``."""
-    validate_config(cfg)
+    check_values(cfg)
+    method = check_method(build_method(cfg.method, cfg.bits))  # once; it checks its own options as it is built
     apply_precision(cfg)  # fp32 only, TF32 per ``tf32``
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
@@ -53,8 +59,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume = resume_path(cfg, out_dir)
     warn_random_start(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
-    lit, datamodule = build_module(cfg)
-    net, method = lit.net, lit.method
+    lit, datamodule = build_module(cfg, method)
+    net = lit.net
     if resume is not None:
         check_resume_checkpoint(resume, lit)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,10 +129,47 @@ def analyses_after_fit(out_dir: Path, names: list[str], data: str, data_root: st
     return summary
 
 
-def build_module(cfg: DictConfig) -> tuple[SRLitModule, Any]:
-    """The LightningModule and the data module of ``cfg``; every val/test image is opened here, so that a broken
-    one fails now and not after hours of training."""
-    net, method, teacher = build_network(cfg)
+def check_values(cfg: DictConfig) -> None:
+    """Before any object is built: the plain values of ``cfg`` that nothing's constructor checks (one clear error
+    each); the method checks its own options as it is built, and the backbone it gets."""
+    check_choice(cfg.model, "scale", (2, 3, 4), "model.")
+    for key in ("batch_size", "lr_patch", "iters_per_epoch"):
+        check_number(cfg.data, key, "data.", positive=True, integer=True)
+    check_number(cfg.optim, "lr", "optim.", positive=True)
+    from .analysis.cli import AFTER_FIT
+
+    check_choices({"after_fit": (cfg.get("analyze") or {}).get("after_fit") or []}, "after_fit", AFTER_FIT,
+                  "analyze.")
+    check_choice({"pad_mode": cfg.get("eval", {}).get("pad_mode", "official")}, "pad_mode", EVAL_PAD_MODES, "eval.")
+    check_trainer(cfg.trainer)
+    reject_unknown_keys(cfg)
+
+
+def check_method(method: QuantMethod) -> QuantMethod:
+    """The built method: ``method=fp`` with quantized bits would be a mislabelled run."""
+    if method.name == "fp" and (method.bits.w, method.bits.a) != (32, 32):
+        raise ValueError(f"method=fp with bits=w{method.bits.w}a{method.bits.a}: full-precision training "
+                         f"quantizes nothing, so the run would be mislabelled; use bits=fp32, or a QAT method "
+                         f"(method=odm|pams|daq|ddtb|...) for w{method.bits.w}a{method.bits.a}")
+    return method
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """``max_steps`` and ``val_check_interval`` values that would train forever, write results for an untrained
+    network, or crash inside Lightning."""
+    steps = {"max_steps": trainer.get("max_steps", -1), "val_check_interval": trainer.get("val_check_interval")}
+    if steps["max_steps"] != -1 or int(trainer.get("max_epochs", -1) or -1) <= 0:
+        check_number(steps, "max_steps", "trainer.", positive=True,
+                     hint="optimizer steps; -1 (unbounded) only together with a positive trainer.max_epochs")
+    if steps["val_check_interval"] is not None:
+        check_number(steps, "val_check_interval", "trainer.", positive=True,
+                     hint="a number of steps, or a fraction of an epoch in (0, 1]")
+
+
+def build_module(cfg: DictConfig, method: QuantMethod | None = None) -> tuple[SRLitModule, Any]:
+    """The LightningModule (network quantized by ``method``, built from ``cfg`` when None) and the data module of
+    ``cfg``; every val/test image is opened here, so that a broken one fails now and not after hours of training."""
+    net, method, teacher = build_network(cfg, method)
     datamodule = build_datamodule(cfg)
     datamodule.check_eval_sets()
     warn_if_tiled_dynamic(method, cfg.eval.get("tile"), "eval.tile")

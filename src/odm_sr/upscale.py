@@ -14,7 +14,6 @@ from .checkpoint import load_trained
 from .data.io import read_image, save_image, to_tensor
 from .evaluation import EVAL_PAD_MODES, network_upscale, resolve_device, warn_if_tiled_dynamic
 from .precision import set_tf32
-from .quant import build_method
 
 
 def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int | None = None,
@@ -36,8 +35,8 @@ def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int |
 
         onnx = load_engine(ckpt, threads, pad_mode)
         return write_upscaled(lambda out: onnx_upscale(onnx, tile, overlap, out=out), onnx.scale, src, dst)
-    net, cfg = load_trained(ckpt)
-    warn_if_tiled_dynamic(build_method(cfg.method, cfg.bits), tile, "--tile")
+    net, method, _ = load_trained(ckpt)
+    warn_if_tiled_dynamic(method, tile, "--tile")
     return upscale_image(net.to(resolve_device(device)), src, dst, tile, overlap, pad_mode)
 
 

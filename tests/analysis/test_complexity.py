@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import method_config
 
 from odm_sr.analysis.complexity import bitops, complexity_table, find_quantizers, storage, summarize
 from odm_sr.complexity_cli import main
@@ -18,7 +19,8 @@ DDTB = "odm_sr.quant.ddtb.DDTB"
 
 def quantized(name: str, scale: int, target: str, bits: int = 2, cfg: dict | None = None, **kwargs):
     model = build_model(name, scale, **kwargs)
-    build_method({"_target_": target, **(cfg or {})}, {"w": bits, "a": bits}).quantize(model)
+    method = method_config(target.rsplit(".", 1)[1].lower(), cfg)  # odm_sr.quant.odm.ODM -> conf/method/odm.yaml
+    build_method(method, {"w": bits, "a": bits}).quantize(model)
     return model
 
 

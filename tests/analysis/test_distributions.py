@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import method_config
 from torch import nn
 
 from odm_sr.analysis.distributions import (
@@ -144,7 +145,7 @@ def test_static_levels_of_other_quantizers():
 
 def test_weight_stats_are_min_max_mean(tmp_path):
     model = build_model("edsr", 2, n_resblocks=2, n_feats=4)
-    build_method({"_target_": "odm_sr.quant.odm.ODM"}, {"w": 2, "a": 2}).quantize(model)
+    build_method(method_config("odm"), {"w": 2, "a": 2}).quantize(model)
     stats = weight_stats(model)
     layers = input_layers(model)
     assert [s["layer"] for s in stats] == list(layers) == [f"body.{i}.body.{k}" for i in (0, 1) for k in (0, 2)]

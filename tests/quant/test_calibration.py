@@ -7,11 +7,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
 from odm_sr.quant.calibration import calibrate_activation_ranges
-from odm_sr.quant.odm import ODM
 
 LAYERS = ["body.0.body.0", "body.0.body.2", "body.1.body.0", "body.1.body.2"]
 
@@ -21,7 +21,7 @@ LAYERS = ["body.0.body.0", "body.0.body.2", "body.1.body.0", "body.1.body.2"]
 def _setup(bits: int = 2):
     torch.manual_seed(0)
     fp = build_model("edsr", 2, n_resblocks=2, n_feats=8, res_scale=1.0)
-    quantized = ODM({}, Bits(w=bits, a=bits)).quantize(copy.deepcopy(fp))
+    quantized = make_method("odm", {}, Bits(w=bits, a=bits)).quantize(copy.deepcopy(fp))
     batches = [torch.rand(2, 3, 10, 10) * 255 for _ in range(4)]
     return fp, quantized, batches
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.backbones import backbone_of
 from odm_sr.quant.base import Bits
 from odm_sr.quant.blocks import ActSite, ImageCount
-from odm_sr.quant.daq import DAQ, GAUSSIAN_STEPS, DaqActQuantizer, DaqWeightQuantizer
+from odm_sr.quant.daq import GAUSSIAN_STEPS, DaqActQuantizer, DaqWeightQuantizer
 from odm_sr.quant.layers import quantized_layers
 
 CONV = ActSite("q", 3, False)
@@ -160,8 +161,8 @@ def test_finetune_fixed_steps_apply_in_training_only():
 def test_finetune_fixed_steps_only_on_edsr():
     """The release passes --finetune to EDSR's ResBlocks; RDN hard-codes it off."""
     quirk = {"quirks": {"finetune_fixed_steps": True}}
-    edsr = DAQ(quirk, Bits(4, 4)).quantize(build_model("edsr", 2, n_resblocks=1, n_feats=8)).train()
-    rdn = DAQ(quirk, Bits(4, 4)).quantize(build_model("rdn", 2, G0=8, D=2, C=2, G=4)).train()
+    edsr = make_method("daq", quirk, Bits(4, 4)).quantize(build_model("edsr", 2, n_resblocks=1, n_feats=8)).train()
+    rdn = make_method("daq", quirk, Bits(4, 4)).quantize(build_model("rdn", 2, G0=8, D=2, C=2, G=4)).train()
     for model, fixed in ((edsr, True), (rdn, False)):
         quants = [m for m in model.modules() if isinstance(m, (DaqActQuantizer, DaqWeightQuantizer))]
         assert quants and all(q.fixed_steps == fixed for q in quants)
@@ -229,22 +230,22 @@ def test_nonpositive_sigma_offset_reproduces_the_release(bits, qq):
 
 
 def test_config_validation():
-    assert DAQ({"official": True}, Bits(2, 2)).quirks == {"unbounded_relu_branch": True,
+    assert make_method("daq", {"official": True}, Bits(2, 2)).quirks == {"unbounded_relu_branch": True,
                                                           "finetune_fixed_steps": True,
                                                           "nonpositive_sigma_offset": True}
     for value in ("image", "window"):  # one legal value ('image'), so not a key
         with pytest.raises(ValueError, match="unknown method config key 'stats_scope'; known: "):
-            DAQ({"stats_scope": value}, Bits(2, 2))
+            make_method("daq", {"stats_scope": value}, Bits(2, 2))
     with pytest.raises(ValueError, match="sigma_bits"):
-        DAQ({"sigma_bits": 12}, Bits(2, 2))
+        make_method("daq", {"sigma_bits": 12}, Bits(2, 2))
     with pytest.raises(ValueError, match="unknown method config key"):
-        DAQ({"sigma_bit": 4}, Bits(2, 2))
+        make_method("daq", {"sigma_bit": 4}, Bits(2, 2))
 
 
 def test_method_on_small_edsr_trains():
     torch.manual_seed(0)
     model = build_model("edsr", 2, n_resblocks=2, n_feats=8)
-    method = DAQ({}, Bits(2, 2))
+    method = make_method("daq", {}, Bits(2, 2))
     method.quantize(model)
     layers = quantized_layers(model)
     assert sorted(layers) == [f"body.{i}.body.{j}" for i in range(2) for j in (0, 2)]  # block_convs
@@ -266,6 +267,6 @@ def test_rdn_default_placement_is_rdb_convs(monkeypatch):
 
     monkeypatch.setitem(rdn.RDN_CONFIGS, "tiny", (2, 3, 4))
     model = build_model("rdn", 2, config="tiny", G0=8)
-    DAQ({}, Bits(4, 4)).quantize(model)
+    make_method("daq", {}, Bits(4, 4)).quantize(model)
     expected = [f"RDBs.{i}.convs.{c}.conv.0" for i in range(2) for c in range(3)]
     assert sorted(quantized_layers(model)) == expected

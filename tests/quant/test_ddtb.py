@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits, frozen_copy
 from odm_sr.quant.blocks import ActSite
 from odm_sr.quant.ddtb import (
-    DDTB,
     DdtbActQuantizer,
     DdtbWeightQuantizer,
     select_dynamic,
@@ -105,7 +105,7 @@ def test_bounds_init_on_first_training_forward():
 def test_bounds_pm10_quirk(bits, quirk, calibrated):
     model = small_edsr(1)
     cfg = {"quirks": {"bounds_pm10_above_2bit": quirk}, "stages": {"calib_epochs": 0}}
-    method = DDTB(cfg, Bits(bits, bits))
+    method = make_method("ddtb", cfg, Bits(bits, bits))
     method.quantize(model)
     model.train()(batch()[0])
     quant = model.body[0].quant_act1
@@ -178,7 +178,7 @@ def test_calibration_epoch_picks_the_high_variance_quantizer():
     teacher = frozen_copy(model)
     with torch.no_grad():  # the last residual branch now dwarfs every other quantizer input
         model.body[1].body[2].weight.mul_(1000.0)
-    method = DDTB({"iters_per_epoch": 3}, Bits(2, 2))
+    method = make_method("ddtb", {"iters_per_epoch": 3}, Bits(2, 2))
     method.quantize(model)
     for step, amplitude in enumerate((50.0, 255.0, 120.0)):
         assert method.training_losses(model, *batch(amplitude=amplitude), step, teacher=teacher) is None
@@ -191,7 +191,8 @@ def test_calibration_epoch_picks_the_high_variance_quantizer():
 def test_stages_switch_at_the_right_steps():
     model = small_edsr()
     teacher = frozen_copy(model)
-    method = DDTB({"iters_per_epoch": 1, "dynamic_ratio": 0.5}, Bits(2, 2))  # default stages 1 + 4 epochs
+    # default stages 1 + 4 epochs
+    method = make_method("ddtb", {"iters_per_epoch": 1, "dynamic_ratio": 0.5}, Bits(2, 2))
     method.quantize(model)
     groups = method.param_groups(model, 1e-4)
     assert [(g["name"], g["lr"]) for g in groups] == [("net", 1e-4), ("alpha", 1e-2)]
@@ -224,7 +225,7 @@ def test_stages_switch_at_the_right_steps():
     assert "lower/body.0.quant_act1" in method.log_stats(model)
     # the stage flags travel with the state dict (extra state), e.g. into a resumed or evaluated checkpoint
     restored = small_edsr()
-    DDTB({}, Bits(2, 2)).quantize(restored)
+    make_method("ddtb", {}, Bits(2, 2)).quantize(restored)
     assert not restored.load_state_dict(model.state_dict()).missing_keys
     flags = [(q.initialized, q.is_dynamic, q.use_gate) for q in method.act_quantizers(restored).values()]
     assert flags == [(q.initialized, q.is_dynamic, q.use_gate) for q in quants]
@@ -233,7 +234,7 @@ def test_stages_switch_at_the_right_steps():
 
 def test_calibrate_hook_when_no_calibration_epoch():
     model = small_edsr()
-    method = DDTB({"stages": {"calib_epochs": 0}}, Bits(2, 2))
+    method = make_method("ddtb", {"stages": {"calib_epochs": 0}}, Bits(2, 2))
     method.quantize(model)
     method.calibrate(model, [batch(amplitude=a)[0] for a in (20.0, 255.0)])
     assert sum(q.is_dynamic for q in method.act_quantizers(model).values()) == 1
@@ -245,7 +246,7 @@ def test_rdn_calibration_weights_quirk(monkeypatch):
     monkeypatch.setitem(rdn.RDN_CONFIGS, "tiny", (2, 3, 4))
     for quirk in (False, True):
         model = build_model("rdn", 2, config="tiny", G0=8)
-        method = DDTB({"quirks": {"rdn_calib_quantized_weights": quirk}}, Bits(2, 2))
+        method = make_method("ddtb", {"quirks": {"rdn_calib_quantized_weights": quirk}}, Bits(2, 2))
         method.quantize(model)
         assert method.resolved() == {"dynamic_ratio": 0.5, "init_percentile": 95.0, "weight_clip": "minmax"}
         method._set_quantized(model, False)
@@ -254,18 +255,18 @@ def test_rdn_calibration_weights_quirk(monkeypatch):
 
 
 def test_config_validation():
-    assert all(DDTB({"official": True}, Bits(2, 2)).quirks.values())
+    assert all(make_method("ddtb", {"official": True}, Bits(2, 2)).quirks.values())
     with pytest.raises(ValueError, match="dynamic_ratio"):
-        DDTB({"dynamic_ratio": 1.5}, Bits(2, 2))
+        make_method("ddtb", {"dynamic_ratio": 1.5}, Bits(2, 2))
     with pytest.raises(ValueError, match="calib_epochs"):
-        DDTB({"stages": {"calib_epochs": -1}}, Bits(2, 2))
+        make_method("ddtb", {"stages": {"calib_epochs": -1}}, Bits(2, 2))
     for value in ("image", "window"):  # one legal value ('image'), so not a key
         with pytest.raises(ValueError, match="unknown method config key 'gate_pool'; known: "):
-            DDTB({"gate_pool": value}, Bits(2, 2))
+            make_method("ddtb", {"gate_pool": value}, Bits(2, 2))
     with pytest.raises(ValueError, match="unknown method config key 'skt.feature'; known: weight"):
-        DDTB({"skt": {"feature": "pre_reconstruction"}}, Bits(2, 2))
+        make_method("ddtb", {"skt": {"feature": "pre_reconstruction"}}, Bits(2, 2))
     with pytest.raises(ValueError, match="weight_clip"):
-        DDTB({"weight_clip": "p95"}, Bits(2, 2))
+        make_method("ddtb", {"weight_clip": "p95"}, Bits(2, 2))
 
 
 @pytest.mark.parametrize(("cfg", "count", "dynamic"), [({}, 146, 73),
@@ -275,7 +276,7 @@ def test_rdn_gff3_input_quirk_counts(cfg, count, dynamic):
     """Released RDN (×4, D=16, C=8): 16·(7 dense + 1 RDB input) + GFF.0 + GFF.1 = 146 activation quantizers; the
     release leaves the GFF 3×3 input (GFF.1) FP: 145. RDN's dynamic ratio 0.5 then chooses ⌊0.5·N⌋ of them."""
     model = build_model("rdn", 4)
-    method = DDTB(cfg, Bits(2, 2))
+    method = make_method("ddtb", cfg, Bits(2, 2))
     method.quantize(model)
     quants = method.act_quantizers(model)
     assert len(quants) == count

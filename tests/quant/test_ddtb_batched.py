@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
 from odm_sr.quant.blocks import ActSite
 from odm_sr.quant.ddtb import (
-    DDTB,
     DdtbActQuantizer,
     DdtbWeightQuantizer,
     WeightBatch,
@@ -182,7 +182,7 @@ def test_gated_quantizer_matches_reference(frozen):
 # -- the model: batched (hooks) against the per-layer path ------------------------------------------------
 def ddtb_model(blocks: int = 3, dynamic: int = 3, use_gate: bool = True):
     torch.manual_seed(0)
-    method = DDTB({"dynamic_ratio": 0.5}, Bits(w=2, a=2))
+    method = make_method("ddtb", {"dynamic_ratio": 0.5}, Bits(w=2, a=2))
     model = method.quantize(build_model("edsr", 2, n_resblocks=blocks, n_feats=8))
     method._set_quantized(model, True)
     model.train()

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compose_config
+from helpers import compose_config, make_method, method_config
 
 from odm_sr.models import build_model, is_quantizer_key, load_pretrained
 from odm_sr.models.edsr import EDSR, MeanShift, ResBlock
@@ -18,7 +18,7 @@ from odm_sr.quant.calibration import batch_range, quantizers_off
 from odm_sr.quant.fq import FullyQuantizedEDSR, FullyQuantizedResBlock, SkipQuantizer, skip_quantizers
 from odm_sr.quant.layers import QuantConv2d, quantized_layers
 from odm_sr.quant.mismatch import MismatchRegistry
-from odm_sr.quant.odm import ODM, OdmActQuantizer, WeightClipQuantizer, odm_config
+from odm_sr.quant.odm import ODM, OdmActQuantizer, WeightClipQuantizer, check_odm_config
 
 FQ = {"enabled": True}
 W4A4_SC8 = Bits(w=4, a=4, sc=8)
@@ -36,7 +36,7 @@ def _tiny_edsr(seed: int = 0):
 
 
 def _fq_model(fq: dict | None = None, bits: Bits = W4A4_SC8, **cfg):
-    method = ODM({"fq": {**FQ, **(fq or {})}, **cfg}, bits)
+    method = make_method("odm", {"fq": {**FQ, **(fq or {})}, **cfg}, bits)
     return method, method.quantize(_tiny_edsr())
 
 
@@ -46,15 +46,15 @@ def _lr(n: int = 2, seed: int = 1, dtype=torch.float32):
 
 # -- configuration ---------------------------------------------------------------------------------------
 def test_fq_is_off_by_default_and_validated():
-    assert odm_config(None)["fq"]["enabled"] is False
-    model = ODM({}, W4A4_SC8).quantize(_tiny_edsr())
+    assert method_config("odm")["fq"]["enabled"] is False
+    model = make_method("odm", {}, W4A4_SC8).quantize(_tiny_edsr())
     assert type(model) is EDSR and not skip_quantizers(model) and "head.0" not in quantized_layers(model)
     invalid = [({"sc_operands": "left"}, "fq.sc_operands"), ({"enabled": "yes"}, "fq.enabled"),
                ({"quantize_outputs": False}, "unknown method config key 'fq.quantize_outputs'"),  # one value: no key
                ({"sc_bits": 8}, "fq.sc_bits")]
     for override, match in invalid:
         with pytest.raises(ValueError, match=match):
-            odm_config({"fq": override})
+            check_odm_config(method_config("odm", {"fq": override}))
 
 
 def test_non_edsr_raises():
@@ -62,7 +62,7 @@ def test_non_edsr_raises():
                          window_size=4, drop_path_rate=0.0)
     for model in (swinir, build_model("rdn", 2, G0=8, G=4, D=3, C=2)):
         with pytest.raises(ValueError, match="fully-quantized mode is implemented for EDSR only"):
-            ODM({"fq": FQ}, W4A4_SC8).quantize(model)
+            make_method("odm", {"fq": FQ}, W4A4_SC8).quantize(model)
 
 
 # -- placement ---------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_identity_operands_or_float_sc_add_no_skip_quantizers():
 def test_official_keys_load_strictly():
     official = _tiny_edsr(seed=1).state_dict()
     float_model = load_pretrained(_tiny_edsr(), official)
-    model = ODM({"fq": FQ}, W4A4_SC8).quantize(float_model)
+    model = make_method("odm", {"fq": FQ}, W4A4_SC8).quantize(float_model)
     state = model.state_dict()
     assert [k for k in state if not is_quantizer_key(k)] == list(official)
     assert all(torch.equal(state[k], v) for k, v in official.items())

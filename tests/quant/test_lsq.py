@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
 from odm_sr.quant.lsq import LsqWeightQuantizer
-from odm_sr.quant.odm import ODM
 
 
 def test_integer_grid_levels_and_init():
@@ -62,7 +62,7 @@ def test_odm_symmetric_grid():
 def test_odm_with_lsq_weights_and_param_group():
     torch.manual_seed(0)
     model = build_model("edsr", 2, n_resblocks=1, n_feats=8, res_scale=1.0)
-    method = ODM({"weight_quantizer": "lsq", "lsq": {"lr_mult": 3.0}}, Bits(w=2, a=2))
+    method = make_method("odm", {"weight_quantizer": "lsq", "lsq": {"lr_mult": 3.0}}, Bits(w=2, a=2))
     model = method.quantize(model)
     conv = model.body[0].body[0]
     assert isinstance(conv.weight_quant, LsqWeightQuantizer)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compose_config
+from helpers import compose_config, method_config
 from torch import nn
 
 from odm_sr.analysis.complexity import summarize
@@ -98,4 +98,4 @@ def test_registered_backbone_trains_and_reports_complexity(vdsr_row, method_name
 
 def test_unregistered_backbone_is_refused():
     with pytest.raises(ValueError, match="no placement rule for backbone 'vdsr_tiny'"):
-        build_method({"_target_": "odm_sr.quant.odm.ODM"}, {"w": 2, "a": 2}).quantize(TinyVDSR())
+        build_method(method_config("odm"), {"w": 2, "a": 2}).quantize(TinyVDSR())

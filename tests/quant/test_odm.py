@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_method, method_config
 
+from odm_sr.config import method_defaults
 from odm_sr.models import build_model
 from odm_sr.quant import build_method
-from odm_sr.quant.base import Bits, method_defaults
+from odm_sr.quant.base import Bits
 from odm_sr.quant.calibration import quantizers_off
 from odm_sr.quant.functional import symmetric_quantize, uniform_quantize
 from odm_sr.quant.layers import QuantConv2d, quantized_layers
-from odm_sr.quant.odm import ODM, OdmActQuantizer, WeightClipQuantizer, odm_config
+from odm_sr.quant.odm import ODM, OdmActQuantizer, WeightClipQuantizer, check_odm_config
 
 LAYERS = ["body.0.body.0", "body.0.body.2", "body.1.body.0", "body.1.body.2"]
 
@@ -31,10 +33,10 @@ def _tiny_edsr(n_feats: int = 8):
 
 # -- configuration ---------------------------------------------------------------------------------------
 def test_defaults_and_nested_override():
-    cfg = odm_config({"mr": {"weight_fn": "step"}, "init": {"j": 95}})
+    cfg = check_odm_config(method_config("odm", {"mr": {"weight_fn": "step"}, "init": {"j": 95}}))
     assert cfg["mr"]["weight_fn"] == "step" and cfg["mr"]["mode"] == "coop"  # siblings keep their defaults
     assert cfg["init"] == {**method_defaults("odm")["init"], "j": 95}
-    assert odm_config(None)["lambda_m"] == 1e-5 and odm_config(None)["qparam_lr_mult"] == 10.0
+    assert method_config("odm")["lambda_m"] == 1e-5 and method_config("odm")["qparam_lr_mult"] == 10.0
 
 
 @pytest.mark.parametrize(("override", "match"), [
@@ -62,12 +64,11 @@ def test_defaults_and_nested_override():
 ])
 def test_invalid_config_raises(override, match):
     with pytest.raises(ValueError, match=match):
-        odm_config(override)
+        check_odm_config(method_config("odm", override))
 
 
 def test_build_method_from_yaml_like_config():
-    method = build_method({"_target_": "odm_sr.quant.odm.ODM", "name": "odm", "calibration_batches": 100},
-                          {"w": 2, "a": 2})
+    method = build_method(method_config("odm", {"calibration_batches": 100}), {"w": 2, "a": 2})
     assert isinstance(method, ODM) and method.bits == Bits(2, 2, 32)
     assert method.init_from_fp is True and method.calibration_batches == 100
 
@@ -128,18 +129,18 @@ def test_wcc_gradients():
 
 # -- set-up ------------------------------------------------------------------------------------------------
 def test_quantize_places_w_and_a_on_block_convs_only():
-    method = ODM({}, Bits(w=4, a=4))
+    method = make_method("odm", {}, Bits(w=4, a=4))
     model = method.quantize(_tiny_edsr())
     layers = quantized_layers(model)
     assert list(layers) == LAYERS
     assert all(isinstance(m.act_quant, OdmActQuantizer) and isinstance(m.weight_quant, WeightClipQuantizer)
                for m in layers.values())
-    weight_only = ODM({}, Bits(w=4, a=32)).quantize(_tiny_edsr())
+    weight_only = make_method("odm", {}, Bits(w=4, a=32)).quantize(_tiny_edsr())
     assert all(m.act_quant is None for m in quantized_layers(weight_only).values())
 
 
 def test_param_groups_split_theta_qparams_rest():
-    method = ODM({"wcc": {"lr_mult": 5.0}}, Bits(w=2, a=2))
+    method = make_method("odm", {"wcc": {"lr_mult": 5.0}}, Bits(w=2, a=2))
     model = method.quantize(_tiny_edsr())
     groups = {g["name"]: g for g in method.param_groups(model, 1e-4)}
     assert set(groups) == {"theta", "act_qparams", "wcc_gamma"}  # EDSR has no norms: no 'rest'
@@ -149,7 +150,7 @@ def test_param_groups_split_theta_qparams_rest():
     assert groups["act_qparams"]["lr"] == pytest.approx(1e-3)
     assert len(groups["wcc_gamma"]["params"]) == len(LAYERS)
     assert groups["wcc_gamma"]["lr"] == pytest.approx(5e-4)
-    frozen = ODM({"wcc": {"learn_gamma": False}}, Bits(w=2, a=2))
+    frozen = make_method("odm", {"wcc": {"learn_gamma": False}}, Bits(w=2, a=2))
     assert "wcc_gamma" not in {g["name"] for g in frozen.param_groups(frozen.quantize(_tiny_edsr()), 1e-4)}
 
 
@@ -159,7 +160,7 @@ def test_ablation_rows_are_configs():
             "c": {"mr": {"mode": "off"}}, "d": {"mr": {"mode": "naive"}}, "e": {}}
     x, hr = torch.rand(1, 3, 8, 8) * 255, torch.rand(1, 3, 16, 16) * 255
     for row, cfg in rows.items():
-        method = ODM(cfg, Bits(w=2, a=2))
+        method = make_method("odm", cfg, Bits(w=2, a=2))
         model = method.quantize(_tiny_edsr())
         wq = model.body[0].body[0].weight_quant
         assert (wq.stat, wq.gamma.requires_grad) == (("max_abs", False) if row in "ab" else ("p99_abs", True))
@@ -168,7 +169,7 @@ def test_ablation_rows_are_configs():
 
 
 def test_log_stats_per_layer():
-    method = ODM({}, Bits(w=2, a=2))
+    method = make_method("odm", {}, Bits(w=2, a=2))
     model = method.quantize(_tiny_edsr())
     method.calibrate(model, [torch.rand(1, 3, 8, 8) * 255])
     stats = method.log_stats(model)
@@ -184,7 +185,7 @@ def test_transformer_rest_group_gets_reconstruction_gradient_only():
     torch.manual_seed(0)
     model = build_model("swinir_light", 2, embed_dim=12, depths=(2,), num_heads=(2,), img_size=16,
                         window_size=4, drop_path_rate=0.0).double()
-    method = ODM({"lambda_m": 0.1}, Bits(w=2, a=2))
+    method = make_method("odm", {"lambda_m": 0.1}, Bits(w=2, a=2))
     model = method.quantize(model)
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     hr = torch.rand(2, 3, 32, 32, dtype=torch.float64)
@@ -232,7 +233,7 @@ def trained_edsr():
 
 def test_bits32_is_identity(trained_edsr):
     x = _textures(2, 32, seed=999)[0]
-    method = ODM({}, Bits(32, 32))
+    method = make_method("odm", {}, Bits(32, 32))
     model = method.quantize(copy.deepcopy(trained_edsr))
     method.calibrate(model, [x])
     with torch.no_grad():
@@ -252,7 +253,7 @@ def test_8bit_within_0p3_db_of_fp(trained_edsr):
         psnr_fp = _psnr(trained_edsr(test_lr), test_hr)
     psnr_q = {}
     for bits in (8, 2):
-        method = ODM({}, Bits(bits, bits))
+        method = make_method("odm", {}, Bits(bits, bits))
         model = method.quantize(copy.deepcopy(trained_edsr))
         method.calibrate(model, calib)
         with torch.no_grad():

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
@@ -22,7 +23,7 @@ from odm_sr.quant.mismatch import (
     cooperative_weight,
     mismatch_loss,
 )
-from odm_sr.quant.odm import ODM, OdmActQuantizer
+from odm_sr.quant.odm import OdmActQuantizer
 
 LAMBDA_R, LAMBDA_M = 0.7, 0.05
 WEIGHT = {"half_cos": lambda c: (c + 1) / 2, "cos": lambda c: max(c, 0.0), "cos_signed": lambda c: c,
@@ -140,7 +141,7 @@ def setup():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = build_model("edsr", 2, n_resblocks=2, n_feats=8, res_scale=1.0)
-    method = ODM({}, Bits(w=2, a=2))
+    method = make_method("odm", {}, Bits(w=2, a=2))
     model = method.quantize(model)
     method.calibrate(model, [torch.rand(2, 3, 8, 8) * 255 for _ in range(2)])
     model = model.double()
@@ -178,7 +179,7 @@ def _theta(names):
 
 
 def _run(model, lr, hr, cfg):
-    method = ODM({"lambda_r": LAMBDA_R, "lambda_m": LAMBDA_M, **cfg}, Bits(w=2, a=2))
+    method = make_method("odm", {"lambda_r": LAMBDA_R, "lambda_m": LAMBDA_M, **cfg}, Bits(w=2, a=2))
     model.zero_grad(set_to_none=True)
     out = method.training_losses(model, lr, hr, 0)
     logs = method.backward(out, model, lambda loss: loss.backward())
@@ -226,7 +227,7 @@ def test_coop_grad_equals_hand_combination(setup, mode, weight_fn):
 def test_balance_per_layer_and_mismatch_terms_by_hooks(setup):
     """ρ_i of each quantized layer from independent autograd gradients, M_i from forward hooks."""
     model, lr, hr, g_r, g_m = setup
-    method = ODM({"lambda_r": LAMBDA_R, "lambda_m": LAMBDA_M}, Bits(w=2, a=2))
+    method = make_method("odm", {"lambda_r": LAMBDA_R, "lambda_m": LAMBDA_M}, Bits(w=2, a=2))
     assert method.balance_stats() == {}  # nothing before the first step
     model.zero_grad(set_to_none=True)
     logs = method.backward(method.training_losses(model, lr, hr, 0), model, lambda loss: loss.backward())
@@ -270,7 +271,7 @@ def test_per_tensor_scope_and_reached_only_cosine(setup):
 
 def test_off_equals_plain_l1_training(setup):
     model, lr, hr, _, _ = setup
-    method = ODM({"mr": {"mode": "off"}}, Bits(w=2, a=2))
+    method = make_method("odm", {"mr": {"mode": "off"}}, Bits(w=2, a=2))
     out = method.training_losses(model, lr, hr, 0)
     assert set(out.terms) == {"rec"}
     model.zero_grad(set_to_none=True)
@@ -331,7 +332,7 @@ def _target_bound_grad(model, lr, name):
 
 def test_backward_accumulates_like_autograd(setup):
     model, lr, hr, _, _ = setup
-    method = ODM({"lambda_r": LAMBDA_R, "lambda_m": LAMBDA_M}, Bits(w=2, a=2))
+    method = make_method("odm", {"lambda_r": LAMBDA_R, "lambda_m": LAMBDA_M}, Bits(w=2, a=2))
     model.zero_grad(set_to_none=True)
     for _ in range(2):
         method.backward(method.training_losses(model, lr, hr, 0), model, lambda loss: loss.backward())

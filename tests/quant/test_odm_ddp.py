@@ -12,7 +12,7 @@ import functools
 
 import torch
 import torch.distributed as dist
-from helpers import run_on_ranks
+from helpers import make_method, run_on_ranks
 
 from odm_sr.models import build_model
 from odm_sr.quant import Bits
@@ -27,7 +27,8 @@ LOGS = ("cos", "weight", "grad_norm_rec", "grad_norm_mismatch", "loss_mismatch",
 
 def _odm(norm: str, state: dict | None = None) -> tuple[torch.nn.Module, ODM]:
     torch.manual_seed(0)
-    method = ODM({"lambda_m": LAMBDA_M, "init": {"num_batches": 1}, "mr": {"norm": norm}}, Bits(w=2, a=2))
+    options = {"lambda_m": LAMBDA_M, "init": {"num_batches": 1}, "mr": {"norm": norm}}
+    method = make_method("odm", options, Bits(w=2, a=2))
     model = method.quantize(build_model("edsr", 2, n_resblocks=1, n_feats=8, res_scale=1.0))
     if state is not None:
         model.load_state_dict(state)

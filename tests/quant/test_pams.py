@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits, frozen_copy
 from odm_sr.quant.blocks import ActSite, QuantResBlock
 from odm_sr.quant.functional import round_ste
 from odm_sr.quant.layers import QuantConv2d, quantized_layers
-from odm_sr.quant.pams import PAMS, PamsActQuantizer, max_abs_weight_quantize, pams_act_quantize
+from odm_sr.quant.pams import PamsActQuantizer, max_abs_weight_quantize, pams_act_quantize
 
 SITE = ActSite("q", 4, False)
 
@@ -132,7 +133,7 @@ def test_alpha_tracking_quirk_builds_adam_moments(cfg):
     """Under the quirk Adam sees α's gradient from the first step on (and moves it; the next batch overwrites)."""
     model = small_edsr(1)
     teacher = frozen_copy(model)
-    method = PAMS({**cfg, "iters_per_epoch": 2}, Bits(2, 2))
+    method = make_method("pams", {**cfg, "iters_per_epoch": 2}, Bits(2, 2))
     method.quantize(model)
     opt = torch.optim.Adam(method.param_groups(model, 1e-4))
     quant = model.body[0].quant_act1
@@ -151,7 +152,7 @@ def test_alpha_tracking_quirk_builds_adam_moments(cfg):
 def test_edsr_placement_and_checkpoint_keys():
     model = small_edsr()
     fp_state = model.state_dict()
-    PAMS({}, Bits(2, 2)).quantize(model)
+    make_method("pams", {}, Bits(2, 2)).quantize(model)
     assert isinstance(model.body[0], QuantResBlock) and isinstance(model.body[1], QuantResBlock)
     layers = quantized_layers(model)
     assert sorted(layers) == [f"body.{i}.body.{j}" for i in range(2) for j in (0, 2)]
@@ -165,7 +166,7 @@ def test_edsr_placement_and_checkpoint_keys():
 @pytest.mark.parametrize("raw", [False, True])
 def test_conv1_input(raw):
     model = small_edsr(1)
-    PAMS({"quirks": {"conv1_raw_input": raw}}, Bits(2, 2)).quantize(model)
+    make_method("pams", {"quirks": {"conv1_raw_input": raw}}, Bits(2, 2)).quantize(model)
     block = model.body[0]
     seen = {}
     block.body[0].register_forward_pre_hook(lambda m, a: seen.update(conv1=a[0]))
@@ -176,23 +177,23 @@ def test_conv1_input(raw):
 
 
 def test_config_validation_and_official():
-    method = PAMS({"official": True}, Bits(2, 2))
+    method = make_method("pams", {"official": True}, Bits(2, 2))
     assert all(method.quirks.values()) and method.init_from_fp is False
-    assert PAMS({}, Bits(2, 2)).init_from_fp is True
+    assert make_method("pams", {}, Bits(2, 2)).init_from_fp is True
     with pytest.raises(ValueError, match="typo_quirk"):
-        PAMS({"quirks": {"typo_quirk": True}}, Bits(2, 2))
+        make_method("pams", {"quirks": {"typo_quirk": True}}, Bits(2, 2))
     with pytest.raises(ValueError, match="alpha_init"):
-        PAMS({"alpha_init": 0}, Bits(2, 2))
+        make_method("pams", {"alpha_init": 0}, Bits(2, 2))
     with pytest.raises(ValueError, match="ema_decay"):
-        PAMS({"ema_decay": 1.5}, Bits(2, 2))
+        make_method("pams", {"ema_decay": 1.5}, Bits(2, 2))
     with pytest.raises(ValueError, match="placement.edsr"):
-        PAMS({"placement": {"edsr": "everything"}}, Bits(2, 2)).quantize(small_edsr(1))
+        make_method("pams", {"placement": {"edsr": "everything"}}, Bits(2, 2)).quantize(small_edsr(1))
 
 
 def test_training_steps_follow_the_alpha_schedule():
     model = small_edsr()
     teacher = frozen_copy(model)
-    method = PAMS({"iters_per_epoch": 2}, Bits(2, 2))
+    method = make_method("pams", {"iters_per_epoch": 2}, Bits(2, 2))
     method.quantize(model)
     groups = method.param_groups(model, 1e-4)
     assert [(g["name"], g["lr"]) for g in groups] == [("net", 1e-4), ("alpha", 1e-2)]
@@ -223,7 +224,7 @@ def test_rdn_official_placement(monkeypatch):
     monkeypatch.setitem(rdn.RDN_CONFIGS, "tiny", (2, 3, 4))
     model = build_model("rdn", 2, config="tiny", G0=8)
     fp_state = model.state_dict()
-    PAMS({}, Bits(4, 4)).quantize(model)
+    make_method("pams", {}, Bits(4, 4)).quantize(model)
     acts = [n for n, m in model.named_modules() if isinstance(m, PamsActQuantizer)]
     # per RDB: input, dense concats c = 1, 2, LFF input; then GFF.0 and GFF.1 inputs
     assert len(acts) == 2 * 4 + 2
@@ -241,7 +242,7 @@ def test_rdn_official_placement(monkeypatch):
     assert torch.equal(seen["concat"][:, : seen["quantized"].shape[1]], seen["quantized"])
 
     model = build_model("rdn", 2, config="tiny", G0=8)
-    PAMS({"quirks": {"rdn_gff3_fp_input": True}}, Bits(4, 4)).quantize(model)
+    make_method("pams", {"quirks": {"rdn_gff3_fp_input": True}}, Bits(4, 4)).quantize(model)
     assert isinstance(model.GFF[1], QuantConv2d) and model.GFF[1].act_quant is None
 
 
@@ -251,5 +252,5 @@ def test_transformer_uses_odm_layers():
     kwargs = dict(img_size=8, embed_dim=12, depths=(2,), num_heads=(2,), window_size=4)
     expected = select_layers(build_model("swinir_light", 2, **kwargs))
     model = build_model("swinir_light", 2, **kwargs)
-    PAMS({}, Bits(4, 4)).quantize(model)
+    make_method("pams", {}, Bits(4, 4)).quantize(model)
     assert sorted(quantized_layers(model)) == sorted(expected)

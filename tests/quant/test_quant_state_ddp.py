@@ -9,13 +9,12 @@ The single-process references are computed here on the union of the ranks' batch
 from __future__ import annotations
 
 import torch
-from helpers import run_on_ranks
+from helpers import make_method, run_on_ranks
 
 from odm_sr.models import build_model
 from odm_sr.quant import Bits
 from odm_sr.quant.base import frozen_copy
 from odm_sr.quant.calibration import batch_range, forward_order, range_quantized_layers
-from odm_sr.quant.ddtb import DDTB
 from odm_sr.quant.distributed import all_reduce_mean_, gather_cat, world_size
 from odm_sr.quant.odm import ODM
 from odm_sr.quant.pams import PAMS, PamsActQuantizer
@@ -40,7 +39,7 @@ def _hr(lr: torch.Tensor) -> torch.Tensor:
 
 # -- ODM percentile calibration ---------------------------------------------------------------------------
 def _odm(source: str, num_batches: int = 2) -> tuple[torch.nn.Module, ODM]:
-    method = ODM({"init": {"num_batches": num_batches, "source": source, "j": 99.0}}, Bits(w=2, a=2))
+    method = make_method("odm", {"init": {"num_batches": num_batches, "source": source, "j": 99.0}}, Bits(w=2, a=2))
     return method.quantize(_edsr()), method
 
 
@@ -116,7 +115,7 @@ def test_odm_first_batch_ranges_are_those_of_the_union_batch(tmp_path):
 def _pams(rank: int, steps: int, epoch: int = 1) -> dict[str, torch.Tensor]:
     model = _edsr()
     teacher = frozen_copy(model)
-    method = PAMS({"iters_per_epoch": epoch, "ema_epochs": 1}, Bits(w=2, a=2))
+    method = make_method("pams", {"iters_per_epoch": epoch, "ema_epochs": 1}, Bits(w=2, a=2))
     method.quantize(model)
     for step, lr in zip(range(steps), _batches(rank), strict=False):
         method.training_losses(model.train(), lr, _hr(lr), step, teacher=teacher)
@@ -154,7 +153,7 @@ class _PamsStep(torch.nn.Module):
 
 def _pams_under_ddp(rank: int) -> dict[str, torch.Tensor]:
     model = _edsr()
-    method = PAMS({"iters_per_epoch": 2, "ema_epochs": 1}, Bits(w=2, a=2))
+    method = make_method("pams", {"iters_per_epoch": 2, "ema_epochs": 1}, Bits(w=2, a=2))
     method.quantize(model)
     ddp = torch.nn.parallel.DistributedDataParallel(_PamsStep(model.train(), method), find_unused_parameters=True)
     for step, lr in enumerate(_batches(rank, n=3)):  # steps 0, 1 track α; step 2 ends the tracking epoch
@@ -178,7 +177,7 @@ def test_pams_alpha_under_ddp_is_the_mean_of_the_ranks_tracked_values(tmp_path):
 def _ddtb(rank: int) -> dict[str, torch.Tensor]:
     model = _edsr(blocks=3)
     teacher = frozen_copy(model)
-    method = DDTB({"iters_per_epoch": 2, "dynamic_ratio": 0.5}, Bits(w=2, a=2))
+    method = make_method("ddtb", {"iters_per_epoch": 2, "dynamic_ratio": 0.5}, Bits(w=2, a=2))
     method.quantize(model)
     lrs = _batches(rank, n=3)
     for step, lr in enumerate(lrs):  # steps 0, 1: calibration epoch (recording); step 2: choice + bound init
@@ -193,7 +192,7 @@ def _ddtb_single_process_choice() -> torch.Tensor:
     """The dynamic layers chosen from the records of both ranks' calibration batches, in one process."""
     model = _edsr(blocks=3)
     teacher = frozen_copy(model)
-    method = DDTB({"iters_per_epoch": 2, "dynamic_ratio": 0.5}, Bits(w=2, a=2))
+    method = make_method("ddtb", {"iters_per_epoch": 2, "dynamic_ratio": 0.5}, Bits(w=2, a=2))
     method.quantize(model)
     for r in range(WORLD):
         for step, lr in enumerate(_batches(r, n=2)):

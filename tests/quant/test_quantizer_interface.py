@@ -11,6 +11,7 @@ import pkgutil
 import numpy as np
 import pytest
 import torch
+from helpers import make_method
 from torch import nn
 
 import odm_sr.quant
@@ -19,13 +20,13 @@ from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
 from odm_sr.quant.blocks import ActSite
 from odm_sr.quant.calibration import range_quantized_layers
-from odm_sr.quant.daq import DAQ, DaqActQuantizer, DaqWeightQuantizer
-from odm_sr.quant.ddtb import DDTB, DdtbActQuantizer, DdtbWeightQuantizer
+from odm_sr.quant.daq import DaqActQuantizer, DaqWeightQuantizer
+from odm_sr.quant.ddtb import DdtbActQuantizer, DdtbWeightQuantizer
 from odm_sr.quant.fq import SkipQuantizer
 from odm_sr.quant.layers import QuantMixin, quantized_layers
 from odm_sr.quant.lsq import LsqWeightQuantizer
-from odm_sr.quant.odm import ODM, OdmActQuantizer, WeightClipQuantizer
-from odm_sr.quant.pams import PAMS, PamsActQuantizer, PamsWeightQuantizer
+from odm_sr.quant.odm import OdmActQuantizer, WeightClipQuantizer
+from odm_sr.quant.pams import PamsActQuantizer, PamsWeightQuantizer
 from odm_sr.quant.quantizer import LEVEL_GRIDS, Quantizer, quantizers
 
 # class -> (level_grid, calibrates_range): a new quantizer class must be added here
@@ -154,12 +155,12 @@ def tiny_edsr() -> nn.Module:
 
 
 METHODS = {
-    "odm": lambda: ODM(None, Bits(w=2, a=2)),
-    "lsq": lambda: ODM({"weight_quantizer": "lsq"}, Bits(w=2, a=2)),
-    "odm_fq": lambda: ODM({"fq": {"enabled": True}}, Bits(w=4, a=4, sc=4)),
-    "pams": lambda: PAMS(None, Bits(w=3, a=3)),
-    "ddtb": lambda: DDTB(None, Bits(w=2, a=2)),
-    "daq": lambda: DAQ(None, Bits(w=2, a=2)),
+    "odm": lambda: make_method("odm", None, Bits(w=2, a=2)),
+    "lsq": lambda: make_method("odm", {"weight_quantizer": "lsq"}, Bits(w=2, a=2)),
+    "odm_fq": lambda: make_method("odm", {"fq": {"enabled": True}}, Bits(w=4, a=4, sc=4)),
+    "pams": lambda: make_method("pams", None, Bits(w=3, a=3)),
+    "ddtb": lambda: make_method("ddtb", None, Bits(w=2, a=2)),
+    "daq": lambda: make_method("daq", None, Bits(w=2, a=2)),
 }
 
 

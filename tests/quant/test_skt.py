@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits, frozen_copy
-from odm_sr.quant.pams import PAMS
 from odm_sr.quant.skt import (
     attention_map,
     capture_reconstruction_input,
@@ -104,4 +104,4 @@ def test_check_skt_config():
     # F is always the reconstruction input (one legal value), so skt.feature is not a key: PAMS and DDTB reject it
     for value in ("pre_reconstruction", "tail_output"):
         with pytest.raises(ValueError, match="unknown method config key 'skt.feature'; known: weight"):
-            PAMS({"skt": {"feature": value}}, Bits(2, 2))
+            make_method("pams", {"skt": {"feature": value}}, Bits(2, 2))

@@ -205,7 +205,7 @@ def run_analysis(args: argparse.Namespace, out: Path) -> tuple[str, dict]:
 
     from odm_sr.checkpoint import load_trained
 
-    net, cfg = load_trained(args.ckpt)
+    net, _, cfg = load_trained(args.ckpt)  # the analyses read the network and the run's config
     out.mkdir(parents=True, exist_ok=True)
     analyze = {"variance": analyze_variance, "mismatch": analyze_mismatch, "hist": analyze_hist,
                "wstats": analyze_wstats}[args.analysis]

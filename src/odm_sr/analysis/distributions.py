@@ -44,7 +44,7 @@ def as_model(model: nn.Module | str | Path) -> nn.Module:
         return model
     from odm_sr.checkpoint import load_trained
 
-    return load_trained(model)[0]
+    return load_trained(model).net
 
 
 def iter_images(images: Any, pixel_range: float = 1.0, device: torch.device | str = "cpu") -> Iterator[Tensor]:
@@ -279,6 +279,7 @@ def odm_initialized(model: nn.Module | str | Path, images: Any, bits: int = 2, j
                     quantize_weights: bool = True, placement: dict | None = None) -> nn.Module:
     """S10's "before QAT" network (``analysis.mismatch.before=fp_odm_init``): a copy of the FP ``model`` under
     ODM at ``bits`` (weights too unless ``quantize_weights=False``), ranges initialised with j on ``images``."""
+    from odm_sr.config import merge_config, method_defaults
     from odm_sr.quant.base import Bits
     from odm_sr.quant.calibration import calibrate_activation_ranges
     from odm_sr.quant.odm import ODM
@@ -286,7 +287,7 @@ def odm_initialized(model: nn.Module | str | Path, images: Any, bits: int = 2, j
     net = copy.deepcopy(as_model(model))
     images = list(images)
     cfg = {"init": {"j": float(j), "num_batches": max(1, len(images))}, "placement": placement or {}}
-    ODM(cfg, Bits(w=bits if quantize_weights else 32, a=bits)).quantize(net)
+    ODM(merge_config(method_defaults("odm"), cfg), Bits(w=bits if quantize_weights else 32, a=bits)).quantize(net)
     rng = pixel_range(net)
     calibrate_activation_ranges(net, iter_images(images, rng, _device(net)), j=float(j),
                                 num_batches=max(1, len(images)), progress=False)

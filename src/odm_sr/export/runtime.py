@@ -87,7 +87,7 @@ def trained_integer(ckpt: str | Path) -> tuple[nn.Module, IntegerSpec, nn.Module
     """(trained fake-quant network, its integer spec, the integer model, config) of a checkpoint."""
     from odm_sr.checkpoint import load_trained
 
-    net, cfg = load_trained(ckpt)
+    net, _, cfg = load_trained(ckpt)
     spec = extract_spec(net)
     return net, spec, integer_model(net, spec), cfg
 

@@ -8,7 +8,6 @@ then per step ``training_losses`` and ``backward``. A method is one file in ``qu
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from odm_sr.checks import check_bool, check_choice, check_number, check_range  # noqa: F401 (re-exported)
-from odm_sr.config import CONFIG_DIR
 
 from .backbones import BACKBONES, Backbone, backbone_of
 
@@ -62,56 +60,20 @@ def to_dict(cfg: Any) -> dict:
     return dict(cfg)
 
 
-@functools.cache
-def _method_yaml(name: str) -> DictConfig:
-    """``conf/method/<name>.yaml`` merged over the YAMLs its ``defaults`` list names (as Hydra composes it)."""
-    node = OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")
-    parents = [entry for entry in node.pop("defaults", []) if entry != "_self_"]
-    return OmegaConf.merge(*[_method_yaml(parent) for parent in parents], node)
-
-
-def method_defaults(name: str) -> dict:
-    """The one copy of a method's defaults: ``conf/method/<name>.yaml``, its interpolations (``${data.*}``)
-    resolved against the data group ``conf/train.yaml`` composes by default."""
-    choices = {k: v for entry in OmegaConf.load(CONFIG_DIR / "train.yaml").defaults
-               if isinstance(entry, DictConfig) for k, v in entry.items()}
-    root = OmegaConf.create({"data": OmegaConf.load(CONFIG_DIR / "data" / f"{choices['data']}.yaml"),
-                             "method": _method_yaml(name)})
-    return OmegaConf.to_container(root.method, resolve=True)  # type: ignore[return-value]
-
-
-def merge_config(defaults: dict, cfg: Any, extra_keys: tuple[str, ...] = (), _prefix: str = "") -> dict:
-    """``defaults`` recursively updated by ``cfg`` (nested dicts as in the YAML).
-
-    A key absent from ``defaults`` raises ValueError (a typo must not silently fall back to a default), except
-    top-level ``extra_keys``, which pass through unchecked.
-    """
-    user = to_dict(cfg)
-    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
-    for key, value in user.items():
-        if key not in defaults:
-            if not _prefix and key in extra_keys:
-                merged[key] = value
-                continue
-            known = ", ".join(sorted(defaults))
-            raise ValueError(f"unknown method config key '{_prefix}{key}'; known: {known}")
-        if isinstance(defaults[key], dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"method config {_prefix}{key} must be a mapping, got {value!r}")
-            merged[key] = merge_config(defaults[key], value, _prefix=f"{_prefix}{key}.")
-        else:
-            merged[key] = value
-    return merged
+def method_options(cfg: Any, options: dict) -> dict:
+    """The method's options: the plain dict of ``cfg`` (every key of its composed ``conf/method/*.yaml``)
+    updated by the keyword ``options``."""
+    return {**to_dict(cfg), **options}
 
 
 class QuantMethod:
     """Base class: full-precision training with an L1 reconstruction loss.
 
-    Options are the keys of ``conf/method/<config_name>.yaml`` (their defaults, see ``method_defaults``), given as
-    a mapping ``cfg`` and/or keyword arguments (``hydra.utils.instantiate``); an unknown key raises ValueError."""
+    Options are the keys of ``conf/method/<name>.yaml`` as the run composed them (all present: the defaults reach
+    the method through the composed config; ``odm_sr.config.method_defaults`` + ``merge_config`` complete a
+    partial one), given as a mapping ``cfg`` and/or keyword arguments (``hydra.utils.instantiate``)."""
 
     name = "fp"
-    config_name = "fp"  # conf/method/<config_name>.yaml holds the defaults
     needs_teacher = False  # True: the LightningModule keeps a frozen FP copy and passes it as ``teacher``
     per_image_statistics = False  # True: activations are quantized with statistics of the whole input image,
     # so a tiled forward (eval.tile, odm-sr-upscale --tile) differs from the whole-image one
@@ -122,10 +84,9 @@ class QuantMethod:
     calibration_batches = 0  # training batches ``calibrate`` receives before the first step (ODM: init.num_batches)
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
-        self.cfg = merge_config(method_defaults(self.config_name), {**to_dict(cfg), **options},
-                                extra_keys=("calibration_batches",))  # calibration_batches: older run configs
+        self.cfg = method_options(cfg, options)
         self.bits = bits or Bits()
-        self.name = str(self.cfg["name"])  # the config's name (e.g. odm_fq, lsq)
+        self.name = str(self.cfg.get("name", self.name))  # the config's name (e.g. odm_fq, lsq)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def quantize(self, model: nn.Module) -> nn.Module:

@@ -151,7 +151,6 @@ class DAQ(QuantMethod):
     """DAQ: W + A on the placement's layers, L1 only (base ``training_losses``), nothing learnable."""
 
     name = "daq"
-    config_name = "daq"
     per_image_statistics = True  # per-image, per-channel mean/std of every quantized activation
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import DDTB_AUTO_EDSR, apply_placement, backbone_of
-from .base import Bits, QuantMethod, StepOutput, check_choice, check_number, check_range, to_floats
+from .base import Bits, StepOutput, check_choice, check_number, check_range, to_floats
 from .blocks import (
     ActSite,
     clip_param_groups,
     group_by_image,
-    read_quirks,
     ungroup,
 )
 from .calibration import eval_mode
@@ -39,7 +38,7 @@ from .functional import (
 )
 from .layers import QuantMixin
 from .quantizer import Quantizer
-from .skt import check_skt_config, distillation_losses
+from .skt import SktMethod, distillation_losses
 
 GATE_BITS, GATE_HIDDEN = 2, 32
 
@@ -359,27 +358,20 @@ def select_dynamic(quantizers: dict[str, DdtbActQuantizer], ratio: float) -> lis
     return chosen
 
 
-class DDTB(QuantMethod):
+class DDTB(SktMethod):
     """DDTB: PAMS placement with DDTB quantizers; loss L1 + ``skt.weight``·L_SKT + L_reg (METHODS.md §4.3)."""
 
     name = "ddtb"
-    config_name = "ddtb"
-    needs_teacher = True
     per_image_statistics = True  # the dynamic gates read GAP(x) of the whole input
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
         super().__init__(cfg, bits, **options)
         c = self.cfg
-        self.quirks = read_quirks(c)
-        self.skt_weight = check_skt_config(c["skt"])
-        self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
-        self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))
         self.calib_epochs = int(check_number(c["stages"], "calib_epochs", "stages."))
         self.reg_epochs = int(check_number(c["stages"], "reg_epochs", "stages."))
         self.dynamic_ratio = check_range(c, "dynamic_ratio", 0.0, 1.0, auto=True)
         self.init_percentile = check_range(c, "init_percentile", 50.0, 100.0, open_low=True, auto=True)
         self.weight_clip = check_choice(c, "weight_clip", ("auto", "percentile", "minmax"))
-        self.placement = c["placement"]
         self.auto = dict(DDTB_AUTO_EDSR)  # the backbone's 'auto' values, set by quantize
         self.calib_keeps_weights = False  # quirk rdn_calib_quantized_weights on a backbone it applies to
 

@@ -33,8 +33,6 @@ from .base import (
     check_choice,
     check_number,
     check_range,
-    merge_config,
-    method_defaults,
     to_floats,
 )
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
@@ -145,11 +143,6 @@ class WeightClipQuantizer(Quantizer):
 
 
 # -- configuration ----------------------------------------------------------------------------------------
-def odm_config(cfg: Any = None) -> dict:
-    """The method config merged over ``conf/method/odm.yaml`` and validated (ValueError names the offending key)."""
-    return check_odm_config(merge_config(method_defaults("odm"), cfg, extra_keys=("calibration_batches",)))
-
-
 def check_odm_config(c: dict) -> dict:
     """Validate a merged ODM config; returns it."""
     for key in ("lambda_r", "lambda_m"):
@@ -191,7 +184,6 @@ class ODM(QuantMethod):
     """ODM (METHODS.md §5). Config keys and defaults: ``conf/method/odm.yaml``; see ``check_odm_config``."""
 
     name = "odm"
-    config_name = "odm"
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
         super().__init__(cfg, bits, **options)
@@ -382,4 +374,4 @@ def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) 
             p.grad.add_(g.detach())
 
 
-__all__ = ["ODM", "OdmActQuantizer", "WeightClipQuantizer", "odm_config", "quantizer_names"]
+__all__ = ["ODM", "OdmActQuantizer", "WeightClipQuantizer", "quantizer_names"]

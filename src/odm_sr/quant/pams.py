@@ -12,17 +12,16 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import apply_placement
-from .base import Bits, QuantMethod, StepOutput, check_number, check_range, to_floats
+from .base import Bits, StepOutput, check_number, check_range, to_floats
 from .blocks import (
     ActSite,
     clip_param_groups,
     group_by_image,
-    read_quirks,
 )
 from .distributed import all_reduce_mean_, world_size
 from .functional import max_abs_weight_quantize, row_grads, wanted
 from .quantizer import Quantizer
-from .skt import check_skt_config, distillation_losses
+from .skt import SktMethod, distillation_losses
 
 
 class _SymmetricZeroQuant(torch.autograd.Function):
@@ -158,24 +157,17 @@ class PamsActQuantizer(Quantizer):
         return f"bits={self.bits}, decay={self.decay}, last_batch={self.last_batch}"
 
 
-class PAMS(QuantMethod):
+class PAMS(SktMethod):
     """PAMS: W + A quantization with learnable α, L1 + ``skt.weight``·L_SKT (METHODS.md §4.1)."""
 
     name = "pams"
-    config_name = "pams"
-    needs_teacher = True
 
     def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
         super().__init__(cfg, bits, **options)
         c = self.cfg
-        self.quirks = read_quirks(c)
-        self.skt_weight = check_skt_config(c["skt"])
         self.alpha_init = float(check_number(c, "alpha_init", positive=True))
         self.ema_decay = float(check_range(c, "ema_decay", 0.0, 1.0, open_high=True))
         self.ema_epochs = int(check_number(c, "ema_epochs"))
-        self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
-        self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))
-        self.placement = c["placement"]
 
     @property
     def ddp_unused_parameters(self) -> bool:

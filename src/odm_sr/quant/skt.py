@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import backbone_of
-from .base import check_number
+from .base import Bits, QuantMethod, check_number
+from .blocks import read_quirks
 from .calibration import StopForward
 
 
@@ -59,6 +61,22 @@ def capture_reconstruction_input(model: nn.Module) -> Iterator[_Captured]:
 def check_skt_config(skt: dict) -> float:
     """Validate ``skt.weight`` (≥ 0); returns it."""
     return float(check_number(skt, "weight", "skt."))
+
+
+class SktMethod(QuantMethod):
+    """What PAMS and DDTB share (METHODS.md §4.1, §4.3): the frozen FP teacher of the SKT loss and the options
+    ``quirks`` / ``official``, ``skt.weight``, ``iters_per_epoch``, ``qparam_lr`` (the clipping parameters' lr)
+    and ``placement``, read and checked here once for both."""
+
+    needs_teacher = True
+
+    def __init__(self, cfg: Any = None, bits: Bits | None = None, **options: Any):
+        super().__init__(cfg, bits, **options)
+        self.quirks = read_quirks(self.cfg)
+        self.skt_weight = check_skt_config(self.cfg["skt"])
+        self.iters_per_epoch = int(check_number(self.cfg, "iters_per_epoch", positive=True))
+        self.qparam_lr = float(check_number(self.cfg, "qparam_lr", positive=True))
+        self.placement = self.cfg["placement"]
 
 
 def teacher_feature(teacher: nn.Module, lr: Tensor) -> Tensor:
