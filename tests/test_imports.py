@@ -111,3 +111,43 @@ def test_odm_sr_has_no_import_cycle():
     graph = import_graph()
     assert "odm_sr.quant.base" in graph and "odm_sr.config" in graph["odm_sr.train"]
     assert cycles(graph) == []
+
+
+# The layers of odm_sr, lowest first: a module imports from its own layer or below, never above (a module's layer
+# is that of its longest listed prefix).
+LAYERS = (
+    ("odm_sr", "odm_sr.checks", "odm_sr.files", "odm_sr.console", "odm_sr.precision", "odm_sr.metrics",
+     "odm_sr.inference"),
+    ("odm_sr.config",),  # paths, resolvers, composition, instantiate, retired keys
+    ("odm_sr.models", "odm_sr.data"),  # backbones and data know no quantization
+    ("odm_sr.quant",),
+    ("odm_sr.builders", "odm_sr.checkpoint", "odm_sr.trainer_checkpoint", "odm_sr.evaluation", "odm_sr.lit_module",
+     "odm_sr.callbacks"),  # objects built from a config, the LightningModule, evaluation
+    ("odm_sr.analysis", "odm_sr.export"),
+    ("odm_sr.train", "odm_sr.eval", "odm_sr.upscale", "odm_sr.complexity_cli", "odm_sr.report_cli",
+     "odm_sr.export_cli", "odm_sr.analysis.cli"),  # the entry points
+)
+
+
+def layer(module: str) -> int:
+    matches = [(len(prefix), rank) for rank, prefixes in enumerate(LAYERS) for prefix in prefixes
+               if module == prefix or module.startswith(prefix + ".")]
+    assert matches, f"{module}: in no layer of LAYERS (add it)"
+    return max(matches)[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer(d) > layer(m))
+
+
+def test_layer_is_the_longest_prefix():
+    assert layer("odm_sr.analysis.cli") == 6 and layer("odm_sr.analysis.complexity") == 5
+    assert layer("odm_sr.quant.odm") == 3 and layer("odm_sr.config") == 1 and layer("odm_sr") == 0
+    graph = {"odm_sr.models.x": {"odm_sr.quant.y", "odm_sr.checks"}}
+    assert upward_imports(graph) == ["odm_sr.models.x -> odm_sr.quant.y"]
+
+
+def test_no_import_points_to_a_higher_layer():
+    graph = import_graph()
+    assert graph["odm_sr.config"] <= {"odm_sr.checks"}  # config imports nothing above checks
+    assert upward_imports(graph) == []

@@ -17,6 +17,7 @@ The residual adds stay float32: an IEEE add of identical float32 operands is the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -128,3 +129,9 @@ def make_swinir_exact(model: nn.Module) -> None:
             replace_module(model, name, ExactWindowAttention(module))
         elif isinstance(module, nn.GELU) and name.endswith("mlp.act"):
             replace_module(model, name, ExactGELU())
+
+
+# backbone family -> its exact float64 versions of the FP ops before its quantizers (in place), beside the
+# exact FP convs of its row (``Backbone.exact_fp_convs``); the export registers them here, the backbone table
+# knows nothing of the export
+EXACT_FP_OPS: dict[str, Callable[[nn.Module], None]] = {"swinir": make_swinir_exact}

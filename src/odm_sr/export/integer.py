@@ -49,6 +49,7 @@ from odm_sr.quant.blocks import QuantDenseLayer, QuantRDB, QuantResBlock
 from odm_sr.quant.layers import QuantConv2d, QuantLinear, QuantMixin
 from odm_sr.quant.placement import replace_module
 
+from .exact import EXACT_FP_OPS
 from .spec import ACT_QUANTIZERS, ActGrid, ExportError, WeightCodes, act_grid, check_static, weight_codes
 
 
@@ -362,8 +363,8 @@ def integer_model(model: nn.Module, spec: IntegerSpec) -> nn.Module:
     for name in backbone.exact_fp_convs:
         if type(modules.get(name)) is nn.Conv2d:  # a quantized one is an integer layer already
             replace_module(out, name, ExactConv2d(modules[name]))
-    if backbone.exact_fp_ops is not None:  # SwinIR: LayerNorm, attention, GELU before the quantizers (export.exact)
-        backbone.exact_fp_ops(out)
+    if backbone.family in EXACT_FP_OPS:  # SwinIR: LayerNorm, attention, GELU before the quantizers
+        EXACT_FP_OPS[backbone.family](out)
     for name in act_quantizers(out):
         if not _is_consumed(name, spec):
             replace_module(out, name, FakeQuant(spec.grids[name]))

@@ -31,8 +31,6 @@ from odm_sr.quant.lsq import LsqWeightQuantizer
 from odm_sr.quant.odm import OdmActQuantizer, WeightClipQuantizer
 from odm_sr.quant.pams import PamsActQuantizer, PamsWeightQuantizer
 
-ACT_KINDS = ("odm", "pams")
-WEIGHT_KINDS = ("odm", "pams", "lsq")
 ACT_QUANTIZERS = (OdmActQuantizer, PamsActQuantizer)
 
 

@@ -7,8 +7,9 @@ Accepted inputs (a path, or an already loaded object):
   (other sub-modules of the LightningModule, e.g. a teacher, are dropped);
 - a uniform `module.` prefix (DataParallel) is removed.
 
-Quantizer keys are ignored on both sides: the model's are those under its `Quantizer` modules, a checkpoint's are
-found by module name (see `is_quantizer_key`).
+Quantizer keys are ignored on both sides: the model's are those under the module prefixes the caller names
+(``skip_prefixes``; ``odm_sr.quant.quantizer.quantizer_prefixes`` finds a quantized model's: models know no
+quantization), a checkpoint's are found by module name (see `is_quantizer_key`).
 """
 
 from __future__ import annotations
@@ -38,13 +39,6 @@ def is_quantizer_key(key: str) -> bool:
     Only module names count (not the final tensor name), so official keys never match.
     """
     return any(_QUANTIZER_MODULE.search(part) for part in key.split(".")[:-1])
-
-
-def quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """``"<name>."`` of every ``Quantizer`` module in ``model``: the model's own quantizer keys start with one."""
-    from odm_sr.quant.quantizer import Quantizer  # here: odm_sr.quant imports odm_sr.models
-
-    return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))
 
 
 def extract_state_dict(checkpoint: Any, source: str = "<in-memory>") -> dict[str, torch.Tensor]:
@@ -134,8 +128,9 @@ def mismatch_report(model: nn.Module, target: dict, state: dict) -> list[str]:
 
 
 def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping,
-                    strict: bool = True) -> nn.Module:
-    """Copy weights into `model` (in place) and return it; quantizer keys are ignored on both sides.
+                    strict: bool = True, skip_prefixes: tuple[str, ...] = ()) -> nn.Module:
+    """Copy weights into `model` (in place) and return it; quantizer keys are ignored on both sides (the model's:
+    those that start with one of ``skip_prefixes``).
 
     strict=True: the non-quantizer keys of the model and of the checkpoint must be equal, with equal
     shapes, else ValueError naming the source, the missing/unexpected keys and the shape mismatches.
@@ -146,8 +141,7 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
     else:
         source, state = str(path_or_state), read_checkpoint(path_or_state)
     state = {k: v for k, v in state.items() if not is_quantizer_key(k)}  # a file has names only
-    inside = quantizer_prefixes(model)
-    target = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(skip_prefixes))}
     problems = mismatch_report(model, target, state)
     if problems and strict:
         name = model.name if isinstance(model, SRModel) else type(model).__name__

@@ -82,8 +82,6 @@ class Backbone:
     ddtb_calib_quantized_weights: bool = False  # DDTB quirk rdn_calib_quantized_weights applies (RDN only)
     fully_quantized: bool = False  # ODM-FQ (§4.5) implemented
     exact_fp_convs: tuple[str, ...] = ()  # FP convs whose outputs reach an activation quantizer (integer export)
-    # the integer export's exact float64 versions of the other FP ops before its quantizers (in place)
-    exact_fp_ops: Callable[[nn.Module], None] | None = None
     dynamic_size: bool = True  # the exported graph runs at any input size (False: transformers, traced size)
     attention_macs: dict[type, Callable[[nn.Module, Tensor], int]] = field(default_factory=dict)
     per_layer_scale_storage: bool = False  # Table S8 (paper_like rule): one scale per layer, bounds only
@@ -127,16 +125,6 @@ def backbone_of(model: Any) -> Backbone:
             return spec
     raise ValueError(f"no placement rule for backbone {name!r}: expected one of "
                      f"{', '.join(f + '*' for f in BACKBONES)}")
-
-
-def backbone_family(model: Any) -> str:
-    return backbone_of(model).family
-
-
-def placement_patterns(family: str, placement: dict | None = None) -> list[str]:
-    if family not in BACKBONES:
-        raise ValueError(f"unknown backbone family {family!r}")
-    return BACKBONES[family].patterns(placement)
 
 
 def select_layers(model: nn.Module, placement: dict | None = None) -> list[str]:
@@ -183,16 +171,10 @@ register_backbone(Backbone(
                          "rdb_lff": (*_RDN_CONV, r"RDBs\.\d+\.LFF"), "rdb_conv": _RDN_CONV},
     rule_key="rdn", pams_style=rdn_pams_style, skt_feature=_rdn_feature, ddtb_auto=dict(DDTB_AUTO_RDN),
     ddtb_calib_quantized_weights=True, exact_fp_convs=("SFENet1", "SFENet2")))
-def _swinir_exact_ops(model: nn.Module) -> None:
-    from odm_sr.export.exact import make_swinir_exact  # export imports this module
-
-    make_swinir_exact(model)
-
-
 register_backbone(Backbone(
     family="swinir", rules={"same_layers": _SWIN_LINEARS}, skt_feature=swin_feature,
     attention_macs={WindowAttention: window_attention_macs}, per_layer_scale_storage=True, dynamic_size=False,
-    exact_fp_convs=("conv_first",), exact_fp_ops=_swinir_exact_ops))
+    exact_fp_convs=("conv_first",)))
 register_backbone(Backbone(
     family="hat", rules={"same_layers": _HAT_LAYERS}, options={"hat_quantize_cab": _HAT_CAB},
     skt_feature=_hat_feature, attention_macs={WindowAttention: window_attention_macs, OCAB: ocab_macs},

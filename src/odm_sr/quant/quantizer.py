@@ -56,3 +56,9 @@ class Quantizer(nn.Module):
 def quantizers(model: nn.Module) -> dict[str, Quantizer]:
     """Every quantizer module of ``model`` by qualified name, in module order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+def quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``"<name>."`` of every ``Quantizer`` module in ``model``: its own quantizer state-dict keys start with one
+    (``models.checkpoint.load_pretrained(..., skip_prefixes=...)`` leaves them out)."""
+    return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))
