@@ -1,6 +1,7 @@
 """`build_model`: backbone name + scale (+ constructor overrides) -> an `SRModel`.
 
-Configurations are METHODS.md section 2.1 (IMDN and PAN: the released ones, `../shared/models/README.md`); the SwinIR/HAT ones are the official test options
+Configurations are METHODS.md section 2.1 (IMDN and PAN: the released ones, `../shared/models/README.md`);
+the SwinIR/HAT ones are the official test options
 (`img_size` 64 for SwinIR-light and HAT-S, 48 for SwinIR-classical, which sizes the stored `attn_mask`).
 """
 

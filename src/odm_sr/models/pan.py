@@ -66,7 +66,7 @@ class SCPA(nn.Module):
 
 
 class PAN(SRModel):
-    """PAN ×``scale``: ``nb`` SCPA blocks of ``nf`` features, ``unf`` features in the upsampling; input/output in [0, 1]."""
+    """PAN ×``scale``: ``nb`` SCPA blocks of ``nf`` features, ``unf`` in the upsampling; input/output in [0, 1]."""
 
     def __init__(self, scale: int, in_nc: int = 3, out_nc: int = 3, nf: int = 40, unf: int = 24, nb: int = 16,
                  name: str = "pan") -> None:
