@@ -7,12 +7,16 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import check_config, compose_config, method_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from odm_sr.builders import build_network, pretrained_network
+from odm_sr.builders import build_datamodule, build_network, pretrained_network
 from odm_sr.config import CONFIG_DIR
+from odm_sr.data import SRDataModule
+from odm_sr.models.base import SRModel
+from odm_sr.quant.layers import quantized_layers
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 # every option of the experiment group, shared bases (base/...) included
@@ -64,12 +68,24 @@ def test_the_paper_and_mini_experiments_exist():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_validates(name):
+def test_experiment_composes_and_instantiates(name):
+    """As ``train`` does, without training: compose → check the plain values → build the method, the network it
+    quantizes and the data module. The network gets random weights: the FP weights ``model.pretrained`` names
+    (the official files of paper_*/real_*, or the run of the FP stage) need not be here; their strict loading is
+    tested in tests/models."""
     # the base/paper* fragments set bits=w2a2 and no method: alone they would be an FP run labelled w2a2 (refused)
-    cfg = compose_config([f"experiment={name}", "method=odm"], Path("/nonexistent/output_dir")) \
-        if name.startswith("base/paper") else _composed(name)
-    check_config(cfg)
+    cfg = compose_config([f"experiment={name}", *(["method=odm"] if name.startswith("base/paper") else [])],
+                         Path("/nonexistent/output_dir"))
+    method = check_config(cfg)
     OmegaConf.to_container(cfg.optim, resolve=True)
+    cfg.model.pretrained = None
+    torch.manual_seed(0)
+    net, built, teacher = build_network(cfg, method)
+    assert built is method and isinstance(net, SRModel) and net.scale == cfg.model.scale
+    assert (teacher is not None) == method.needs_teacher
+    assert method.bits.is_float or quantized_layers(net), "nothing was quantized"
+    datamodule = build_datamodule(cfg)
+    assert isinstance(datamodule, SRDataModule) and datamodule.test_set_names == list(cfg.data.test)
 
 
 @pytest.mark.parametrize("name", [e for e in PAPER if not e.endswith("_fp")])
