@@ -13,15 +13,23 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = Path(os.environ.get("ODM_SR_CONF", REPO_ROOT / "conf"))
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+# a source checkout (editable install) uses its conf/ and is the root of the default paths; an installed wheel
+# uses the conf/ packaged inside odm_sr and the current folder as that root
+IN_CHECKOUT = (SOURCE_ROOT / "pyproject.toml").is_file() and (SOURCE_ROOT / "conf" / "train.yaml").is_file()
+CONFIG_DIR = Path(os.environ.get("ODM_SR_CONF") or (SOURCE_ROOT if IN_CHECKOUT else Path(__file__).parent) / "conf")
+
+
+def repo_root() -> Path:
+    """The source checkout, or (an installed wheel) the current folder: the root of data, logs, checkpoints."""
+    return SOURCE_ROOT if IN_CHECKOUT else Path.cwd()
 
 
 def register_resolvers() -> None:
-    """``${repo_root:}`` → the repository root (configs build every default path from it);
+    """``${repo_root:}`` → ``repo_root()`` (configs build every default path from it);
     ``${unique_dir:<path>}`` → a new folder claimed for this run (``claim_unique_dir``)."""
     if not OmegaConf.has_resolver("repo_root"):
-        OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT))
+        OmegaConf.register_new_resolver("repo_root", lambda: str(repo_root()))
     if not OmegaConf.has_resolver("unique_dir"):
         # cached: Hydra reads hydra.run.dir more than once, and every read must give the folder claimed first
         OmegaConf.register_new_resolver("unique_dir", claim_unique_dir, use_cache=True)
