@@ -85,7 +85,7 @@ def small_swinir(steps: int, tmp: Path):
 
 
 def load_models(ckpts: dict[str, str], swin_steps: int, tmp: Path) -> dict:
-    from odm_sr.checkpoint import load_trained
+    from odm_sr.trained import load_trained
 
     models = {name: (trained.net, trained.cfg) for name, trained in ((n, load_trained(p)) for n, p in ckpts.items())}
     if swin_steps >= 0:

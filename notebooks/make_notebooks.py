@@ -20,7 +20,7 @@ from IPython.display import Markdown, display
 # Paths are relative to the repository root (Jupyter starts notebooks in notebooks/)
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()"""
 
-LOAD = """from odm_sr.checkpoint import load_trained
+LOAD = """from odm_sr.trained import load_trained
 from odm_sr.data.registry import build_dataset
 
 net, _, cfg = load_trained(ROOT / CKPT)
@@ -67,7 +67,7 @@ NOTEBOOKS = {
         params(CKPT),
         new_code_cell(SETUP),
         new_code_cell("from odm_sr.analysis import plot_weight_stats, weight_stats\n"
-                      "from odm_sr.checkpoint import load_trained\n\n"
+                      "from odm_sr.trained import load_trained\n\n"
                       "net, _, cfg = load_trained(ROOT / CKPT)\n"
                       "stats = weight_stats(net)\n"
                       "rows = [\"| layer | min | max | mean | u_w |\", \"|---|---|---|---|---|\"]\n"

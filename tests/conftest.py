@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from odm_sr.data.registry import DATA_ENV_VAR, default_data_root
-from odm_sr.models.checkpoint import MODELS_ENV_VAR, default_models_root
+from odm_sr.models.weights import MODELS_ENV_VAR, default_models_root
 
 
 @pytest.fixture(scope="session")

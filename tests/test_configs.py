@@ -270,7 +270,7 @@ def test_an_older_checkpoint_config_with_retired_keys_still_loads(tmp_path):
     nothing) were removed hold them in their hyper-parameters: ``load_trained`` drops them and builds the net."""
     import torch
 
-    from odm_sr.checkpoint import load_trained
+    from odm_sr.trained import load_trained
 
     cfg = compose_config(["model=edsr_small", "model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8",
                           "model.scale=2", "method=pams", "bits=w2a2"], tmp_path)
@@ -306,7 +306,7 @@ def test_an_older_checkpoint_with_single_value_keys_and_method_target_still_load
     builds the same net."""
     import torch
 
-    from odm_sr.checkpoint import load_trained
+    from odm_sr.trained import load_trained
 
     cfg = compose_config(["model=edsr_small", "model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8",
                           "model.scale=2", f"method={method}", "bits=w2a2"], tmp_path)

@@ -121,7 +121,7 @@ LAYERS = (
     ("odm_sr.config",),  # paths, resolvers, composition, instantiate, retired keys
     ("odm_sr.models", "odm_sr.data"),  # backbones and data know no quantization
     ("odm_sr.quant",),
-    ("odm_sr.builders", "odm_sr.checkpoint", "odm_sr.trainer_checkpoint", "odm_sr.evaluation", "odm_sr.lit_module",
+    ("odm_sr.builders", "odm_sr.trained", "odm_sr.resume", "odm_sr.evaluation", "odm_sr.lit_module",
      "odm_sr.callbacks"),  # objects built from a config, the LightningModule, evaluation
     ("odm_sr.analysis", "odm_sr.export"),
     ("odm_sr.train", "odm_sr.eval", "odm_sr.upscale", "odm_sr.complexity_cli", "odm_sr.report_cli",

@@ -8,8 +8,8 @@ import torch
 from helpers import TINY_TRAIN, compose_config
 
 from odm_sr.lit_module import NonFiniteLossError
+from odm_sr.resume import AtomicCheckpointIO
 from odm_sr.train import train
-from odm_sr.trainer_checkpoint import AtomicCheckpointIO
 
 # ODM 2-bit so that quantizer state (calibrated bounds, gamma) is part of what must survive a resume;
 # epochs of 3 steps with checkpoints every 2 steps, so the resume point lies mid-epoch.

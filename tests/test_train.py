@@ -64,7 +64,7 @@ def test_upscale_writes_an_image_of_scale_times_the_input(tiny_run, tmp_path):
 
 
 def test_eval_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
-    from odm_sr.checkpoint import read_checkpoint
+    from odm_sr.trained import read_checkpoint
 
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
@@ -93,10 +93,10 @@ def test_upscale_refuses_to_write_over_its_input(tiny_run, tmp_path):
 
 
 def test_upscale_writes_the_rounded_tiled_output_atomically(tiny_run, tmp_path, monkeypatch):
-    from odm_sr.checkpoint import load_trained
     from odm_sr.data.io import read_image, to_tensor
     from odm_sr.evaluation import network_upscale
     from odm_sr.metrics import to_uint8
+    from odm_sr.trained import load_trained
     from odm_sr.upscale import upscale_file
 
     ckpt = tiny_run[0] / "checkpoints" / "last.ckpt"
@@ -123,7 +123,7 @@ def test_upscale_writes_the_rounded_tiled_output_atomically(tiny_run, tmp_path, 
 
 
 def test_checkpoint_with_non_finite_weights_is_refused_for_eval_and_upscale(tiny_run, tmp_path):
-    from odm_sr.checkpoint import load_trained
+    from odm_sr.trained import load_trained
     from odm_sr.upscale import upscale_file
 
     ckpt = torch.load(tiny_run[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -14,7 +14,6 @@ import torch
 from omegaconf import DictConfig
 
 from .builders import pretrained_network
-from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
 from .console import quiet_known_noise
 from .data import SRDataModule
@@ -29,6 +28,7 @@ from .evaluation import (
 )
 from .files import write_json
 from .precision import apply_precision
+from .trained import load_trained
 
 register_resolvers()
 

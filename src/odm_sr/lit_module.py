@@ -248,7 +248,7 @@ class SRLitModule(L.LightningModule):
 
     def _non_finite_message(self, bad: dict[int, dict[str, float]], step: int) -> str:
         """The stop message: each bad rank's loss terms (rank-prefixed under DDP) and advice that works (resume
-        applies the new optim.* values: ``trainer_checkpoint.CurrentOptimSettingsOnResume``)."""
+        applies the new optim.* values: ``resume.CurrentOptimSettingsOnResume``)."""
         prefix = "rank {}: " if world_size() > 1 else ""
         terms = "; ".join(prefix.format(r) + ", ".join(f"{k}={v:.4g}" for k, v in t.items()) for r, t in bad.items())
         callback = self._trainer.checkpoint_callback if self._trainer is not None else None  # None: no Trainer

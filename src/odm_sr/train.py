@@ -42,7 +42,7 @@ from .files import write_json
 from .lit_module import SRLitModule
 from .precision import apply_precision
 from .quant import QuantMethod, build_method
-from .trainer_checkpoint import AtomicCheckpointIO, CurrentOptimSettingsOnResume, check_resume_checkpoint
+from .resume import AtomicCheckpointIO, CurrentOptimSettingsOnResume, check_resume_checkpoint
 
 register_resolvers()
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_trained
 from .data.io import read_image, save_image, to_tensor
 from .evaluation import EVAL_PAD_MODES, network_upscale, resolve_device, warn_if_tiled_dynamic
 from .precision import set_tf32
+from .trained import load_trained
 
 
 def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int | None = None,

@@ -16,7 +16,7 @@ from odm_sr.upscale import upscale_file
 
 
 def write_checkpoint(net, cfg, path):
-    """What odm-sr-train writes, as far as ``checkpoint.load_trained`` reads it."""
+    """What odm-sr-train writes, as far as ``trained.load_trained`` reads it."""
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     cfg = OmegaConf.to_container(cfg, resolve=False)
     cfg["run_name"] = "tiny"

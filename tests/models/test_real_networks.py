@@ -12,7 +12,7 @@ import torch
 from odm_sr.data import SRDataModule
 from odm_sr.evaluation import evaluate_sets, network_upscale
 from odm_sr.models import build_model, load_pretrained
-from odm_sr.models.checkpoint import guess_scale, read_checkpoint
+from odm_sr.models.weights import guess_scale, read_checkpoint
 from odm_sr.quant.backbones import select_layers
 
 FILES = {"imdn": "imdn/IMDN_x{s}.pth", "pan": "pan/PANx{s}_DF2K.pth"}

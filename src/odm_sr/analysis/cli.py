@@ -203,7 +203,7 @@ def run_analysis(args: argparse.Namespace, out: Path) -> tuple[str, dict]:
         return timing_table(result), result
     import torch
 
-    from odm_sr.checkpoint import load_trained
+    from odm_sr.trained import load_trained
 
     net, _, cfg = load_trained(args.ckpt)  # the analyses read the network and the run's config
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 (METHODS.md §7).
 
 Every function takes a model (an ``nn.Module``, or the path of an odm-sr ``.ckpt``, loaded with
-``checkpoint.load_trained``) and, where it needs data, images in [0, 1]: a data set of items with ``lr``
+``trained.load_trained``) and, where it needs data, images in [0, 1]: a data set of items with ``lr``
 (``build_dataset``), a list of (C, H, W) / (1, C, H, W) tensors, or an (N, C, H, W) tensor. Images go through
 the network one at a time, scaled to its ``pixel_range``, in eval mode, under ``no_grad``.
 
@@ -42,7 +42,7 @@ def as_model(model: nn.Module | str | Path) -> nn.Module:
     """``model`` itself, or the trained network of an odm-sr checkpoint path."""
     if isinstance(model, nn.Module):
         return model
-    from odm_sr.checkpoint import load_trained
+    from odm_sr.trained import load_trained
 
     return load_trained(model).net
 

@@ -5,7 +5,7 @@ Layout (little-endian)::
 
     b"ODMQ" | u16 version | u32 n | n bytes of zlib(JSON header) | body
 
-The header holds the training config (to rebuild the network's structure, ``checkpoint.build_stored``), the
+The header holds the training config (to rebuild the network's structure, ``trained.build_stored``), the
 SHA-1 of the tensor names and their counts; its size does not grow with the weights. The body follows the
 order of ``integer.weight_layers``, ``integer.act_quantizers`` and ``integer.fp_parameters`` of that structure:
 
@@ -93,7 +93,7 @@ def read_header(data: bytes, source: str = "packed file") -> dict:
 
 def structure(cfg: DictConfig) -> nn.Module:
     """The quantized network that ``cfg`` builds (random weights; no FP checkpoint is read)."""
-    from odm_sr.checkpoint import build_stored
+    from odm_sr.trained import build_stored
 
     return build_stored(cfg)[0].eval()
 

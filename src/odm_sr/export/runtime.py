@@ -85,7 +85,7 @@ def onnx_upscale(engine: OnnxEngine, tile: int | None = None, overlap: int = 16,
 
 def trained_integer(ckpt: str | Path) -> tuple[nn.Module, IntegerSpec, nn.Module, DictConfig]:
     """(trained fake-quant network, its integer spec, the integer model, config) of a checkpoint."""
-    from odm_sr.checkpoint import load_trained
+    from odm_sr.trained import load_trained
 
     net, _, cfg = load_trained(ckpt)
     spec = extract_spec(net)

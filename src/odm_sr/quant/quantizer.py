@@ -60,5 +60,5 @@ def quantizers(model: nn.Module) -> dict[str, Quantizer]:
 
 def quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
     """``"<name>."`` of every ``Quantizer`` module in ``model``: its own quantizer state-dict keys start with one
-    (``models.checkpoint.load_pretrained(..., skip_prefixes=...)`` leaves them out)."""
+    (``models.weights.load_pretrained(..., skip_prefixes=...)`` leaves them out)."""
     return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))

@@ -1,5 +1,6 @@
-"""The trainer's side of checkpoints: atomic writes, checks of ``resume=`` before any work, and the current
-config's optimizer settings applied on resume."""
+"""Writing training checkpoints and resuming from them (the trainer's side): atomic checkpoint writes
+(``AtomicCheckpointIO``), the check of ``resume=<ckpt>`` before any work, and the current config's optimizer
+settings applied on resume."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
-from .checkpoint import read_checkpoint
 from .files import atomic_write
-from .models.checkpoint import mismatch_report
+from .models.weights import mismatch_report
+from .trained import read_checkpoint
 
 
 def check_resume_checkpoint(path: str | Path, module: nn.Module) -> None:

@@ -1,6 +1,6 @@
 """Loading a trained odm-sr run back: its Lightning ``.ckpt`` read (``read_checkpoint``), the network and method
 its stored config builds (``build_stored``), its weights loaded and checked (``load_trained``); without importing
-Lightning (``odm_sr.trainer_checkpoint`` holds the trainer's side)."""
+Lightning (``odm_sr.resume`` holds the trainer's side)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from .builders import build_network
 from .config import complete_method, drop_retired_keys
-from .models.checkpoint import load_torch_file
+from .models.weights import load_torch_file
 from .quant import QuantMethod
 
 
