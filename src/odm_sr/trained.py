@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from .builders import build_network
-from .config import complete_method, drop_retired_keys
+from .config import complete_method
 from .models.weights import load_torch_file
 from .quant import QuantMethod
+from .stored_config import stored_config
 
 
 class Trained(NamedTuple):
@@ -38,8 +39,8 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
 
 def build_stored(cfg: DictConfig) -> tuple[nn.Module, QuantMethod]:
     """The quantized network (random weights: ``model.pretrained`` is not read) and the method that a stored run
-    config builds (checkpoint, packed file); ``cfg`` (retired keys already dropped) is left as it is, the method
-    keys added since the run are filled with their defaults."""
+    config builds (checkpoint, packed file); ``cfg`` comes through ``stored_config.stored_config`` (checked, retired
+    keys dropped) and is left as it is, the method keys added since the run are filled with their defaults."""
     build_cfg = copy.deepcopy(cfg)
     with open_dict(build_cfg):
         build_cfg.model.pretrained = None  # the stored weights replace them; cfg keeps the run's FP source
@@ -51,7 +52,7 @@ def build_stored(cfg: DictConfig) -> tuple[nn.Module, QuantMethod]:
 def load_trained(path: str | Path) -> Trained:
     """The trained (quantized) network of an odm-sr checkpoint, its method and the config it was trained with."""
     ckpt = read_checkpoint(path)
-    cfg = drop_retired_keys(OmegaConf.create(ckpt["hyper_parameters"]["cfg"]))
+    cfg = stored_config((ckpt["hyper_parameters"] or {}).get("cfg"), f"checkpoint {path}")  # checked data
     net, method = build_stored(cfg)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     missing, unexpected = net.load_state_dict(state, strict=False)

@@ -77,3 +77,24 @@ def test_fp_network_reproduces_published_set5(models_root, data_root, net, scale
     psnr, ssim = evaluate_sets(network_upscale(model), dm)["Set5"]
     assert psnr == pytest.approx(SET5[net, scale][0], abs=0.02)
     assert ssim == pytest.approx(SET5[net, scale][1], abs=0.001)
+
+
+def test_imdn_contrast_gradient_is_finite_on_a_constant_channel():
+    """A constant channel (variance 0) has an infinite gradient under the release's pow(0.5); here it is 0 for
+    the std term, and the std's forward and gradient elsewhere equal torch's."""
+    from odm_sr.models.imdn import channel_std
+
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x[0, 1] = 0.7  # constant channel
+    x.requires_grad_(True)
+    std = channel_std(x)
+    reference = (x - x.mean(dim=(2, 3), keepdim=True)).pow(2).mean(dim=(2, 3), keepdim=True).pow(0.5)
+    assert torch.equal(std, reference)
+    std.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad[0, 1], torch.zeros(4, 4, dtype=torch.float64))
+    x_ref = x.detach().clone().requires_grad_(True)
+    (x_ref - x_ref.mean(dim=(2, 3), keepdim=True)).pow(2).mean(dim=(2, 3), keepdim=True).pow(0.5).sum().backward()
+    assert torch.isnan(x_ref.grad[0, 1]).all()  # the release's form: inf * 0
+    mask = torch.ones_like(x.grad, dtype=torch.bool)
+    mask[0, 1] = False
+    assert torch.allclose(x.grad[mask], x_ref.grad[mask], rtol=1e-12, atol=0)

@@ -23,10 +23,30 @@ def conv_layer(in_channels: int, out_channels: int, kernel_size: int) -> nn.Conv
     return nn.Conv2d(in_channels, out_channels, kernel_size, padding=(kernel_size - 1) // 2)
 
 
+class _SqrtZeroGrad(torch.autograd.Function):
+    """sqrt(v) with the gradient 1/(2·sqrt(v)) where v > 0 and 0 where v = 0 (instead of inf)."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor) -> torch.Tensor:
+        out = v.sqrt()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return torch.where(out > 0, grad / (2 * out).clamp_min(torch.finfo(out.dtype).tiny), torch.zeros_like(grad))
+
+
 def channel_std(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel standard deviation over H, W (population, ``block.stdv_channels``): (B, C, 1, 1)."""
+    """Per-channel standard deviation over H, W (population, ``block.stdv_channels``): (B, C, 1, 1).
+
+    Same forward as the release's ``variance.pow(0.5)``, whose gradient is infinite where a channel is constant
+    (variance 0): a quantized network reaches that (a 2-bit input patch of one level gives a constant channel),
+    and inf · 0 turns every gradient into NaN after one step. Here the gradient is 0 there (a subgradient).
+    """
     mean = x.mean(dim=(2, 3), keepdim=True)
-    return (x - mean).pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
+    return _SqrtZeroGrad.apply((x - mean).pow(2).mean(dim=(2, 3), keepdim=True))
 
 
 class CCALayer(nn.Module):

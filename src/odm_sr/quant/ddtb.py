@@ -24,6 +24,7 @@ from .blocks import (
     ActSite,
     clip_param_groups,
     group_by_image,
+    release_scale,
     ungroup,
 )
 from .calibration import eval_mode
@@ -418,7 +419,7 @@ class DDTB(SktMethod):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         bounds = [p for m in self.act_quantizers(model).values() for p in (m.alpha_lower, m.alpha_upper)]
-        return clip_param_groups(model, bounds, lr, self.qparam_lr)
+        return clip_param_groups(model, bounds, lr, self.qparam_lr * release_scale(model, self.scale_release))
 
     # -- training -------------------------------------------------------------------------------------
     @staticmethod
@@ -459,7 +460,8 @@ class DDTB(SktMethod):
         for q in quants.values():
             q.use_gate = use_gate
             q.gate_logits = None
-        sr, terms = distillation_losses(model, teacher, lr, hr, self.skt_weight)
+        sr, terms = distillation_losses(model, teacher, lr, hr,
+                                        self.skt_weight * release_scale(model, self.scale_release))
         logits = [q.gate_logits for q in quants.values() if q.gate_logits is not None]
         if logits and not use_gate:
             terms["reg"] = torch.stack([g.pow(2).mean() for g in logits]).mean()

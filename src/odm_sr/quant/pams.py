@@ -17,6 +17,7 @@ from .blocks import (
     ActSite,
     clip_param_groups,
     group_by_image,
+    release_scale,
 )
 from .distributed import all_reduce_mean_, world_size
 from .functional import max_abs_weight_quantize, row_grads, wanted
@@ -190,7 +191,7 @@ class PAMS(SktMethod):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuantizer)]
-        return clip_param_groups(model, alphas, lr, self.qparam_lr)
+        return clip_param_groups(model, alphas, lr, self.qparam_lr * release_scale(model, self.scale_release))
 
     def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
                         teacher: nn.Module | None = None) -> StepOutput:
@@ -203,7 +204,8 @@ class PAMS(SktMethod):
                 m.running_max.copy_(m.tracked_max())
         for m in quants:
             m.tracking = tracking
-        sr, terms = distillation_losses(model, teacher, lr, hr, self.skt_weight)
+        sr, terms = distillation_losses(model, teacher, lr, hr,
+                                        self.skt_weight * release_scale(model, self.scale_release))
         return StepOutput(sr=sr, terms=terms, logs={"alpha_tracking": float(tracking)})
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:

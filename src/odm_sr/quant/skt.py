@@ -65,8 +65,8 @@ def check_skt_config(skt: dict) -> float:
 
 class SktMethod(QuantMethod):
     """What PAMS and DDTB share (METHODS.md §4.1, §4.3): the frozen FP teacher of the SKT loss and the options
-    ``quirks`` / ``official``, ``skt.weight``, ``iters_per_epoch``, ``qparam_lr`` (the clipping parameters' lr)
-    and ``placement``, read and checked here once for both."""
+    ``quirks`` / ``official``, ``skt.weight``, ``scale_release_constants``, ``iters_per_epoch``, ``qparam_lr`` (the
+    clipping parameters' lr) and ``placement``, read and checked here once for both."""
 
     needs_teacher = True
 
@@ -74,6 +74,7 @@ class SktMethod(QuantMethod):
         super().__init__(cfg, bits, **options)
         self.quirks = read_quirks(self.cfg)
         self.skt_weight = check_skt_config(self.cfg["skt"])
+        self.scale_release = bool(self.cfg["scale_release_constants"])
         self.iters_per_epoch = int(check_number(self.cfg, "iters_per_epoch", positive=True))
         self.qparam_lr = float(check_number(self.cfg, "qparam_lr", positive=True))
         self.placement = self.cfg["placement"]
