@@ -124,8 +124,8 @@ LAYERS = (
     ("odm_sr.builders", "odm_sr.trained", "odm_sr.resume", "odm_sr.evaluation", "odm_sr.lit_module",
      "odm_sr.callbacks"),  # objects built from a config, the LightningModule, evaluation
     ("odm_sr.analysis", "odm_sr.export"),
-    ("odm_sr.train", "odm_sr.eval", "odm_sr.upscale", "odm_sr.complexity_cli", "odm_sr.report_cli",
-     "odm_sr.export_cli", "odm_sr.analysis.cli"),  # the entry points
+    # the command-line entry points and what they run (train's analyze.after_fit runs odm-sr-analyze in-process)
+    ("odm_sr.cli", "odm_sr.train", "odm_sr.eval", "odm_sr.upscale"),
 )
 
 
@@ -141,7 +141,7 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_layer_is_the_longest_prefix():
-    assert layer("odm_sr.analysis.cli") == 6 and layer("odm_sr.analysis.complexity") == 5
+    assert layer("odm_sr.cli.analyze") == 6 and layer("odm_sr.analysis.complexity") == 5
     assert layer("odm_sr.quant.odm") == 3 and layer("odm_sr.config") == 1 and layer("odm_sr") == 0
     graph = {"odm_sr.models.x": {"odm_sr.quant.y", "odm_sr.checks"}}
     assert upward_imports(graph) == ["odm_sr.models.x -> odm_sr.quant.y"]

@@ -116,13 +116,13 @@ def _eval(path: Path, world: Path, out: Path) -> None:
 
 
 def _export(path: Path, world: Path, out: Path) -> None:
-    from odm_sr.export_cli import main
+    from odm_sr.cli.export import main
 
     main([str(path), str(out / "model.onnx")])
 
 
 def _analyze(path: Path, world: Path, out: Path) -> None:
-    from odm_sr.analysis.cli import main
+    from odm_sr.cli.analyze import main
 
     main(["wstats", "--ckpt", str(path), "--out", str(out)])
 

@@ -53,7 +53,7 @@ def test_eval_of_checkpoint_matches_training_test(tiny_run, tmp_path):
 
 
 def test_upscale_writes_an_image_of_scale_times_the_input(tiny_run, tmp_path):
-    from odm_sr.upscale import main as upscale_main
+    from odm_sr.cli.upscale import main as upscale_main
 
     out, _ = tiny_run
     src = tmp_path / "in.png"
@@ -80,7 +80,7 @@ def _input_image(path, size=(20, 30)):
 
 
 def test_upscale_refuses_to_write_over_its_input(tiny_run, tmp_path):
-    from odm_sr.upscale import main as upscale_main
+    from odm_sr.cli.upscale import main as upscale_main
 
     out, _ = tiny_run
     src = _input_image(tmp_path / "in.png")
@@ -139,7 +139,7 @@ def test_checkpoint_with_non_finite_weights_is_refused_for_eval_and_upscale(tiny
 
 
 def test_upscale_reads_a_webp_input(tiny_run, tmp_path):
-    from odm_sr.upscale import main as upscale_main
+    from odm_sr.cli.upscale import main as upscale_main
 
     out, _ = tiny_run
     rgb = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
@@ -155,6 +155,7 @@ def test_eval_and_upscale_run_the_network_on_the_configured_device(tiny_run, tmp
     metrics get its output where it is. The ``meta`` device stands in for a GPU (shapes only, so the metrics are
     stubbed); real CUDA is not exercised on a CPU-only machine."""
     from odm_sr import metrics, upscale
+    from odm_sr.cli.upscale import main as upscale_main
     from odm_sr.eval import evaluate
     from odm_sr.evaluation import module_device
 
@@ -169,7 +170,7 @@ def test_eval_and_upscale_run_the_network_on_the_configured_device(tiny_run, tmp
     assert seen and set(seen) == {(torch.device("meta"), torch.device("meta"))}  # the output and the metric's sums
     nets = []
     monkeypatch.setattr(upscale, "upscale_image", lambda net, *args: nets.append(module_device(net)))
-    upscale.main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "in.png"), str(tmp_path / "o.png"),
+    upscale_main([str(out / "checkpoints" / "last.ckpt"), str(tmp_path / "in.png"), str(tmp_path / "o.png"),
                   "--device", "meta"])
     assert nets == [torch.device("meta")]
 

@@ -1,4 +1,5 @@
-"""`odm-sr-eval`: PSNR/SSIM per benchmark set (METHODS.md §1.3) of a checkpoint, beside bicubic.
+"""Evaluation of a checkpoint, ``evaluate(cfg)``: PSNR/SSIM per benchmark set (METHODS.md §1.3), beside bicubic;
+the library side of `odm-sr-eval` (``odm_sr.cli.eval``):
 
     odm-sr-eval ckpt=logs/train/runs/<run>/checkpoints/last.ckpt data=sr291
     odm-sr-eval model=imdn model.scale=4 model.pretrained=../shared/models/imdn/IMDN_x4.pth data=sr291
@@ -9,24 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from .builders import pretrained_network
-from .config import CONFIG_DIR, register_resolvers
-from .console import quiet_known_noise
+from .config import register_resolvers
 from .data import SRDataModule
 from .evaluation import (
     bicubic_upscale,
     eval_upscale,
     evaluate_sets,
-    metrics_table,
     resolve_device,
-    rows_as_json,
     warn_if_tiled_dynamic,
 )
-from .files import write_json
 from .precision import apply_precision
 from .trained import load_trained
 
@@ -89,17 +85,3 @@ def fp_network(model_cfg: DictConfig, eval_cfg: DictConfig, scale: int | None) -
     if scale is not None and int(scale) != int(model_cfg.scale):
         raise ValueError(f"scale={scale} but model.scale={model_cfg.scale}: set model.scale={scale}")
     return pretrained_network(model_cfg), f"{model_cfg.name} FP ({Path(str(model_cfg.pretrained)).name})"
-
-
-@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
-    rows = evaluate(cfg)
-    print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
-    out = Path(cfg.output_json)
-    write_json(out, rows_as_json(rows))  # strict JSON: a perfect reconstruction's inf PSNR as "inf"
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,5 @@
-"""`odm-sr-train`: compose a config with Hydra, train, test, print the PSNR/SSIM table.
-
-``train(cfg)`` is a plain function that tests call with a composed config; ``main`` is the thin Hydra entry. It
+"""Training: ``train(cfg)`` trains (or resumes) a composed config, tests it and prints the PSNR/SSIM table; a plain
+function that tests call with a composed config and ``odm-sr-train`` (``odm_sr.cli.train``) calls. It
 checks the config's plain values (``check_values``), then builds every object once, top-down: method (with its
 bits), network, data, callbacks, loggers, trainer; checks that need a built object run on that object.
 """
@@ -27,8 +26,7 @@ from .builders import (
     selected_checkpoint,
 )
 from .checks import check_choice, check_choices, check_number
-from .config import CONFIG_DIR, register_resolvers, reject_unknown_keys
-from .console import quiet_known_noise
+from .config import register_resolvers, reject_unknown_keys
 from .evaluation import (
     EVAL_PAD_MODES,
     bicubic_upscale,
@@ -115,8 +113,8 @@ def analyses_after_fit(out_dir: Path, names: list[str], data: str, data_root: st
     """Run ``odm-sr-analyze <name> --ckpt <ckpt> --data <data>`` for each name (its table printed, its JSON in
     ``<run>/analysis/``) and return the headline numbers of each for results.json. ``ckpt``: the weights the test
     rows come from (``eval.select_best_on``'s best.ckpt), else ``<run>/checkpoints/last.ckpt``."""
-    from .analysis.cli import analysis_summary
-    from .analysis.cli import main as analyze
+    from .cli.analyze import analysis_summary
+    from .cli.analyze import main as analyze
 
     ckpt = Path(ckpt) if ckpt else out_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
@@ -136,7 +134,7 @@ def check_values(cfg: DictConfig) -> None:
     for key in ("batch_size", "lr_patch", "iters_per_epoch"):
         check_number(cfg.data, key, "data.", positive=True, integer=True)
     check_number(cfg.optim, "lr", "optim.", positive=True)
-    from .analysis.cli import AFTER_FIT
+    from .cli.analyze import AFTER_FIT
 
     check_choices({"after_fit": (cfg.get("analyze") or {}).get("after_fit") or []}, "after_fit", AFTER_FIT,
                   "analyze.")
@@ -279,13 +277,3 @@ def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: li
     if missing:
         raise RuntimeError(f"trainer.test logged no metrics for {missing} (got {sorted(metrics)})")
     return {s: (float(metrics[f"test/{s}/psnr"]), float(metrics[f"test/{s}/ssim"])) for s in set_names}
-
-
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
-    train(cfg)
-
-
-if __name__ == "__main__":
-    main()

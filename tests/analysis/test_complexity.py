@@ -7,7 +7,7 @@ import torch
 from helpers import method_config
 
 from odm_sr.analysis.complexity import bitops, complexity_table, find_quantizers, storage, summarize
-from odm_sr.complexity_cli import main
+from odm_sr.cli.complexity import main
 from odm_sr.models import build_model
 from odm_sr.quant import build_method
 from odm_sr.quant.ddtb import DynamicGate  # a rename must fail this file, not skip the DDTB checks

@@ -182,8 +182,8 @@ def test_analyze_cli_on_a_checkpoint(tmp_path, capsys):
     from helpers import TINY_TRAIN, compose_config
     from omegaconf import OmegaConf
 
-    from odm_sr.analysis.cli import main
     from odm_sr.builders import build_network
+    from odm_sr.cli.analyze import main
 
     cfg = compose_config(TINY_TRAIN + ["method=odm", "bits=w2a2"], tmp_path)
     net, _, _ = build_network(cfg)

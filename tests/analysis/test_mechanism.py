@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from odm_sr.analysis.mechanism import condition_of, group_conditions, write_mechanism_report
 from odm_sr.analysis.report import load_runs
-from odm_sr.report_cli import main as report_main
+from odm_sr.cli.report import main as report_main
 
 ODM = "experiment=mini_long_edsr_x4_w2a2_odm"
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from odm_sr.analysis.paper import PAPER, paper_entry
 from odm_sr.analysis.report import build_rows, latex_escape, load_runs, write_report
 from odm_sr.analysis.timing import timing_table, training_time
-from odm_sr.report_cli import main as report_main
+from odm_sr.cli.report import main as report_main
 
 SETS = ["Set5", "Set14", "B100", "Urban100"]
 BASE = ["model=edsr_baseline", "model.scale=4", "bits=w2a2", "trainer=cpu", "logger=none"]

@@ -43,7 +43,7 @@ def eval_rows(ckpt, overrides: list[str], out) -> dict:
 
 @pytest.mark.parametrize(("backbone", "method"), [("edsr", "odm"), ("swinir", "pams")])
 def test_export_then_upscale_with_onnx_runtime(backbone, method, tmp_path, capsys):
-    from odm_sr.export_cli import main
+    from odm_sr.cli.export import main
 
     net, cfg = tiny_network(backbone, method, 2, tmp_path)
     ckpt = tmp_path / "tiny.ckpt"

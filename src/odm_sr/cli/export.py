@@ -9,12 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-from .evaluation import EVAL_PAD_MODES
+from odm_sr.evaluation import EVAL_PAD_MODES
 
 
 def size_report(packed: Path, storage_k: float) -> dict:
     """Packed body bytes against the storage figure (K 32-bit params → bytes), and the header apart."""
-    from .export.packing import header_size
+    from odm_sr.export.packing import header_size
 
     data = packed.read_bytes()
     header = header_size(data)
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pad-mode", default="official", choices=EVAL_PAD_MODES,
                         help="SwinIR/HAT window padding baked into the graph (official: as odm-sr-eval)")
     args = parser.parse_args(argv)
-    from .export.runtime import export_checkpoint
-    from .export.spec import ExportError
+    from odm_sr.export.runtime import export_checkpoint
+    from odm_sr.export.spec import ExportError
 
     try:
         info = export_checkpoint(args.ckpt, args.output, tuple(args.lr_size), args.pad_mode)
