@@ -1,4 +1,11 @@
-"""Quantization core: quantizer math, quantized layers, placement rules, calibration, one file per method."""
+"""What the rest of odm_sr takes from the quantization core: ``build_method`` (the method a config names, at its
+bits), ``make_bits`` / ``Bits``, and the method interface (``QuantMethod``, ``StepOutput``, ``FullPrecision``).
+
+The package holds the quantizer math (``functional``, ``quantizer``), the quantized layers (``layers``), the
+backbone table and placement (``backbones``, ``placement``, ``blocks``), calibration and DDP helpers
+(``calibration``, ``distributed``) and one file per method: ``odm`` (ODM, with ``mismatch`` / ``cooperative``),
+``fq`` (ODM-FQ), ``lsq`` (ODM's LSQ weight quantizer), ``pams``, ``daq``, ``ddtb``, ``skt`` (what PAMS and DDTB
+share)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Full quantization of EDSR for ODM (ODM-FQ, Table S4): METHODS.md §4.5; every point is a [decision] key
-``fq.*``.
+"""ODM-FQ: ODM's fully-quantized mode of EDSR (Table S4, ``method=odm_fq``): METHODS.md §4.5; every point is a
+[decision] key ``fq.*``.
 
 - **Convs.** Every conv from head to tail gets the method's W + A quantizers: ``head.0``,
   ``body.{i}.body.{0,2}``, ``body.{R}``, ``tail.0.*``, ``tail.1`` (not MeanShift;
