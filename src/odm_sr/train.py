@@ -48,7 +48,8 @@ register_resolvers()
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (or resume) and test; returns the results dict also written to ``<output_dir>/results.json``."""
     check_values(cfg)
-    method = check_method(build_method(cfg.method, cfg.bits))  # once; it checks its own options as it is built
+    plain = OmegaConf.to_container(cfg, resolve=True)  # the run's one conversion: every object gets plain values
+    method = check_method(build_method(plain["method"], plain["bits"]))  # once; it checks its options as built
     apply_precision(cfg)  # fp32 only, TF32 per ``tf32``
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
@@ -57,13 +58,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume = resume_path(cfg, out_dir)
     warn_random_start(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
-    lit, datamodule = build_module(cfg, method)
+    lit, datamodule = build_module(cfg, method, plain)
     net = lit.net
     if resume is not None:
         check_resume_checkpoint(resume, lit)
     out_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [*build_callbacks(cfg), CurrentOptimSettingsOnResume()]
-    trainer: L.Trainer = hydra.utils.instantiate(lightning_trainer_config(cfg.trainer),
+    trainer: L.Trainer = hydra.utils.instantiate(lightning_trainer_config(plain["trainer"]),
                                                  logger=build_loggers(cfg) or False, callbacks=callbacks,
                                                  plugins=[AtomicCheckpointIO()],
                                                  **trainer_overrides(cfg.trainer, method))
@@ -72,7 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64))
     for logger in trainer.loggers:
         logger.log_metrics({**complexity, "time/train_seconds": train_seconds}, step=lit.global_step_count)
-    results: dict[str, Any] = {"run_name": cfg.run_name, "config": OmegaConf.to_container(cfg, resolve=True),
+    results: dict[str, Any] = {"run_name": cfg.run_name, "config": plain,
                                "train_seconds": train_seconds, "validation_seconds": lit.validation_seconds,
                                "device": device_name(), "steps": lit.global_step_count,
                                "mr_balance": {"rho_mean": lit.balance_mean, "steps": lit.balance_steps},
@@ -164,17 +165,18 @@ def check_trainer(trainer: DictConfig) -> None:
                      hint="a number of steps, or a fraction of an epoch in (0, 1]")
 
 
-def build_module(cfg: DictConfig, method: QuantMethod | None = None) -> tuple[SRLitModule, Any]:
+def build_module(cfg: DictConfig, method: QuantMethod | None = None,
+                 plain: dict | None = None) -> tuple[SRLitModule, Any]:
     """The LightningModule (network quantized by ``method``, built from ``cfg`` when None) and the data module of
-    ``cfg``; every val/test image is opened here, so that a broken one fails now and not after hours of training."""
+    ``cfg``; every val/test image is opened here, so that a broken one fails now and not after hours of training.
+    ``plain``: ``cfg`` as plain values (resolved), converted here when None."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if plain is None else plain
     net, method, teacher = build_network(cfg, method)
     datamodule = build_datamodule(cfg)
     datamodule.check_eval_sets()
     warn_if_tiled_dynamic(method, cfg.eval.get("tile"), "eval.tile")
-    lit = SRLitModule(net, method, OmegaConf.to_container(cfg.optim, resolve=True), teacher=teacher,
-                      eval_cfg=OmegaConf.to_container(cfg.eval),
-                      calibration_batches=method.calibration_batches,
-                      hparams={"cfg": OmegaConf.to_container(cfg, resolve=True)},
+    lit = SRLitModule(net, method, plain["optim"], teacher=teacher, eval_cfg=plain["eval"],
+                      calibration_batches=method.calibration_batches, hparams={"cfg": plain},
                       compile_backend=str(cfg.trainer.get("compile_backend", "inductor"))
                       if cfg.trainer.get("compile", False) else None)
     return lit, datamodule
@@ -203,9 +205,10 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
 LIT_TRAINER_KEYS = ("compile", "compile_backend")  # trainer.* keys read by SRLitModule, not by L.Trainer
 
 
-def lightning_trainer_config(trainer_cfg: DictConfig) -> dict[str, Any]:
+def lightning_trainer_config(trainer_cfg: DictConfig | dict) -> dict[str, Any]:
     """``trainer.*`` (resolved) less the keys that are the LightningModule's (``LIT_TRAINER_KEYS``)."""
-    resolved = OmegaConf.to_container(trainer_cfg, resolve=True)
+    resolved = OmegaConf.to_container(trainer_cfg, resolve=True) if isinstance(trainer_cfg, DictConfig) \
+        else trainer_cfg
     return {k: v for k, v in resolved.items() if k not in LIT_TRAINER_KEYS}
 
 
