@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from odm_sr.data import SRDataModule
-from odm_sr.evaluation import evaluate_sets, network_upscale
+from odm_sr.evaluation import eval_gray_mode, evaluate_sets, network_upscale
 from odm_sr.models import build_model, load_pretrained
 from odm_sr.models.checkpoint import guess_scale, read_checkpoint
 from odm_sr.quant.backbones import select_layers
@@ -68,15 +68,20 @@ def test_placement_quantizes_the_block_convs_only():
     assert not any("cca" in n or "k2" in n for n in imdn + pan)  # the attention gates stay FP
 
 
+# Set14 x4 (with bridge, a gray image, compared as Y of its RGB replica: eval_gray_mode "official" for both)
+SET14 = {("imdn", 4): (28.58, 0.7811), ("pan", 4): (28.6107, 0.78215)}
+
+
 @pytest.mark.data
-@pytest.mark.parametrize("net,scale", list(SET5))
-def test_fp_network_reproduces_published_set5(models_root, data_root, net, scale):
+@pytest.mark.parametrize("net,scale,set_name", [(*k, "Set5") for k in SET5] + [(*k, "Set14") for k in SET14])
+def test_fp_network_reproduces_published_numbers(models_root, data_root, net, scale, set_name):
     model = load_pretrained(build_model(net, scale), _file(models_root, net, scale)).eval()
-    dm = SRDataModule(train=None, val=[], test=["Set5"], scale=scale, lr_patch=16, batch_size=1,
+    dm = SRDataModule(train=None, val=[], test=[set_name], scale=scale, lr_patch=16, batch_size=1,
                       data_root=str(data_root))
-    psnr, ssim = evaluate_sets(network_upscale(model), dm)["Set5"]
-    assert psnr == pytest.approx(SET5[net, scale][0], abs=0.02)
-    assert ssim == pytest.approx(SET5[net, scale][1], abs=0.001)
+    psnr, ssim = evaluate_sets(network_upscale(model), dm, eval_gray_mode(model))[set_name]
+    published = (SET5 if set_name == "Set5" else SET14)[net, scale]
+    assert psnr == pytest.approx(published[0], abs=0.02)
+    assert ssim == pytest.approx(published[1], abs=0.001)
 
 
 def test_imdn_contrast_gradient_is_finite_on_a_constant_channel():
