@@ -103,3 +103,24 @@ def test_imdn_contrast_gradient_is_finite_on_a_constant_channel():
     mask = torch.ones_like(x.grad, dtype=torch.bool)
     mask[0, 1] = False
     assert torch.allclose(x.grad[mask], x_ref.grad[mask], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("net_name,quantized_weights", [
+    ("imdn", 6 * (64 * 64 * 9 + 2 * 48 * 64 * 9 + 48 * 16 * 9 + 64 * 64)),  # c1, c2, c3, c4, c5 per IMDB
+    ("pan", 16 * (2 * 40 * 20 + 3 * 20 * 20 * 9 + 40 * 40)),  # conv1_a/b, k1/k3/k4, conv3 per SCPA (no biases)
+])
+def test_storage_counts_the_quantized_block_weights(tmp_path, net_name, quantized_weights):
+    from helpers import compose_config
+
+    from odm_sr.analysis.complexity import summarize
+    from odm_sr.quant import build_method
+
+    cfg = compose_config(["method=odm", "bits=w2a2", f"model={net_name}"], tmp_path)
+    method = build_method(cfg.method, cfg.bits)
+    net = build_model(net_name, 4)
+    fp_params = sum(p.numel() for p in net.parameters())
+    counts = summarize(method.quantize(net), "odm", 2, (8, 8), dynamic_ratio=method.gate_ratio())
+    n_layers = len(select_layers(build_model(net_name, 4)))
+    # 2-bit weights count 2/32 of an FP parameter; ODM adds l_a, u_a, gamma_w per quantized layer
+    expected = fp_params - quantized_weights + quantized_weights * 2 / 32 + 3 * n_layers
+    assert counts["complexity/storage_k"] == pytest.approx(expected / 1000, rel=1e-12)
