@@ -18,6 +18,7 @@ from .config import register_resolvers
 from .data import SRDataModule
 from .evaluation import (
     bicubic_upscale,
+    eval_gray_mode,
     eval_upscale,
     evaluate_sets,
     resolve_device,
@@ -49,8 +50,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     scale = int(scale)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
+    gray = eval_gray_mode(net, cfg.eval.get("gray_mode", "official"))  # bicubic compared as the network's row
     if cfg.eval.get("bicubic_row", True) or net is None:
-        rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm)
+        rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm, gray)
     if net is not None:
         engine = cfg.eval.get("engine", "torch")
         if engine not in ("torch", "onnx"):
@@ -70,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
             from .export.runtime import onnx_eval_upscale
 
             upscale = onnx_eval_upscale(cfg.ckpt, cfg.eval)
-        rows[str(train_cfg.run_name) if cfg.get("ckpt") else row] = evaluate_sets(upscale, dm)
+        rows[str(train_cfg.run_name) if cfg.get("ckpt") else row] = evaluate_sets(upscale, dm, gray)
     return rows
 
 
