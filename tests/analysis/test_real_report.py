@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from odm_sr.analysis.real import group_runs, summarize, write_real_report
 from odm_sr.analysis.report import load_runs
-from odm_sr.report_cli import main as report_main
+from odm_sr.cli.report import main as report_main
 
 SWEEP = ["+sweep=real_methods", "logger=none"]
 IMDN2 = "experiment=real_imdn_x4_w2a2_"
