@@ -8,8 +8,10 @@ Layout (little-endian)::
 The reader checks the SHA-256 before it reads anything else, so a damaged or truncated file is refused, not
 turned into wrong pixels; it also refuses a NaN or inf among the floats. The header holds the training config
 (to rebuild the network's structure, ``builders.build_network``; checked by ``stored_config`` first), the
-SHA-1 of the tensor names and their counts; its size does not grow with the weights. The body follows the
-order of ``integer.weight_layers``, ``integer.act_quantizers`` and ``integer.fp_parameters`` of that structure:
+SHA-1 of the tensor names and their counts, and the export id and SHA-256 of the ``.onnx`` exported with it
+(``runtime.load_engine`` checks that an ``.onnx`` and its ``.odmq`` belong to each other); its size does not
+grow with the weights. The body follows the order of ``integer.weight_layers``, ``integer.act_quantizers`` and
+``integer.fp_parameters`` of that structure:
 
 - per quantized layer: its weight parameter (u_w, m or s; float32), then the b-bit unsigned codes packed
   little-endian bit by bit (4 per byte at 2 bits), padded to a whole byte;
@@ -67,10 +69,12 @@ def _f32(values) -> bytes:
     return np.asarray(values, dtype="<f4").tobytes()
 
 
-def pack(model: nn.Module, spec: IntegerSpec, cfg: DictConfig) -> bytes:
-    """The packed file of ``spec`` (from ``integer.extract_spec(model)``); ``cfg`` is the training config."""
+def pack(model: nn.Module, spec: IntegerSpec, cfg: DictConfig, graph: dict | None = None) -> bytes:
+    """The packed file of ``spec`` (from ``integer.extract_spec(model)``); ``cfg`` is the training config,
+    ``graph`` what identifies the ``.onnx`` written with it (``runtime.export_checkpoint``: its export id and
+    SHA-256)."""
     header = {"cfg": OmegaConf.to_container(cfg, resolve=True), "names_sha1": _names_digest(model),
-              "counts": [len(spec.weights), len(spec.grids), len(spec.fp)]}
+              "counts": [len(spec.weights), len(spec.grids), len(spec.fp)], "graph": graph or {}}
     body = bytearray()
     for codes in spec.weights.values():
         body += _f32([codes.param]) + pack_bits(codes.stored(), codes.bits)
@@ -173,12 +177,6 @@ def unpack(data: bytes, source: str = "packed file") -> tuple[nn.Module, Integer
     if reader.offset != len(reader.data):
         raise ExportError(f"{source}: {len(reader.data) - reader.offset} bytes after the last tensor")
     return net, spec, cfg
-
-
-def write_packed(path: str | Path, model: nn.Module, spec: IntegerSpec, cfg: DictConfig) -> int:
-    data = pack(model, spec, cfg)
-    Path(path).write_bytes(data)
-    return len(data)
 
 
 def read_packed(path: str | Path) -> tuple[nn.Module, IntegerSpec, DictConfig]:
