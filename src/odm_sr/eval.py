@@ -1,7 +1,9 @@
 """`odm-sr-eval`: PSNR/SSIM per benchmark set (METHODS.md §1.3) of a checkpoint, beside bicubic.
 
     odm-sr-eval ckpt=logs/train/runs/<run>/checkpoints/last.ckpt data=sr291
-prints a markdown table and writes ``eval.json`` to the run's output dir (``output_json=``).
+    odm-sr-eval model=imdn model.scale=4 model.pretrained=../shared/models/imdn/IMDN_x4.pth data=sr291
+prints a markdown table and writes ``eval.json`` to the run's output dir (``output_json=``). With
+``eval.engine=onnx``, ``ckpt=`` may also be an ``odm-sr-export`` file (``.onnx`` or ``.odmq``), evaluated itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from .builders import pretrained_network
 from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
 from .console import quiet_known_noise
@@ -44,8 +47,13 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
             raise ValueError(f"scale={scale}: checkpoint {cfg.ckpt} holds a x{model[1]} model; "
                              f"evaluate it at scale={model[1]} (or leave scale unset)")
         scale = model[1]
+    elif cfg.get("model") is not None:
+        net, row = fp_network(cfg.model, cfg.eval, scale)
+        model = (row, int(net.scale), eval_upscale(net.to(resolve_device(cfg.eval.get("device"))), cfg.eval))
+        scale = model[1]
     elif scale is None:
-        raise ValueError("odm-sr-eval needs ckpt=<checkpoint>, or scale=<2|3|4> for a bicubic-only table")
+        raise ValueError("odm-sr-eval needs ckpt=<checkpoint>, model=<name> model.pretrained=<FP weights>, or "
+                         "scale=<2|3|4> for a bicubic-only table")
     scale = int(scale)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
@@ -88,6 +96,19 @@ def checkpoint_upscale(cfg: DictConfig) -> tuple[str, int, Callable]:
         return str(train_cfg.run_name), int(net.scale), onnx_eval_upscale(cfg.ckpt, cfg.eval)
     # network and metrics on eval.device (default CUDA where available); the LR batches follow the network
     return str(train_cfg.run_name), int(net.scale), eval_upscale(net.to(resolve_device(device)), cfg.eval)
+
+
+def fp_network(model_cfg: DictConfig, eval_cfg: DictConfig, scale: int | None) -> tuple[torch.nn.Module, str]:
+    """The FP backbone of ``model=<name>`` with the weights of ``model.pretrained`` (required), and its row name."""
+    if not model_cfg.get("pretrained"):
+        raise ValueError(f"model={model_cfg.name}: set model.pretrained=<FP weights file> (e.g. an official .pth) "
+                         f"to evaluate it, or pass ckpt=<checkpoint>")
+    if eval_cfg.get("exact", False) or eval_cfg.get("engine", "torch") != "torch":
+        raise ValueError("eval.exact / eval.engine=onnx run a quantized checkpoint's integer graph; an FP "
+                         "network (model=...) runs with eval.engine=torch, eval.exact=false")
+    if scale is not None and int(scale) != int(model_cfg.scale):
+        raise ValueError(f"scale={scale} but model.scale={model_cfg.scale}: set model.scale={scale}")
+    return pretrained_network(model_cfg), f"{model_cfg.name} FP ({Path(str(model_cfg.pretrained)).name})"
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
