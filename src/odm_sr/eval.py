@@ -22,6 +22,7 @@ from .console import quiet_known_noise
 from .data import SRDataModule
 from .evaluation import (
     bicubic_upscale,
+    eval_gray_mode,
     eval_upscale,
     evaluate_sets,
     metrics_table,
@@ -40,32 +41,33 @@ EXPORTED_SUFFIXES = (".onnx", ".odmq")  # odm-sr-export's files: eval.engine=onn
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     """Evaluate ``cfg.ckpt`` (and bicubic) on ``cfg.data.test``; returns {row: {set: (psnr, ssim)}}."""
     apply_precision(cfg)  # fp32, TF32 per ``tf32`` as in training
-    scale, rows, model = cfg.get("scale"), {}, None
+    scale, rows, net = cfg.get("scale"), {}, None
     if cfg.get("ckpt"):
-        model = checkpoint_upscale(cfg)
-        if scale is not None and int(scale) != model[1]:
-            raise ValueError(f"scale={scale}: checkpoint {cfg.ckpt} holds a x{model[1]} model; "
-                             f"evaluate it at scale={model[1]} (or leave scale unset)")
-        scale = model[1]
+        row, net, upscale = checkpoint_upscale(cfg)
+        if scale is not None and int(scale) != int(net.scale):
+            raise ValueError(f"scale={scale}: checkpoint {cfg.ckpt} holds a x{net.scale} model; "
+                             f"evaluate it at scale={net.scale} (or leave scale unset)")
+        scale = int(net.scale)
     elif cfg.get("model") is not None:
         net, row = fp_network(cfg.model, cfg.eval, scale)
-        model = (row, int(net.scale), eval_upscale(net.to(resolve_device(cfg.eval.get("device"))), cfg.eval))
-        scale = model[1]
+        upscale = eval_upscale(net.to(resolve_device(cfg.eval.get("device"))), cfg.eval)
+        scale = int(net.scale)
     elif scale is None:
         raise ValueError("odm-sr-eval needs ckpt=<checkpoint>, model=<name> model.pretrained=<FP weights>, or "
                          "scale=<2|3|4> for a bicubic-only table")
     scale = int(scale)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
-    if cfg.eval.get("bicubic_row", True) or model is None:
-        rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm)
-    if model is not None:
-        rows[model[0]] = evaluate_sets(model[2], dm)
+    gray = eval_gray_mode(net, cfg.eval.get("gray_mode", "official"))  # bicubic compared as the network's row
+    if cfg.eval.get("bicubic_row", True) or net is None:
+        rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm, gray)
+    if net is not None:
+        rows[row] = evaluate_sets(upscale, dm, gray)
     return rows
 
 
-def checkpoint_upscale(cfg: DictConfig) -> tuple[str, int, Callable]:
-    """(row name, scale, upscale function) of ``cfg.ckpt``: a training checkpoint on ``eval.engine``, or an
+def checkpoint_upscale(cfg: DictConfig) -> tuple[str, torch.nn.Module, Callable]:
+    """(row name, network, upscale function) of ``cfg.ckpt``: a training checkpoint on ``eval.engine``, or an
     exported ``.onnx``/``.odmq`` (``odm-sr-export``) on ONNX Runtime (``eval.engine=onnx``)."""
     engine = cfg.eval.get("engine", "torch")
     if engine not in ("torch", "onnx"):
@@ -77,7 +79,7 @@ def checkpoint_upscale(cfg: DictConfig) -> tuple[str, int, Callable]:
         from .export.runtime import load_engine, onnx_upscale
 
         onnx = load_engine(cfg.ckpt, cfg.eval.get("threads"), str(cfg.eval.get("pad_mode", "official")))
-        return onnx.run_name, onnx.scale, onnx_upscale(onnx, cfg.eval.get("tile"),
+        return onnx.run_name, onnx.model, onnx_upscale(onnx, cfg.eval.get("tile"),
                                                         int(cfg.eval.get("tile_overlap", 16)))
     net, train_cfg = load_trained(cfg.ckpt)
     warn_if_tiled_dynamic(build_method(train_cfg.method, train_cfg.bits), cfg.eval.get("tile"), "eval.tile")
@@ -93,9 +95,9 @@ def checkpoint_upscale(cfg: DictConfig) -> tuple[str, int, Callable]:
     if engine == "onnx":  # the integer graph in ONNX Runtime (export.runtime)
         from .export.runtime import onnx_eval_upscale
 
-        return str(train_cfg.run_name), int(net.scale), onnx_eval_upscale(cfg.ckpt, cfg.eval)
+        return str(train_cfg.run_name), net, onnx_eval_upscale(cfg.ckpt, cfg.eval)
     # network and metrics on eval.device (default CUDA where available); the LR batches follow the network
-    return str(train_cfg.run_name), int(net.scale), eval_upscale(net.to(resolve_device(device)), cfg.eval)
+    return str(train_cfg.run_name), net, eval_upscale(net.to(resolve_device(device)), cfg.eval)
 
 
 def fp_network(model_cfg: DictConfig, eval_cfg: DictConfig, scale: int | None) -> tuple[torch.nn.Module, str]:
