@@ -138,7 +138,7 @@ def test_multirun_end_to_end_then_skips_finished_jobs(tmp_path):
     ckpt = fp_dir / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     log_dir = tmp_path / "logs"
-    command = [sys.executable, "-m", "odm_sr.train", "-m", "+sweep=ablation_j", f"experiment={ODM_EXPERIMENT}",
+    command = [sys.executable, "-m", "odm_sr.cli.train", "-m", "+sweep=ablation_j", f"experiment={ODM_EXPERIMENT}",
                *tiny_model, "data=sample", "data.lr_patch=12", "data.batch_size=2", "trainer.max_steps=2",
                "method.init.num_batches=1", "logger=csv", f"paths.log_dir={log_dir}", f"model.pretrained={ckpt}",
                "eval.bicubic_row=false", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
