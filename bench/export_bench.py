@@ -234,6 +234,8 @@ def main() -> None:
     parser.add_argument("--speed-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--speed-models", nargs="+", default=list(SPEED_MODELS), choices=list(SPEED_MODELS))
+    parser.add_argument("--exact-models", nargs="*", default=[], choices=list(SPEED_MODELS),
+                        help="also the exactness of these (random-weight, calibrated) speed models")
     parser.add_argument("--before-src", type=Path, help="another checkout's src/: its integer graph is timed too")
     parser.add_argument("--export-graph", nargs=3, metavar=("MODEL", "STATE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "export_bench.json")
@@ -245,8 +247,11 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment(), "models": {}}
     models = load_models(dict(item.split("=", 1) for item in args.ckpt), args.swin_steps, tmp)
+    models.update({f"{name}_random": speed_model(name, tmp)[1:2] + (None,) for name in args.exact_models})
     for name, (net, cfg) in models.items():
-        payload["models"][name] = {"exactness": exactness(net, args.sets, args.threads), "size": sizes(net, cfg)}
+        payload["models"][name] = {"exactness": exactness(net, args.sets, args.threads)}
+        if cfg is not None:
+            payload["models"][name]["size"] = sizes(net, cfg)
         print(name, json.dumps(payload["models"][name], indent=1))
     if not args.skip_speed:
         payload["speed"] = speed(args.speed_models, args.runs, args.speed_threads, args.before_src, tmp)

@@ -114,3 +114,17 @@ def test_eight_bit_activations_keep_convinteger():
     grid = ActGrid("odm", 8, (-1.0, 2.0))
     first = make_layer("odm", 2, grid, 4, 4, 0)
     assert fit(first, nn.ReLU(), ActGrid("odm", 8, (0.0, 3.0))) is None
+
+
+def test_engine_refuses_one_pixel_inputs(tmp_path):
+    """A 1-pixel side has border configurations outside the verified ones: the engine says so."""
+    from conftest import tiny_network
+
+    from odm_sr.export.integer import extract_spec, integer_model
+    from odm_sr.export.runtime import OnnxEngine
+
+    net, _ = tiny_network("edsr", "odm", 2, tmp_path)
+    engine = OnnxEngine(integer_model(net, extract_spec(net)), threads=1)
+    assert engine(np.random.rand(1, 3, 2, 5).astype(np.float32) * 255).shape == (1, 3, 4, 10)
+    with pytest.raises(ValueError, match="at least 2x2"):
+        engine(np.zeros((1, 3, 1, 5), np.float32))

@@ -1,5 +1,18 @@
 """The integer model: a trained static-quantized network with every quantized conv/linear replaced by an
-integer layer (``IntegerConv2d`` / ``IntegerLinear``) whose ONNX form is ``ConvInteger`` / ``MatMulInteger``.
+integer layer (``IntegerConv2d`` / ``IntegerLinear``) whose ONNX form is ``ConvInteger`` / ``MatMulInteger``
+(or, where ``requant``'s rule proves it exact, a ``QLinearConv`` straight to the next layer's codes).
+
+Which kernel a layer runs on (ONNX Runtime, CPU), chosen by what keeps every code and output as the reference:
+
+- conv → monotone activation → conv (EDSR's blocks): the first is a requantizing ``QLinearConv`` when
+  ``requant.fit`` proves its uint8 output equal to the next layer's codes for every sum, channel and border
+  configuration (2-bit grids: yes; 4-bit ODM: its windows are finer than int8 weights can place, so no).
+- every other integer conv: ``ConvInteger`` with the weight codes as uint8 (code + 128, zero point 128): ORT's
+  uint8 × uint8 kernel is ~5x faster than its int8-weight one on AVX2 CPUs, the int32 sum is the same integer;
+  then the float64 rescale below (its output is real: a residual add, the body's end, the tail).
+- linear layers: ``MatMulInteger`` with int8 weights (faster there than uint8).
+- input codes: ``Sub``/``Mul`` → ``QuantizeLinear`` → ``Clip`` (``_IntegerLayer.emit_codes``: the quantizer's
+  float32 ops, one fused kernel).
 
 An integer layer with input grid offset + k·s_a (``spec.ActGrid``) and weight codes·s_w computes
 
@@ -49,6 +62,7 @@ from odm_sr.quant.blocks import QuantDenseLayer, QuantRDB, QuantResBlock
 from odm_sr.quant.layers import QuantConv2d, QuantLinear, QuantMixin
 from odm_sr.quant.placement import replace_module
 
+from .graph_ops import ExactConv2d, _const, _IntegerOp, conv_geometry, emit_exact_conv, exact_conv
 from .spec import ACT_QUANTIZERS, ActGrid, ExportError, WeightCodes, act_grid, check_static, weight_codes
 
 
@@ -118,18 +132,6 @@ def input_grids(model: nn.Module, spec: IntegerSpec) -> dict[str, ActGrid | None
     """The grid of each quantized layer's input: its own quantizer's, else the producing quantizer's."""
     return {name: None if source is None else spec.grids[source]
             for name, source in input_sources(model).items()}
-
-
-class _IntegerOp(torch.autograd.Function):
-    """Torch: the layer's exact integer arithmetic (``layer.reference``, float64); ONNX: ``layer.emit``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: nn.Module) -> Tensor:
-        return layer.reference(x)
-
-    @staticmethod
-    def symbolic(g, x, layer):
-        return layer.emit(g, x)
 
 
 class _IntegerLayer(nn.Module):
@@ -228,10 +230,6 @@ def quantize_linear_ok(grid: ActGrid) -> bool:
     return top <= 255 and grid.codes(ends).tolist() == [0.0, float(top)]
 
 
-def _const(g, value: Tensor):
-    return g.op("Constant", value_t=value)
-
-
 class IntegerConv2d(_IntegerLayer):
     def __init__(self, conv: nn.Conv2d, codes: WeightCodes, grid: ActGrid | None) -> None:
         super().__init__(codes, grid, conv.bias)
@@ -303,59 +301,6 @@ class IntegerConv2d(_IntegerLayer):
         size = g.op("Concat", _const(g, torch.tensor([1, 1])), hw, axis_i=0)
         ones = g.op("ConstantOfShape", size, value_t=torch.tensor([1.0]))
         return g.op("Conv", ones, _const(g, self.code_sums().float()), **attrs)
-
-
-def conv_geometry(conv: nn.Conv2d) -> tuple[tuple, tuple, tuple, int]:
-    """(stride, padding, dilation, groups) of a conv with explicit zero padding (else ExportError)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ExportError(f"conv padding {conv.padding!r}/{conv.padding_mode!r}: only explicit zero padding")
-    return tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
-
-
-def exact_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
-    """float32(conv(x, weight) + bias) with float64 sums (``weight``, ``bias``: float64)."""
-    return F.conv2d(x.double(), weight, bias, stride, padding, dilation).float()
-
-
-def emit_exact_conv(g, x, weight: Tensor, bias: Tensor | None, attrs: dict):
-    """ONNX of ``exact_conv``: the taps copied by a float32 Conv with one-hot kernels (exact: x·1 + 0s), then
-    a float64 MatMul with the weight and the float64 bias, rounded to float32 once."""
-    c_out, c_in, kh, kw = weight.shape
-    taps = c_in * kh * kw
-    one_hot = torch.eye(taps, dtype=torch.float32).reshape(taps, c_in, kh, kw)
-    patches = g.op("Transpose", g.op("Cast", g.op("Conv", x, _const(g, one_hot), **attrs), to_i=11),
-                   perm_i=[0, 2, 3, 1])  # (N, H', W', taps), float64
-    y = g.op("MatMul", patches, _const(g, weight.reshape(c_out, taps).t().contiguous()))
-    if bias is not None:
-        y = g.op("Add", y, _const(g, bias))
-    return g.op("Cast", g.op("Transpose", y, perm_i=[0, 3, 1, 2]), to_i=1)
-
-
-class ExactConv2d(nn.Module):
-    """An FP conv computed exactly (``exact_conv``) in PyTorch and in the graph (``emit_exact_conv``)."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.stride, self.padding, self.dilation, groups = conv_geometry(conv)
-        if groups != 1:
-            raise ExportError("ExactConv2d: groups > 1")
-        self.weight64 = conv.weight.detach().double().clone()
-        self.bias64 = None if conv.bias is None else conv.bias.detach().double().clone()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _IntegerOp.apply(x, self)
-
-    def reference(self, x: Tensor) -> Tensor:
-        return exact_conv(x, self.weight64, self.bias64, self.stride, self.padding, self.dilation)
-
-    def emit(self, g, x):
-        kh, kw = self.weight64.shape[-2:]
-        ph, pw = self.padding
-        attrs = {"kernel_shape_i": [kh, kw], "pads_i": [ph, pw, ph, pw], "strides_i": list(self.stride),
-                 "dilations_i": list(self.dilation)}
-        return emit_exact_conv(g, x, self.weight64, self.bias64, attrs)
-
-
 
 
 class IntegerLinear(_IntegerLayer):

@@ -11,7 +11,9 @@ the reachable sums), so they include every float32 round-off of the reference.
 ``QLinearConv`` computes ``q = sat_uint8(round(float32(A)·M_o))`` of an int32 ``A``; with the weight codes
 scaled by an integer K (as far as int8 allows), ``A = K·Σ (k − z)·code + Σ_{taps inside} e_o(tap) + B_o``:
 ``z`` is the input zero point (ORT pads with it), ``e`` the weights of two constant input channels (values z + 1
-and z + 64, padded with z) that give each border configuration its own integer intercept, ``B`` the int32 bias.
+and z + 64; padded with z, so they sum e over the taps inside) that give each border configuration its own
+integer intercept (channels of value z fill the input to a multiple of 4: ORT's fast path, 65-66 inputs take
+1.4x as long as 64 or 68), ``B`` the int32 bias.
 The fitted slope and intercepts put each rounding edge of ``q`` between ``T_j − 1`` and ``T_j``; a ``Clip``
 to the codes' range follows. **The rule**: a layer is requantized this way only if, for every output channel and
 border configuration, ``q`` equals the reference code at the ends of the reachable range and on both sides of
@@ -31,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .integer import IntegerConv2d, _const, _IntegerOp
+from .graph_ops import _const, _IntegerOp
+from .integer import IntegerConv2d
 from .spec import ActGrid
 
 CONST_VALUES = (1, 64)  # the constant channels' values above the zero point
