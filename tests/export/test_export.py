@@ -17,7 +17,7 @@ from odm_sr.export.runtime import OnnxEngine, session
 from odm_sr.export.spec import ExportError
 
 CASES = [(b, m) for b in ("edsr", "rdn", "swinir") for m in ("odm", "pams", "lsq")]
-CASES += [("edsr", "odm_fq"), ("hat", "odm")]
+CASES += [("edsr", "odm_fq"), ("hat", "odm"), ("imdn", "odm"), ("pan", "pams")]
 
 
 def grey(y: np.ndarray, rng: float) -> np.ndarray:

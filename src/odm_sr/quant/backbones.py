@@ -213,7 +213,19 @@ register_backbone(Backbone(
     per_layer_scale_storage=True, dynamic_size=False))
 # IMDN and PAN (real trained networks, ../shared/models): block convs as EDSR's; DDTB and DAQ take the EDSR
 # settings of their releases (no release quantizes these networks)
+def _imdn_exact_ops(model: nn.Module) -> None:
+    from odm_sr.export.exact import make_imdn_exact
+
+    make_imdn_exact(model)
+
+
+def _pan_exact_ops(model: nn.Module) -> None:
+    from odm_sr.export.exact import make_pan_exact
+
+    make_pan_exact(model)
+
+
 register_backbone(Backbone(family="imdn", rules={"block_convs": _IMDN_BLOCK_CONVS}, skt_feature=_imdn_feature,
-                           exact_fp_convs=("fea_conv",)))
+                           exact_fp_convs=("fea_conv",), exact_fp_ops=_imdn_exact_ops))
 register_backbone(Backbone(family="pan", rules={"block_convs": _PAN_BLOCK_CONVS}, skt_feature=_pan_feature,
-                           exact_fp_convs=("conv_first",)))
+                           exact_fp_convs=("conv_first",), exact_fp_ops=_pan_exact_ops))
