@@ -1,7 +1,8 @@
 """Integer ONNX export (``odm-sr-export``): exactness against the PyTorch model, file sizes, CPU speed.
 
     PYTHONPATH=src python bench/export_bench.py --ckpt odm=<ckpt> pams=<ckpt> [--sets Set5 Set14 B100]
-                                               [--runs 10] [--skip-speed] [--out bench/results/export_bench.json]
+                                               [--runs 10] [--skip-speed] [--before-src <checkout>/src]
+                                               [--exact-models NAME ...] [--out bench/results/export_bench.json]
 
 - **Exactness**: every checkpoint given, and a small SwinIR-light x4 (ODM W2A2, random init, calibrated and
   ``--swin-steps`` QAT steps on synthetic pairs), on the test sets at x4: the uint8 output of the ONNX Runtime
@@ -10,10 +11,13 @@
   exact forward (``eval.exact=true``): share of equal pixels, largest difference, and the PSNR/SSIM rows
   (``evaluation.evaluate_sets``).
 - **Size**: the packed file (``export.packing``) against ``odm-sr-complexity``'s storage figure.
-- **Speed**: EDSR-baseline x4 with random weights (ODM W2A2 calibrated on random images), 128x128 LR, with 1 and
-  2 threads: the ORT integer graph, the ORT FP graph (``torch.onnx.export`` of the float backbone) and PyTorch FP
-  eager; median of ``--runs`` runs after 2 warm-ups, engines interleaved; the 1-minute load average. ORT's
-  profiler gives the integer graph's time per op type (and the FP graph's where the integer one is slower).
+- **Speed** (``--speed-models``, default all of ``SPEED_MODELS``: EDSR-baseline x4 ODM W2A2 and W4A4, the main
+  job's EDSR-small x4 ODM W2A2, SwinIR-light x4 ODM W2A2; random weights, ODM ranges calibrated on random
+  images), with 1 and 2 threads: the ORT integer graph, with ``--before-src <checkout>/src`` also the integer
+  graph that checkout's code exports from the same weights (a subprocess), the ORT FP graph (the float backbone
+  through ``to_onnx``) and PyTorch FP eager; median of ``--runs`` runs after 2 warm-ups, engines interleaved
+  (order rotated each round); the 1-minute load average; ORT's profiler gives every graph's ms per op type.
+- ``--exact-models``: the exactness rows for speed models too (random weights: exactness, not quality).
 """
 
 from __future__ import annotations
