@@ -81,8 +81,8 @@ def test_qlinearconv_codes_equal_the_reference_bit_for_bit(kind, bits):
 
 
 def test_a_moved_rounding_edge_is_caught():
-    """The checks fail when a code changes: one channel's int32 bias moved by one code step (K·u sum units)
-    changes that channel's codes in ORT, and the rule's own verification refuses such parameters."""
+    """The check fails when a code changes: one channel's int32 bias moved by one code step (K·u sum units)
+    changes that channel's codes in ORT, and only that channel's."""
     layer = pair("odm", 2)
     x = torch.randn(1, 16, 12, 10, generator=torch.Generator().manual_seed(4)) * 3
     with torch.no_grad():
