@@ -48,6 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     scale = int(scale)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
+    dm.check_eval_sets()  # every image opened (and large enough to score) before any is evaluated
     if cfg.eval.get("bicubic_row", True) or net is None:
         rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm)
     if net is not None:
