@@ -160,3 +160,37 @@ def test_multirun_end_to_end_then_skips_finished_jobs(tmp_path):
     out = run()
     assert out.count("skipping") == 3, out[-3000:]
     assert {d: (d / "results.json").stat().st_mtime_ns for d in job_dirs} == mtimes
+
+
+def test_every_key_left_out_of_job_folder_names_but_model_pretrained_is_one_that_keeps_the_result():
+    """The job folder name leaves out model.pretrained, so skip_done must compare it (issue 22, item 8)."""
+    from odm_sr.run_guard import _changes_result
+
+    left_out = OmegaConf.load(SWEEP_DIR / "common.yaml").hydra.job.config.override_dirname.exclude_keys
+    assert [k for k in left_out if _changes_result(k)] == ["model.pretrained"]
+
+
+def test_a_finished_job_is_skipped_only_with_the_same_result_config(tmp_path, capsys):
+    """A sweep rerun with another model.pretrained must not keep the old model's numbers (issue 22, item 8)."""
+    from odm_sr.train import train
+
+    tiny = ["model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8", "model.scale=2", "data=sample",
+            "data.lr_patch=12", "data.batch_size=2", "trainer=cpu", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=csv",
+            "callbacks.model_checkpoint.every_n_train_steps=2", "test_after_fit=false"]
+    train(compose_config(tiny, tmp_path / "fp"))
+    fp_a = tmp_path / "fp" / "checkpoints" / "last.ckpt"
+    fp_b = tmp_path / "other_fp.ckpt"
+    fp_b.write_bytes(fp_a.read_bytes())
+    job = tmp_path / "job"
+    sweep = tiny + ["method=pams", "bits=w4a4", "skip_done=true", "auto_resume=true"]
+    first = train(compose_config(sweep + [f"model.pretrained={fp_a}"], job))
+    capsys.readouterr()
+    again = train(compose_config(sweep + [f"model.pretrained={fp_a}", "trainer.enable_progress_bar=true",
+                                          "logger=none", "eval.bicubic_row=false"], job))
+    assert again == first and "skipping" in capsys.readouterr().out  # only keys that keep the result differ
+    for override, key in ((f"model.pretrained={fp_b}", "model.pretrained"), ("seed=1", r"data\.seed"),
+                          ("trainer.max_steps=4", "trainer.max_steps")):
+        with pytest.raises(ValueError, match=rf"skip_done: {job}/results.json was made with {key}=.*, the new "
+                                             rf"config has {key}="):
+            train(compose_config(sweep + [f"model.pretrained={fp_a}", override], job))

@@ -18,6 +18,40 @@ LOCK_NAME = ".odm-sr.lock"
 SIGTERM_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process that SIGTERM ended
 
 
+# Config keys (and key prefixes) that do not change a run's numbers: where files go, what is logged or shown, how the
+# run was started. conf/sweep/common.yaml leaves the same keys out of a sweep job's folder name, and model.pretrained
+# too (a long path), which does change the numbers: hence ``check_same_result_config``.
+NOT_RESULT_KEYS = ("paths", "logger", "callbacks", "hydra", "sweep", "sweep_name", "task_name", "tags",
+                   "skip_done", "auto_resume", "resume", "test_after_fit", "analyze", "trainer.default_root_dir",
+                   "trainer.enable_progress_bar", "trainer.log_every_n_steps", "data.num_workers", "data.data_root",
+                   "eval.bicubic_row", "eval.pretrained_row", "eval.tile", "eval.tile_overlap")
+
+
+def _leaves(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _changes_result(key: str) -> bool:
+    return not any(key == k or key.startswith(f"{k}.") for k in NOT_RESULT_KEYS)
+
+
+def check_same_result_config(stored: dict, new: dict, out_dir: str | Path) -> None:
+    """Before ``skip_done`` reuses the finished run in ``out_dir``: ValueError naming the first key that changes
+    the result and differs between the config of its results.json (``stored``) and the new one (both resolved
+    containers). Keys that only one of them has (added or retired since) are not compared."""
+    old, now = _leaves(stored), _leaves(new)
+    differ = [k for k in old if k in now and _changes_result(k) and old[k] != now[k]]
+    if differ:
+        key = differ[0]
+        more = f" (and {differ[1:4]})" if len(differ) > 1 else ""
+        raise ValueError(
+            f"skip_done: {out_dir}/results.json was made with {key}={old[key]!r}, the new config has "
+            f"{key}={now[key]!r}{more}; its numbers would be kept for a run that differs. Use another sweep "
+            f"folder (paths.log_dir=<new> or hydra.sweep.dir=<new>), or delete {out_dir} to run the job again")
+
+
 class RunFolderBusyError(RuntimeError):
     """Another live process is writing the run folder."""
 

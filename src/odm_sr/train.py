@@ -38,7 +38,7 @@ from .evaluation import (
 from .files import write_json
 from .lit_module import SRLitModule
 from .precision import apply_precision
-from .run_guard import RunTerminated, SigtermStop, run_folder_lock
+from .run_guard import RunTerminated, SigtermStop, check_same_result_config, run_folder_lock
 from .trainer_checkpoint import AtomicCheckpointIO, CurrentOptimSettingsOnResume, check_resume_checkpoint
 
 register_resolvers()
@@ -50,8 +50,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     apply_precision(cfg)  # fp32 only, TF32 per ``tf32``
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
-        print(f"skipping {out_dir}: results.json exists (skip_done=true)")
-        return json.loads((out_dir / "results.json").read_text())
+        done = json.loads((out_dir / "results.json").read_text())
+        check_same_result_config(done.get("config", {}), OmegaConf.to_container(cfg, resolve=True), out_dir)
+        print(f"skipping {out_dir}: results.json exists with the same config (skip_done=true)")
+        return done
     # one writer per run folder; SIGTERM exits 143 naming the last checkpoint (not 0 with no results.json)
     with run_folder_lock(out_dir), SigtermStop(out_dir / "checkpoints" / "last.ckpt") as sigterm:
         return _train(cfg, out_dir, sigterm)
