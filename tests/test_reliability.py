@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -152,8 +153,34 @@ def test_wandb_mode_from_the_environment_wins_over_the_offline_default(mode, off
         monkeypatch.delenv("WANDB_MODE", raising=False)
     else:
         monkeypatch.setenv("WANDB_MODE", mode)
-    (logger,) = build_loggers(compose_config(["logger=wandb"], tmp_path))
-    assert logger._offline is offline  # nothing is contacted: the run starts only on first use
+    with socket.create_server(("127.0.0.1", 0)) as server:  # online probes the server: a local one that answers
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        (logger,) = build_loggers(compose_config(["logger=wandb"], tmp_path))
+    assert logger._offline is offline  # the run itself starts only on first use
+
+
+def test_wandb_online_without_a_server_logs_offline_at_once_with_a_warning(tmp_path, monkeypatch):
+    """No network must not cost wandb's 90 s init timeout and then the run (issue 22, item 16); the server is a
+    closed local port, so nothing leaves the machine."""
+    import time
+
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = [o for o in QUIET if not o.startswith("logger=")] + ["logger=wandb", "trainer.max_steps=1",
+                                                                    "test_after_fit=false"]
+    start = time.monotonic()
+    try:
+        with pytest.warns(UserWarning, match=r"wandb online: http://127\.0\.0\.1:9 is unreachable .*logging "
+                                             r"offline instead"):
+            train(compose_config(overrides, tmp_path))
+    finally:
+        wandb.teardown()
+    assert time.monotonic() - start < 60
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1  # the run is kept, to sync later
 
 
 def test_wandb_mode_disabled_writes_no_offline_run(tmp_path, monkeypatch):
