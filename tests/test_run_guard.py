@@ -1,8 +1,10 @@
-"""A run's folder and process (issue 22, items 4 and 20): SIGTERM exits 143 naming the last checkpoint (a real
-subprocess sent a real SIGTERM) and `make train` stops there; one writer per run folder, stale locks replaced."""
+"""A run's folder and process (issue 22, items 4, 18 and 20): SIGTERM exits 143 naming the last checkpoint (a real
+subprocess sent a real SIGTERM) and `make train` stops there; a checkpoint write on a full disk names the file and
+the cause and keeps the previous one; one writer per run folder, stale locks replaced."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -132,3 +134,47 @@ def test_the_lock_is_released_when_the_run_fails_and_held_while_it_runs(tmp_path
             pass
         raise ZeroDivisionError
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+# -- 18. a checkpoint write on a full disk ------------------------------------------------------------------------
+class _FullDisk:
+    """A file whose writes fail with ENOSPC after ``room`` bytes, as a full disk does."""
+
+    def __init__(self, f, room: int) -> None:
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        self._room -= len(data)
+        if self._room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def test_a_checkpoint_write_on_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import odm_sr.files
+    from odm_sr.trainer_checkpoint import CheckpointWriteError
+
+    steps = QUIET + ["test_after_fit=false", "callbacks.model_checkpoint.every_n_train_steps=3"]
+    train(compose_config(steps + ["trainer.max_steps=3"], tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    monkeypatch.setattr(odm_sr.files, "open", lambda path, mode: _FullDisk(open(path, mode), room=4096),
+                        raising=False)
+    with pytest.raises(CheckpointWriteError) as err:
+        train(compose_config(steps + ["trainer.max_steps=6", "auto_resume=true"], tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"cannot write checkpoint {last}: No space left on device; {last} still holds the "
+                              f"previous checkpoint")
+    assert "inline_container" not in message and "\n" not in message
+    assert last.read_bytes() == before  # the step-3 checkpoint, intact
+    assert not list(last.parent.glob(".*.tmp"))  # no partial file left beside it
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
