@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from odm_sr.data.registry import DATA_ENV_VAR, default_data_root
+from odm_sr.models.checkpoint import MODELS_ENV_VAR, default_models_root
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,13 @@ def data_root() -> Path:
             f"got {root}): these tests need benchmark/Set5 etc."
         )
     return root
+
+
+@pytest.fixture(scope="session")
+def models_root() -> Path:
+    """The official FP weights (``default_models_root()``: IMDN, PAN); skips the test where they are absent."""
+    root = default_models_root()
+    if root is None or not (Path(root) / "imdn").is_dir():
+        pytest.skip(f"official weights not found (looked at ${MODELS_ENV_VAR}, then <repo>/../shared/models; "
+                    f"got {root}): these tests need imdn/IMDN_x4.pth etc.")
+    return Path(root)

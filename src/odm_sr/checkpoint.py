@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from .config import drop_retired_keys
 from .models.checkpoint import load_torch_file
+from .stored_config import stored_config
 
 
 def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict:
@@ -28,7 +28,7 @@ def load_trained(path: str | Path) -> tuple[nn.Module, DictConfig]:
     from .builders import build_network
 
     ckpt = read_checkpoint(path)
-    cfg = drop_retired_keys(OmegaConf.create(ckpt["hyper_parameters"]["cfg"]))
+    cfg = stored_config((ckpt["hyper_parameters"] or {}).get("cfg"), f"checkpoint {path}")
     build_cfg = cfg.copy()
     build_cfg.model.pretrained = None  # the checkpoint holds every weight; cfg keeps the run's FP source
     net, _, _ = build_network(build_cfg)

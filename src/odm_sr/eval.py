@@ -1,6 +1,7 @@
 """`odm-sr-eval`: PSNR/SSIM per benchmark set (METHODS.md §1.3) of a checkpoint, beside bicubic.
 
     odm-sr-eval ckpt=logs/train/runs/<run>/checkpoints/last.ckpt data=sr291
+    odm-sr-eval model=imdn model.scale=4 model.pretrained=../shared/models/imdn/IMDN_x4.pth data=sr291
 prints a markdown table and writes ``eval.json`` to the run's output dir (``output_json=``).
 """
 
@@ -12,6 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from .builders import pretrained_network
 from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers
 from .console import quiet_known_noise
@@ -43,8 +45,12 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
             raise ValueError(f"scale={scale}: checkpoint {cfg.ckpt} holds a x{net.scale} model; "
                              f"evaluate it at scale={net.scale} (or leave scale unset)")
         scale = int(net.scale)
+    elif cfg.get("model") is not None:
+        net, row = fp_network(cfg.model, cfg.eval, scale)
+        scale = int(net.scale)
     elif scale is None:
-        raise ValueError("odm-sr-eval needs ckpt=<checkpoint>, or scale=<2|3|4> for a bicubic-only table")
+        raise ValueError("odm-sr-eval needs ckpt=<checkpoint>, model=<name> model.pretrained=<FP weights>, or "
+                         "scale=<2|3|4> for a bicubic-only table")
     scale = int(scale)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
@@ -70,8 +76,21 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
             from .export.runtime import onnx_eval_upscale
 
             upscale = onnx_eval_upscale(cfg.ckpt, cfg.eval)
-        rows[str(train_cfg.run_name)] = evaluate_sets(upscale, dm)
+        rows[str(train_cfg.run_name) if cfg.get("ckpt") else row] = evaluate_sets(upscale, dm)
     return rows
+
+
+def fp_network(model_cfg: DictConfig, eval_cfg: DictConfig, scale: int | None) -> tuple[torch.nn.Module, str]:
+    """The FP backbone of ``model=<name>`` with the weights of ``model.pretrained`` (required), and its row name."""
+    if not model_cfg.get("pretrained"):
+        raise ValueError(f"model={model_cfg.name}: set model.pretrained=<FP weights file> (e.g. an official .pth) "
+                         f"to evaluate it, or pass ckpt=<checkpoint>")
+    if eval_cfg.get("exact", False) or eval_cfg.get("engine", "torch") != "torch":
+        raise ValueError("eval.exact / eval.engine=onnx run a quantized checkpoint's integer graph; an FP "
+                         "network (model=...) runs with eval.engine=torch, eval.exact=false")
+    if scale is not None and int(scale) != int(model_cfg.scale):
+        raise ValueError(f"scale={scale} but model.scale={model_cfg.scale}: set model.scale={scale}")
+    return pretrained_network(model_cfg), f"{model_cfg.name} FP ({Path(str(model_cfg.pretrained)).name})"
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")

@@ -18,7 +18,7 @@ from odm_sr.upscale import upscale_file
 def write_checkpoint(net, cfg, path):
     """What odm-sr-train writes, as far as ``checkpoint.load_trained`` reads it."""
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    cfg = OmegaConf.to_container(cfg, resolve=False)
+    cfg = OmegaConf.to_container(cfg, resolve=True)  # as odm-sr-train stores it
     cfg["run_name"] = "tiny"
     torch.save({"state_dict": state, "hyper_parameters": {"cfg": cfg}}, path)
 

@@ -32,6 +32,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from odm_sr.stored_config import stored_config
+
 from .integer import IntegerSpec, act_quantizers, fp_parameters, weight_layers
 from .spec import ActGrid, ExportError, WeightCodes, grid_kind, weight_kind
 
@@ -66,7 +68,6 @@ def pack(model: nn.Module, spec: IntegerSpec, cfg: DictConfig) -> bytes:
     """The packed file of ``spec`` (from ``integer.extract_spec(model)``); ``cfg`` is the training config."""
     header = {"cfg": OmegaConf.to_container(cfg, resolve=True), "names_sha1": _names_digest(model),
               "counts": [len(spec.weights), len(spec.grids), len(spec.fp)]}
-    head = zlib.compress(json.dumps(header, sort_keys=True).encode(), 9)
     body = bytearray()
     for codes in spec.weights.values():
         body += _f32([codes.param]) + pack_bits(codes.stored(), codes.bits)
@@ -74,7 +75,13 @@ def pack(model: nn.Module, spec: IntegerSpec, cfg: DictConfig) -> bytes:
         body += _f32(grid.params)
     for value in spec.fp.values():
         body += _f32(value.reshape(-1).numpy())
-    return MAGIC + struct.pack("<HI", VERSION, len(head)) + head + bytes(body)
+    return frame(header, bytes(body))
+
+
+def frame(header: dict, body: bytes) -> bytes:
+    """The file of a header and a body (magic, version, header size, zlib(JSON header), body)."""
+    head = zlib.compress(json.dumps(header, sort_keys=True).encode(), 9)
+    return MAGIC + struct.pack("<HI", VERSION, len(head)) + head + body
 
 
 def header_size(data: bytes) -> int:
@@ -120,7 +127,7 @@ def unpack(data: bytes, source: str = "packed file") -> tuple[nn.Module, Integer
     """(quantized structure, spec, training config) of a packed file; ``integer.integer_model`` rebuilds
     the exported model from them."""
     header = read_header(data, source)
-    cfg = OmegaConf.create(header["cfg"])
+    cfg = stored_config(header.get("cfg"), source)
     net = structure(cfg)
     if _names_digest(net) != header["names_sha1"]:
         raise ExportError(f"{source}: the network its config builds has other layers than the packed ones "

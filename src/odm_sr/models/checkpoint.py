@@ -91,15 +91,18 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def guess_scale(state: Mapping[str, torch.Tensor]) -> int | None:
     """Upscaling factor implied by the tail of an EDSR/RDN/SwinIR/HAT state dict, or None.
 
-    x4 tails have a second upsampling conv (`tail.0.2`, `UPNet.4`, `upsample.2`); otherwise the first
-    upsampling conv maps C -> r^2 C (SwinIR-light: embed -> 3 r^2).
+    x4 tails have a second upsampling conv (`tail.0.2`, `UPNet.4`, `upsample.2`, PAN's `upconv2`); otherwise the
+    first upsampling conv maps C -> r^2 C (SwinIR-light: embed -> 3 r^2; IMDN's `upsampler.0`: nf -> 3 r^2). PAN x2
+    and x3 have the same tensors (nearest upsampling by the scale): None for them.
     """
-    if any(k in state for k in ("tail.0.2.weight", "UPNet.4.weight", "upsample.2.weight")):
+    if any(k in state for k in ("tail.0.2.weight", "UPNet.4.weight", "upsample.2.weight", "upconv2.weight")):
         return 4
     if "tail.0.0.weight" in state:
         out_ch, in_ch = state["tail.0.0.weight"].shape[:2]
     elif "UPNet.0.weight" in state and "UPNet.2.weight" in state:
         out_ch, in_ch = state["UPNet.0.weight"].shape[0], state["UPNet.2.weight"].shape[1]
+    elif "upsampler.0.weight" in state:
+        out_ch, in_ch = state["upsampler.0.weight"].shape[0], 3
     elif "upsample.0.weight" in state:
         out_ch = state["upsample.0.weight"].shape[0]
         in_ch = 3 if "conv_last.weight" not in state else state["upsample.0.weight"].shape[1]
@@ -107,6 +110,29 @@ def guess_scale(state: Mapping[str, torch.Tensor]) -> int | None:
         return None
     root = math.isqrt(out_ch // in_ch) if out_ch % in_ch == 0 else 0
     return root if root > 1 and root * root * in_ch == out_ch else None
+
+
+MODELS_ENV_VAR = "ODM_SR_MODELS"
+
+
+def default_models_root() -> str | None:
+    """Where official FP weights (IMDN, PAN) are found, as ``paths.models_root``: ``$ODM_SR_MODELS`` if set, else
+    ``<repo root>/../shared/models`` if that folder exists, else None."""
+    env = os.environ.get(MODELS_ENV_VAR)
+    if env:
+        return os.path.expanduser(env)
+    candidate = os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4, "shared", "models")
+    return os.path.normpath(candidate) if os.path.isdir(candidate) else None
+
+
+_SCALE_IN_NAME = re.compile(r"(?:^|[^a-z0-9]|imdn|pan|edsr|rdn)x([234])(?=[^0-9]|$)", re.IGNORECASE)
+
+
+def scale_in_filename(source: str) -> int | None:
+    """The scale an official file's name states (``IMDN_x3.pth``, ``PANx2_DF2K.pth``, ``edsr_baseline_x4-6b446fab.pt``),
+    or None. PAN's x2 and x3 files hold tensors of equal shapes: the name is all that tells them apart."""
+    match = _SCALE_IN_NAME.search(os.path.basename(source))
+    return int(match.group(1)) if match else None
 
 
 def mismatch_report(model: nn.Module, target: dict, state: dict) -> list[str]:
@@ -149,6 +175,10 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
     inside = quantizer_prefixes(model)
     target = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
     problems = mismatch_report(model, target, state)
+    named = scale_in_filename(source)
+    if not problems and strict and named is not None and isinstance(model, SRModel) and named != model.scale:
+        problems = [f"the file name says scale {named}, model is scale {model.scale} (the tensors' shapes "
+                    f"agree: this network's x{named} and x{model.scale} files differ only in their values)"]
     if problems and strict:
         name = model.name if isinstance(model, SRModel) else type(model).__name__
         raise ValueError(f"{source}: does not match model {name!r}:\n  " + "\n  ".join(problems))

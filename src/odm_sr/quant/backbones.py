@@ -31,6 +31,10 @@ _SWIN_LINEARS = (r"layers\.\d+\.residual_group\.blocks\.\d+\.(attn\.qkv|attn\.pr
                  r"layers\.\d+\.conv")
 _HAT_LAYERS = (*_SWIN_LINEARS, r"layers\.\d+\.residual_group\.overlap_attn\.(qkv|proj|mlp\.fc1|mlp\.fc2)")
 _HAT_CAB = (r"layers\.\d+\.residual_group\.blocks\.\d+\.conv_block\.cab\.[02]",)
+# IMDN: c1..c4 and the 1x1 fusion c5 of every IMD block (30 layers); the CCA gate convs stay FP
+_IMDN_BLOCK_CONVS = (r"IMDB\d+\.c[1-5]",)
+# PAN: the six convs of every SCPA block (96 layers); the pixel-attention gate PAConv.k2 (+ sigmoid) stays FP
+_PAN_BLOCK_CONVS = (r"SCPA_trunk\.\d+\.(conv1_a|conv1_b|k1\.0|PAConv\.k3|PAConv\.k4|conv3)",)
 
 # DDTB's 'auto' settings (§4.3): EDSR and transformers 0.3 / p99 / percentile weights; RDN 0.5 / p95 / min-max
 DDTB_AUTO_EDSR = {"dynamic_ratio": 0.3, "init_percentile": 99.0, "weight_clip": "percentile"}
@@ -174,6 +178,16 @@ def _hat_feature(model: nn.Module) -> nn.Module:
     return model.conv_before_upsample
 
 
+def _imdn_feature(model: nn.Module) -> nn.Module:
+    return model.upsampler  # its input: LR_conv(c(...)) + fea_conv(x), the trunk output as EDSR's tail input
+
+
+def _pan_feature(model: nn.Module) -> nn.Module:
+    # the trunk output (conv_first + trunk_conv(SCPA_trunk)) reaches no module before the functional nearest
+    # upsampling: upconv1's input is it, nearest-upsampled (same attention map, up to the upsampling)
+    return model.upconv1
+
+
 register_backbone(Backbone(
     family="edsr", rules={"block_convs": _EDSR_BLOCK_CONVS, "pams_style": _EDSR_BLOCK_CONVS}, rule_key="edsr",
     pams_style=edsr_pams_style, skt_feature=_edsr_feature, daq_sigma_bits=edsr_sigma_bits, daq_finetune_steps=True,
@@ -197,3 +211,9 @@ register_backbone(Backbone(
     family="hat", rules={"same_layers": _HAT_LAYERS}, options={"hat_quantize_cab": _HAT_CAB},
     skt_feature=_hat_feature, attention_macs={WindowAttention: window_attention_macs, OCAB: ocab_macs},
     per_layer_scale_storage=True, dynamic_size=False))
+# IMDN and PAN (real trained networks, ../shared/models): block convs as EDSR's; DDTB and DAQ take the EDSR
+# settings of their releases (no release quantizes these networks)
+register_backbone(Backbone(family="imdn", rules={"block_convs": _IMDN_BLOCK_CONVS}, skt_feature=_imdn_feature,
+                           exact_fp_convs=("fea_conv",)))
+register_backbone(Backbone(family="pan", rules={"block_convs": _PAN_BLOCK_CONVS}, skt_feature=_pan_feature,
+                           exact_fp_convs=("conv_first",)))

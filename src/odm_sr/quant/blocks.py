@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from odm_sr.models.base import pixel_range
 from odm_sr.models.edsr import ResBlock
 
 from .placement import swap_layers
@@ -176,6 +177,16 @@ def read_quirks(cfg: dict) -> dict[str, bool]:
     all on."""
     official = bool(cfg["official"])
     return {name: official or bool(on) for name, on in cfg["quirks"].items()}
+
+
+RELEASE_PIXEL_RANGE = 255.0  # PAMS and DDTB set their absolute constants on EDSR's 0–255 features
+
+
+def release_scale(model: nn.Module, enabled: bool) -> float:
+    """``pixel_range / 255`` of ``model`` when ``enabled`` (``scale_release_constants``), else 1: the factor that
+    carries a PAMS/DDTB constant set for 0–255 features (the clip lr ``qparam_lr``, the SKT weight against the
+    native-range L1) to a network in [0, 1] (METHODS.md §1.1); 1 for EDSR and RDN either way."""
+    return pixel_range(model) / RELEASE_PIXEL_RANGE if enabled else 1.0
 
 
 # -- optimizer groups shared by PAMS and DDTB -------------------------------------------------------------

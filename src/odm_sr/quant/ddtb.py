@@ -25,6 +25,7 @@ from .blocks import (
     clip_param_groups,
     group_by_image,
     read_quirks,
+    release_scale,
     ungroup,
 )
 from .calibration import eval_mode
@@ -372,6 +373,7 @@ class DDTB(QuantMethod):
         c = self.cfg
         self.quirks = read_quirks(c)
         self.skt_weight = check_skt_config(c["skt"])
+        self.scale_release = bool(c["scale_release_constants"])
         self.iters_per_epoch = int(check_number(c, "iters_per_epoch", positive=True))
         self.qparam_lr = float(check_number(c, "qparam_lr", positive=True))
         self.calib_epochs = int(check_number(c["stages"], "calib_epochs", "stages."))
@@ -426,7 +428,7 @@ class DDTB(QuantMethod):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         bounds = [p for m in self.act_quantizers(model).values() for p in (m.alpha_lower, m.alpha_upper)]
-        return clip_param_groups(model, bounds, lr, self.qparam_lr)
+        return clip_param_groups(model, bounds, lr, self.qparam_lr * release_scale(model, self.scale_release))
 
     # -- training -------------------------------------------------------------------------------------
     @staticmethod
@@ -467,7 +469,8 @@ class DDTB(QuantMethod):
         for q in quants.values():
             q.use_gate = use_gate
             q.gate_logits = None
-        sr, terms = distillation_losses(model, teacher, lr, hr, self.skt_weight)
+        sr, terms = distillation_losses(model, teacher, lr, hr,
+                                        self.skt_weight * release_scale(model, self.scale_release))
         logits = [q.gate_logits for q in quants.values() if q.gate_logits is not None]
         if logits and not use_gate:
             terms["reg"] = torch.stack([g.pow(2).mean() for g in logits]).mean()

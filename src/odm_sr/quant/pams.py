@@ -18,6 +18,7 @@ from .blocks import (
     clip_param_groups,
     group_by_image,
     read_quirks,
+    release_scale,
 )
 from .distributed import all_reduce_mean_, world_size
 from .functional import max_abs_weight_quantize, row_grads, wanted
@@ -170,6 +171,7 @@ class PAMS(QuantMethod):
         c = self.cfg
         self.quirks = read_quirks(c)
         self.skt_weight = check_skt_config(c["skt"])
+        self.scale_release = bool(c["scale_release_constants"])
         self.alpha_init = float(check_number(c, "alpha_init", positive=True))
         self.ema_decay = float(check_range(c, "ema_decay", 0.0, 1.0, open_high=True))
         self.ema_epochs = int(check_number(c, "ema_epochs"))
@@ -198,7 +200,7 @@ class PAMS(QuantMethod):
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict]:
         alphas = [m.alpha for m in model.modules() if isinstance(m, PamsActQuantizer)]
-        return clip_param_groups(model, alphas, lr, self.qparam_lr)
+        return clip_param_groups(model, alphas, lr, self.qparam_lr * release_scale(model, self.scale_release))
 
     def training_losses(self, model: nn.Module, lr: Tensor, hr: Tensor, step: int,
                         teacher: nn.Module | None = None) -> StepOutput:
@@ -211,7 +213,8 @@ class PAMS(QuantMethod):
                 m.running_max.copy_(m.tracked_max())
         for m in quants:
             m.tracking = tracking
-        sr, terms = distillation_losses(model, teacher, lr, hr, self.skt_weight)
+        sr, terms = distillation_losses(model, teacher, lr, hr,
+                                        self.skt_weight * release_scale(model, self.scale_release))
         return StepOutput(sr=sr, terms=terms, logs={"alpha_tracking": float(tracking)})
 
     def log_stats(self, model: nn.Module) -> dict[str, float]:
