@@ -196,6 +196,38 @@ def test_wandb_mode_disabled_writes_no_offline_run(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("wandb/offline-run-*"))
 
 
+# -- non-finite numbers and seeds (issue 22, items 7 and 15) -------------------------------------------------------
+@pytest.mark.parametrize(("override", "message"), [
+    ("method.lambda_m=inf", r"lambda_m=inf: expected"), ("method.lambda_m=nan", r"lambda_m=nan: expected"),
+    ("optim.lr=nan", r"optim\.lr=nan: expected a positive number"), ("optim.lr=inf", r"optim\.lr=inf: "),
+    ("seed=-1", r"seed=-1: expected a non-negative integer"), ("seed=4294967296", r"seed=4294967296: expected"),
+])
+def test_non_finite_numbers_and_bad_seeds_fail_before_any_work_naming_the_key(override, message, tmp_path):
+    overrides = QUIET + ["method=odm", "bits=w4a4", override]
+    with pytest.raises(ValueError, match=message):
+        train(compose_config(overrides, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_divergence_before_the_first_checkpoint_advises_no_resume(tmp_path, monkeypatch):
+    """A non-finite loss at the first step: no checkpoint exists, so the message must not advise resuming from one."""
+    from odm_sr.quant.base import FullPrecision
+
+    real = FullPrecision.training_losses
+
+    def poisoned(self, model, lr, hr, step, teacher=None):
+        out = real(self, model, lr, hr, step, teacher)
+        out.terms["rec"] = out.terms["rec"] * float("nan")
+        return out
+
+    monkeypatch.setattr(FullPrecision, "training_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"at step 0 .*No checkpoint was written before it: start the run "
+                                                 r"again with a lower learning rate, optim\.lr=1e-05") as err:
+        train(compose_config(QUIET + ["test_after_fit=false"], tmp_path))
+    assert "resume=" not in str(err.value)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 # -- 10. unknown keys ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override", ["+data.batchsize=1", "+optim.learning_rate=1", "+eval.tiles=64",
                                       "+model.n_feats=8", "+bits.weights=2"])
