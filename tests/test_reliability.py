@@ -238,6 +238,17 @@ def test_unknown_keys_added_with_plus_are_refused(override, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override", ["+eval.tiles=64", "+data.batchsize=1", "+model.n_feats=8"])
+def test_odm_sr_eval_refuses_unknown_keys_as_training_does(override, tmp_path):
+    """issue 22, item 13: odm-sr-eval ignored them silently."""
+    from odm_sr.eval import evaluate
+
+    extra = ["model=edsr_small"] if override.startswith("+model.") else []
+    key = override[1:].split("=")[0]
+    with pytest.raises(ValueError, match=rf"unknown config key\(s\) \['{re.escape(key)}'\]: nothing reads them"):
+        evaluate(compose_config(["scale=2", *extra, override], tmp_path, "eval"))
+
+
 # -- 12. resume= errors name the file -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from .builders import pretrained_network
 from .checkpoint import load_trained
-from .config import CONFIG_DIR, register_resolvers
+from .config import CONFIG_DIR, register_resolvers, reject_unknown_keys
 from .console import quiet_known_noise
 from .data import SRDataModule
 from .evaluation import (
@@ -36,6 +36,7 @@ register_resolvers()
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     """Evaluate ``cfg.ckpt`` (and bicubic) on ``cfg.data.test``; returns {row: {set: (psnr, ssim)}}."""
+    reject_unknown_keys(cfg)  # a typo (+eval.tiles=64) is an error, as in training, not silently ignored
     apply_precision(cfg)  # fp32, TF32 per ``tf32`` as in training
     net, scale, rows = None, cfg.get("scale"), {}
     if cfg.get("ckpt"):
