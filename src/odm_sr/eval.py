@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from .builders import pretrained_network
 from .checkpoint import load_trained
 from .config import CONFIG_DIR, register_resolvers, reject_unknown_keys
-from .console import quiet_known_noise
+from .console import one_line_errors, quiet_known_noise
 from .data import SRDataModule
 from .evaluation import (
     bicubic_upscale,
@@ -97,10 +97,11 @@ def fp_network(model_cfg: DictConfig, eval_cfg: DictConfig, scale: int | None) -
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
-    rows = evaluate(cfg)
-    print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
-    out = Path(cfg.output_json)
-    write_json(out, rows_as_json(rows))  # strict JSON: a perfect reconstruction's inf PSNR as "inf"
+    with one_line_errors("odm-sr-eval"):  # a bad value, a missing file: one line (HYDRA_FULL_ERROR=1: traceback)
+        rows = evaluate(cfg)
+        print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
+        out = Path(cfg.output_json)
+        write_json(out, rows_as_json(rows))  # strict JSON: a perfect reconstruction's inf PSNR as "inf"
     print(f"wrote {out}")
 
 

@@ -18,13 +18,14 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 
+from .console import UserError
 from .evaluation import eval_upscale, update_metrics
 from .metrics import SRMetrics
 from .quant.base import QuantMethod
 from .quant.distributed import all_reduce_sum_, world_size
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RuntimeError, UserError):
     """Raised when a training loss is NaN or infinite: the run stops, keeping the last good checkpoint."""
 
 

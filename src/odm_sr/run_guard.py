@@ -14,6 +14,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from .console import UserError
+
 LOCK_NAME = ".odm-sr.lock"
 SIGTERM_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process that SIGTERM ended
 
@@ -52,7 +54,7 @@ def check_same_result_config(stored: dict, new: dict, out_dir: str | Path) -> No
             f"folder (paths.log_dir=<new> or hydra.sweep.dir=<new>), or delete {out_dir} to run the job again")
 
 
-class RunFolderBusyError(RuntimeError):
+class RunFolderBusyError(RuntimeError, UserError):
     """Another live process is writing the run folder."""
 
 

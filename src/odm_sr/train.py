@@ -26,7 +26,7 @@ from .builders import (
     selected_checkpoint,
 )
 from .config import CONFIG_DIR, register_resolvers, validate_config
-from .console import quiet_known_noise
+from .console import one_line_errors, quiet_known_noise
 from .evaluation import (
     bicubic_upscale,
     eval_upscale,
@@ -254,7 +254,8 @@ def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: li
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
     try:
-        train(cfg)
+        with one_line_errors("odm-sr-train"):  # a bad value, a missing file: one line (HYDRA_FULL_ERROR=1: traceback)
+            train(cfg)
     except RunTerminated as stop:  # exit status 143, the message instead of a traceback
         print(stop, file=sys.stderr)
         raise

@@ -13,6 +13,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 from .checkpoint import read_checkpoint
+from .console import UserError
 from .files import atomic_write
 from .models.checkpoint import mismatch_report
 
@@ -65,7 +66,7 @@ def apply_optim_settings(checkpoint: dict, optimizer: torch.optim.Optimizer, sch
         print(f"resume: the current config's {sorted(changed)} replace the checkpoint's (lr now {lrs})")
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(RuntimeError, UserError):
     """A checkpoint could not be written (disk full, quota, permissions); the file at its path is unchanged."""
 
 

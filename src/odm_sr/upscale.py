@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_trained
+from .console import one_line_errors
 from .data.io import read_image, save_image, to_tensor
 from .evaluation import EVAL_PAD_MODES, network_upscale, resolve_device, warn_if_tiled_dynamic
 from .precision import set_tf32
@@ -107,9 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the INPUT file")
     parser.add_argument("--device", default=None, help="where the network runs (--engine torch): cuda, cuda:1, "
                                                        "cpu, ...; default cuda if available, else cpu")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error (also: "
+                                                                  "HYDRA_FULL_ERROR=1)")
     args = parser.parse_args(argv)
-    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32,
-                       args.engine, args.threads, args.overwrite, args.device)
+    with one_line_errors("odm-sr-upscale", args.traceback):  # a bad value, a missing file: one line
+        out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32,
+                           args.engine, args.threads, args.overwrite, args.device)
     print(f"wrote {out}")
 
 
