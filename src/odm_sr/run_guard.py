@@ -113,6 +113,7 @@ def run_folder_lock(out_dir: str | Path):
     if not _is_rank_zero_process():  # rank 0 holds the lock for the whole DDP run
         yield
         return
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     while not _take(lock):
         holder = _holder(lock)
@@ -129,6 +130,8 @@ def run_folder_lock(out_dir: str | Path):
     finally:
         if _holder(lock) == (os.getpid(), socket.gethostname()):
             lock.unlink(missing_ok=True)
+        if created and not any(out_dir.iterdir()):  # a run refused before writing anything leaves no folder
+            out_dir.rmdir()
 
 
 class SigtermStop:
@@ -141,6 +144,7 @@ class SigtermStop:
     def __init__(self, checkpoint: str | Path) -> None:
         self.checkpoint = Path(checkpoint)
         self.received = False
+        self._bound = self._handler  # the one bound-method object installed, so that getsignal can be compared
         self._previous = None
 
     def _handler(self, signum, frame) -> None:
@@ -162,7 +166,6 @@ class SigtermStop:
 
     def __enter__(self) -> SigtermStop:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._bound = self._handler
             self._previous = signal.signal(signal.SIGTERM, self._bound)
         return self
 

@@ -60,6 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, out_dir: Path, sigterm: SigtermStop) -> dict[str, Any]:
+    """``train`` inside the run folder's lock, ``sigterm`` checked after the fit and after the test."""
     resume = resume_path(cfg, out_dir)
     warn_random_start(cfg)
     L.seed_everything(int(cfg.seed), workers=True)

@@ -66,7 +66,7 @@ def apply_optim_settings(checkpoint: dict, optimizer: torch.optim.Optimizer, sch
         print(f"resume: the current config's {sorted(changed)} replace the checkpoint's (lr now {lrs})")
 
 
-class CheckpointWriteError(RuntimeError, UserError):
+class CheckpointWriteError(OSError, UserError):
     """A checkpoint could not be written (disk full, quota, permissions); the file at its path is unchanged."""
 
 
