@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+SHARED ?= ../shared
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train clean-main sweep mini mechanism bench-step bench-memory mini-repro gpu-wheels gpu-check op-count eval upscale export bench-export complexity report wandb-sync test test-fast lint clean
+.PHONY: help install train clean-main sweep mini mechanism bench-step bench-memory mini-repro gpu-wheels gpu-check gpu-real gpu-real-shared op-count eval upscale export bench-export complexity report wandb-sync test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -91,6 +92,20 @@ gpu-wheels: ## the wheels the GPU machine lacks (hydra-core, omegaconf, antlr4) 
 
 gpu-check: ## GPU machine: step times, op/sync counts, compile, MR balance at paper size (< 5 min); DRY=1: on the CPU
 	$(if $(DRY),PYTHON=$(PY)) bash bench/gpu_check.sh $(if $(DRY),--dry-run) $(ARGS)
+
+gpu-real: ## GPU machine: QAT from the official IMDN x4 weights, PAMS/DAQ/DDTB/ODM W2A2 (< 9 min); DRY=1: on the CPU
+	$(if $(DRY),PYTHON=$(PY)) bash bench/gpu_real.sh $(if $(DRY),--dry-run) $(ARGS)
+
+gpu-real-shared: ## shared/ in the checkout (git-ignored, hard links, ~50 MB) with what gpu-real needs there
+	@if [ -e shared ]; then echo "shared/ exists: remove it first (rm -r shared)" >&2; exit 1; fi
+	for d in data/benchmark/Set5/HR data/benchmark/Set5/LR_bicubic/X4 data/benchmark/B100/HR \
+	         data/benchmark/B100/LR_bicubic/X4 data/train/BSD200/HR; do \
+	  mkdir -p shared/$$(dirname $$d) && (cp -rl $(SHARED)/$$d shared/$$d 2>/dev/null || cp -r $(SHARED)/$$d shared/$$d) \
+	  || exit 1; done
+	mkdir -p shared/models/imdn shared/gpu-wheels
+	cp -l $(SHARED)/models/imdn/IMDN_x4.pth shared/models/imdn/ 2>/dev/null || cp $(SHARED)/models/imdn/IMDN_x4.pth shared/models/imdn/
+	cp $$(ls bench/gpu-wheels/*.whl 2>/dev/null || ls $(SHARED)/gpu-wheels/*.whl) shared/gpu-wheels/
+	@du -sh shared
 
 test: ## run the test suite (tests needing ../shared/data skip with a reason where it is absent)
 	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)

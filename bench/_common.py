@@ -93,10 +93,14 @@ class StepRunner:
 
     @classmethod
     def build(cls, name: str, model: str, device: torch.device, extra: list[str] | None = None) -> StepRunner:
+        overrides = MODELS[model]["overrides"] + VARIANTS[name] + list(extra or [])
+        return cls.from_config(name, compose_cfg(overrides, RESULTS_DIR / "_scratch"), device)
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Any, device: torch.device) -> StepRunner:
+        """The network, method, teacher and optimizer of a composed training config (``build_network``)."""
         from odm_sr.builders import build_network
 
-        overrides = MODELS[model]["overrides"] + VARIANTS[name] + list(extra or [])
-        cfg = compose_cfg(overrides, RESULTS_DIR / "_scratch")
         net, method, teacher = build_network(cfg)
         net.to(device).train()
         if teacher is not None:

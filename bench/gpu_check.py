@@ -227,21 +227,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--parts", nargs="+", default=[n for n, _ in PARTS], choices=[n for n, _ in PARTS])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    args.out = args.out or str(RESULTS_DIR / ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json"))
-    if not args.dry_run and not torch.cuda.is_available():
-        sys.exit(f"gpu_check: no CUDA device visible to PyTorch {torch.__version__}; run it on a GPU machine, or "
-                 f"use --dry-run on the CPU")
+    check_args(args, "gpu_check")
     if not args.dry_run:
         torch.backends.cudnn.benchmark = True
-    check = Check(args)
-    for name, fn in PARTS:
-        if name in args.parts:
-            check.run(name, fn)
+    return run_parts(Check(args), [(n, fn) for n, fn in PARTS if n in args.parts], "gpu_check", _T0)
+
+
+def check_args(args: argparse.Namespace, stem: str) -> None:
+    """``--out`` defaults to results/<stem>.json (<stem>_dry_run.json); without --dry-run CUDA must be there."""
+    args.out = args.out or str(RESULTS_DIR / (f"{stem}_dry_run.json" if args.dry_run else f"{stem}.json"))
+    if not args.dry_run and not torch.cuda.is_available():
+        sys.exit(f"{stem}: no CUDA device visible to PyTorch {torch.__version__}; run it on a GPU machine, or "
+                 f"use --dry-run on the CPU")
+
+
+def run_parts(check: Check, parts: list, prog: str, t0: float, needed: tuple[str, ...] = ()) -> dict:
+    """Run ``parts`` in order (stop after a failed part of ``needed``: nothing else can run without it)."""
+    for name, fn in parts:
+        check.run(name, fn)
+        if name in needed and "error" in check.results["parts"][name]:
+            break
     failed = [n for n, r in check.results["parts"].items() if "error" in r]
-    print(f"gpu_check: {len(check.results['parts'])} parts in {time.perf_counter() - _T0:.0f} s"
+    print(f"{prog}: {len(check.results['parts'])} parts in {time.perf_counter() - t0:.0f} s"
           + (f"; failed: {failed}" if failed else ""))
     return check.results
-
 
 if __name__ == "__main__":
     results = main()

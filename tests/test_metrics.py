@@ -152,3 +152,20 @@ def test_metric_planes_stay_on_the_device_of_the_output():
     hr = torch.zeros(3, 16, 16, dtype=torch.uint8)
     planes = _compare_channels(sr, hr, border=2)
     assert [p.device for p in planes] == [torch.device("meta")] * 2 and planes[0].shape == (12, 12)
+
+
+def test_gray_truth_as_rgb_compares_y_of_the_replica():
+    """gray="rgb": the gray truth is replicated to RGB and both sides go through Y, so a constant difference d
+    shrinks to d·(65.481 + 128.553 + 24.966)/255 in Y (IMDN's / PAN's scripts); "channel" compares it as is."""
+    hr = torch.full((1, 16, 16), 100, dtype=torch.uint8)
+    sr = torch.full((3, 16, 16), 110, dtype=torch.uint8)
+    y_diff = 10 * (65.481 + 128.553 + 24.966) / 255
+    assert psnr(sr, hr, 2) == pytest.approx(10 * math.log10(255**2 / 100), abs=1e-12)
+    assert psnr(sr, hr, 2, gray="rgb") == pytest.approx(10 * math.log10(255**2 / y_diff**2), abs=1e-9)
+    m = SRMetrics(scale=2, gray="rgb")
+    m.update(sr, hr)
+    assert m.compute()[0].item() == pytest.approx(10 * math.log10(255**2 / y_diff**2), abs=1e-9)
+    rgb_hr = hr.expand(3, -1, -1)
+    assert evaluate_pair(sr, hr, 2, gray="rgb") == evaluate_pair(sr, rgb_hr, 2)  # RGB truth: unchanged by the mode
+    with pytest.raises(ValueError, match="gray='y'"):
+        SRMetrics(scale=2, gray="y")

@@ -20,6 +20,7 @@ from .console import one_line_errors, quiet_known_noise
 from .data import SRDataModule
 from .evaluation import (
     bicubic_upscale,
+    eval_gray_mode,
     eval_upscale,
     evaluate_sets,
     metrics_table,
@@ -56,8 +57,9 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
     dm.check_eval_sets()  # every image opened (and large enough to score) before any is evaluated
+    gray = eval_gray_mode(net, cfg.eval.get("gray_mode", "official"))  # bicubic compared as the network's row
     if cfg.eval.get("bicubic_row", True) or net is None:
-        rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm)
+        rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm, gray)
     if net is not None:
         engine = cfg.eval.get("engine", "torch")
         if engine not in ("torch", "onnx"):
@@ -77,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
             from .export.runtime import onnx_eval_upscale
 
             upscale = onnx_eval_upscale(cfg.ckpt, cfg.eval)
-        rows[str(train_cfg.run_name) if cfg.get("ckpt") else row] = evaluate_sets(upscale, dm)
+        rows[str(train_cfg.run_name) if cfg.get("ckpt") else row] = evaluate_sets(upscale, dm, gray)
     return rows
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .data.imresize import imresize
-from .metrics import SRMetrics, to_uint8
+from .metrics import GRAY_MODES, SRMetrics, to_uint8
 from .models.base import SRModel, pixel_range
 from .models.windows import PAD_MODES
 from .quant.distributed import world_size
@@ -46,14 +46,14 @@ def update_metrics(metric: SRMetrics, sr: Tensor, hr: Tensor, indices: Sequence[
 
 
 @torch.no_grad()
-def evaluate_loader(upscale: Upscaler, loader, scale: int) -> tuple[float, float]:
+def evaluate_loader(upscale: Upscaler, loader, scale: int, gray: str = "channel") -> tuple[float, float]:
     """Mean per-image PSNR/SSIM of ``upscale`` over a loader, in this process (no DDP merge); the metrics
-    run on the device of ``upscale``'s output (the network's, e.g. ``eval.device``)."""
+    run on the device of ``upscale``'s output (the network's, e.g. ``eval.device``); ``gray``: ``SRMetrics``'."""
     metric: SRMetrics | None = None
     for batch in loader:
         sr = upscale(batch["lr"])
         if metric is None:
-            metric = SRMetrics(scale, sync_on_compute=False).to(sr.device)
+            metric = SRMetrics(scale, gray, sync_on_compute=False).to(sr.device)
         update_metrics(metric, sr, batch["hr"])
     if metric is None:
         return math.nan, math.nan
@@ -61,13 +61,13 @@ def evaluate_loader(upscale: Upscaler, loader, scale: int) -> tuple[float, float
     return psnr_mean, ssim_mean
 
 
-def evaluate_sets(upscale: Upscaler, datamodule) -> dict[str, tuple[float, float]]:
-    """PSNR/SSIM of ``upscale`` on every test set of ``datamodule`` (set up here)."""
+def evaluate_sets(upscale: Upscaler, datamodule, gray: str = "channel") -> dict[str, tuple[float, float]]:
+    """PSNR/SSIM of ``upscale`` on every test set of ``datamodule`` (set up here); ``gray``: ``SRMetrics``'."""
     datamodule.setup("test")
     loaders = datamodule.test_dataloader()
     loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
     names = list(datamodule.test_set_names)
-    return {name: evaluate_loader(upscale, loader, datamodule.scale)
+    return {name: evaluate_loader(upscale, loader, datamodule.scale, gray)
             for name, loader in zip(names, loaders, strict=True)}
 
 
@@ -75,6 +75,17 @@ def bicubic_upscale(scale: int) -> Upscaler:
     """MATLAB-bicubic upscaling by ``scale`` of the 8-bit LR (the baseline row of every table); the uint8 path
     rounds after each pass as MATLAB does, which reproduces the published bicubic numbers."""
     return lambda lr: imresize(to_uint8(lr, 1.0), scale).float() / 255.0
+
+
+def eval_gray_mode(net: torch.nn.Module | None, gray_mode: str = "official") -> str:
+    """How a grayscale ground truth is compared (``eval.gray_mode``, ``metrics.GRAY_MODES``): ``official`` is
+    the convention of the script behind ``net``'s published numbers (``SRModel.official_gray_mode``; ``channel``
+    for a bare module or none)."""
+    if gray_mode == "official":
+        return net.official_gray_mode if isinstance(net, SRModel) else "channel"
+    if gray_mode not in GRAY_MODES:
+        raise ValueError(f"eval.gray_mode={gray_mode!r}: expected official or one of {GRAY_MODES}")
+    return gray_mode
 
 
 def eval_pad_mode(net: torch.nn.Module, pad_mode: str = "official") -> str | None:

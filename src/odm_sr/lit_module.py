@@ -19,7 +19,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 
 from .console import UserError
-from .evaluation import eval_upscale, update_metrics
+from .evaluation import eval_gray_mode, eval_upscale, update_metrics
 from .metrics import SRMetrics
 from .quant.base import QuantMethod
 from .quant.distributed import all_reduce_sum_, world_size
@@ -342,7 +342,8 @@ class SRLitModule(L.LightningModule):
     # -- evaluation -----------------------------------------------------------------------------------
     def _eval_metric(self, key: str) -> SRMetrics:
         if key not in self._metrics:
-            self._metrics[key] = SRMetrics(int(self.net.scale)).to(self.device)
+            self._metrics[key] = SRMetrics(int(self.net.scale), eval_gray_mode(
+                self.net, self.eval_cfg.get("gray_mode", "official"))).to(self.device)
         return self._metrics[key]
 
     def _start_eval(self, stage: str) -> None:

@@ -11,7 +11,8 @@ Single-channel (grayscale) ground truth, e.g. Set14 ``img_003`` (bridge), is com
 without the Y transform, as the MATLAB scripts (``if size(im, 3) == 3``) and BasicSR do. The model sees
 such an image replicated to 3 channels; its 3-channel output is reduced to one channel by the rounded
 mean of its three channels (``round((R + G + B) / 3)``), so a perfect replicated output scores like the
-gray truth.
+gray truth. ``gray="rgb"`` instead replicates the gray truth to RGB and compares Y, as test scripts that read every
+image as colour do (IMDN's ``test_IMDN.py``, PAN's published numbers): ``SRModel.official_gray_mode``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "rgb_to_y",
     "psnr",
     "ssim",
+    "GRAY_MODES",
     "evaluate_pair",
     "check_eval_size",
     "psnr_tensor",
@@ -82,11 +84,19 @@ def rgb_to_y(img_uint8: ArrayLike) -> Tensor:
     return 16.0 + (_Y_COEFFS[0] * r + _Y_COEFFS[1] * g + _Y_COEFFS[2] * b) / 255.0
 
 
-def _compare_channels(sr: ArrayLike, hr: ArrayLike, border: int) -> tuple[Tensor, Tensor]:
-    """The two float64 (H, W) planes that PSNR/SSIM compare: Y, or the single gray channel; on ``sr``'s device
-    (a GPU output is not copied to the CPU: ``hr`` moves instead), where the metrics are then computed."""
+GRAY_MODES = ("channel", "rgb")  # a gray truth: on its one channel (MATLAB), or replicated to RGB, then Y
+
+
+def _compare_channels(sr: ArrayLike, hr: ArrayLike, border: int, gray: str = "channel") -> tuple[Tensor, Tensor]:
+    """The two float64 (H, W) planes that PSNR/SSIM compare: Y, or the single gray channel (``gray="rgb"``: Y of
+    the gray truth replicated to RGB); on ``sr``'s device (a GPU output is not copied to the CPU: ``hr`` moves
+    instead), where the metrics are then computed."""
+    if gray not in GRAY_MODES:
+        raise ValueError(f"gray={gray!r}: expected one of {GRAY_MODES}")
     sr_t = _as_uint8_tensor(sr, "sr")
     hr_t = _as_uint8_tensor(hr, "hr", sr_t.device)
+    if gray == "rgb" and hr_t.shape[0] == 1:
+        hr_t = hr_t.expand(3, -1, -1)
     if sr_t.shape[-2:] != hr_t.shape[-2:]:
         raise ValueError(f"sr and hr sizes differ: {tuple(sr_t.shape)} vs {tuple(hr_t.shape)}")
     if hr_t.shape[0] == 3:
@@ -110,19 +120,19 @@ def _compare_channels(sr: ArrayLike, hr: ArrayLike, border: int) -> tuple[Tensor
     return sr_p, hr_p
 
 
-def psnr_tensor(sr: ArrayLike, hr: ArrayLike, border: int) -> Tensor:
+def psnr_tensor(sr: ArrayLike, hr: ArrayLike, border: int, gray: str = "channel") -> Tensor:
     """``psnr`` as a float64 0-d tensor on ``sr``'s device (no host sync); ``inf`` for identical images."""
-    sr_p, hr_p = _compare_channels(sr, hr, border)
+    sr_p, hr_p = _compare_channels(sr, hr, border, gray)
     mse = torch.mean((sr_p - hr_p) ** 2)
     return 10.0 * torch.log10(255.0**2 / mse)
 
 
-def psnr(sr: ArrayLike, hr: ArrayLike, border: int) -> float:
+def psnr(sr: ArrayLike, hr: ArrayLike, border: int, gray: str = "channel") -> float:
     """Y-channel PSNR of one uint8 (C, H, W) image pair: 10 log10(255^2 / MSE) after cropping ``border``.
 
     Returns ``inf`` for identical images.
     """
-    return psnr_tensor(sr, hr, border).item()
+    return psnr_tensor(sr, hr, border, gray).item()
 
 
 def _gaussian_window_1d() -> Tensor:
@@ -149,7 +159,7 @@ def _filter_valid(planes: Tensor) -> Tensor:
     return out
 
 
-def ssim_tensor(sr: ArrayLike, hr: ArrayLike, border: int) -> Tensor:
+def ssim_tensor(sr: ArrayLike, hr: ArrayLike, border: int, gray: str = "channel") -> Tensor:
     """Y-channel SSIM of one uint8 (C, H, W) pair, Wang et al.'s ``ssim_index.m`` after cropping ``border``.
 
     Gaussian 11x11 window (sigma 1.5), C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = 255, statistics
@@ -158,7 +168,7 @@ def ssim_tensor(sr: ArrayLike, hr: ArrayLike, border: int) -> Tensor:
 
         SSIM = mean[(2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))]
     """
-    x, y = _compare_channels(sr, hr, border)
+    x, y = _compare_channels(sr, hr, border, gray)
     if min(x.shape) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels, got {tuple(x.shape)}")
     c1 = (SSIM_K[0] * SSIM_L) ** 2
@@ -173,14 +183,14 @@ def ssim_tensor(sr: ArrayLike, hr: ArrayLike, border: int) -> Tensor:
     return torch.mean(num / den)
 
 
-def ssim(sr: ArrayLike, hr: ArrayLike, border: int) -> float:
+def ssim(sr: ArrayLike, hr: ArrayLike, border: int, gray: str = "channel") -> float:
     """``ssim_tensor`` as a float."""
-    return ssim_tensor(sr, hr, border).item()
+    return ssim_tensor(sr, hr, border, gray).item()
 
 
-def evaluate_pair(sr_uint8: ArrayLike, hr_uint8: ArrayLike, scale: int) -> tuple[float, float]:
+def evaluate_pair(sr_uint8: ArrayLike, hr_uint8: ArrayLike, scale: int, gray: str = "channel") -> tuple[float, float]:
     """(PSNR, SSIM) of one uint8 (C, H, W) pair with the border = ``scale`` convention."""
-    return psnr(sr_uint8, hr_uint8, border=scale), ssim(sr_uint8, hr_uint8, border=scale)
+    return psnr(sr_uint8, hr_uint8, scale, gray), ssim(sr_uint8, hr_uint8, scale, gray)
 
 
 def check_eval_size(hr_size: tuple[int, int], scale: int, name: str) -> None:
@@ -197,6 +207,7 @@ def check_eval_size(hr_size: tuple[int, int], scale: int, name: str) -> None:
 class SRMetrics(Metric):
     """Mean per-image PSNR and SSIM of one set (never a pooled MSE), as sums and a count.
 
+    ``gray``: how a gray truth is compared (``GRAY_MODES``).
     ``update(sr_uint8, hr_uint8, weight)`` adds one image pair, (C, H, W) or (1, C, H, W), or a batch
     (N, C, H, W) of equal-sized pairs; ``weight`` (0 or 1, a number or one per image) counts it or not, so a
     rank can leave out the padding images of DDP's sampler (``evaluation.owned_weights``). ``compute()`` is the
@@ -219,9 +230,11 @@ class SRMetrics(Metric):
     ssim_sum: Tensor
     count: Tensor
 
-    def __init__(self, scale: int, **kwargs) -> None:
+    def __init__(self, scale: int, gray: str = "channel", **kwargs) -> None:
         super().__init__(**kwargs)
-        self.scale = int(scale)
+        if gray not in GRAY_MODES:
+            raise ValueError(f"gray={gray!r}: expected one of {GRAY_MODES}")
+        self.scale, self.gray = int(scale), gray
         for name in ("psnr_sum", "ssim_sum", "count"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -231,8 +244,8 @@ class SRMetrics(Metric):
             sr_t, hr_t = sr_t[None], hr_t[None] if hr_t.dim() == 3 else hr_t
         weights = torch.as_tensor(weight, dtype=torch.float64, device=self.count.device).expand(sr_t.shape[0])
         for i in range(sr_t.shape[0]):
-            p = psnr_tensor(sr_t[i].to(self.count.device), hr_t[i], self.scale)
-            s = ssim_tensor(sr_t[i].to(self.count.device), hr_t[i], self.scale)
+            p = psnr_tensor(sr_t[i].to(self.count.device), hr_t[i], self.scale, self.gray)
+            s = ssim_tensor(sr_t[i].to(self.count.device), hr_t[i], self.scale, self.gray)
             w = weights[i]
             # where, not p * w: an uncounted identical pair (inf PSNR) must add 0, not nan
             self.psnr_sum += torch.where(w > 0, p * w, torch.zeros_like(p))

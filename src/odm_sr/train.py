@@ -29,6 +29,7 @@ from .config import CONFIG_DIR, register_resolvers, validate_config
 from .console import one_line_errors, quiet_known_noise
 from .evaluation import (
     bicubic_upscale,
+    eval_gray_mode,
     eval_upscale,
     evaluate_sets,
     metrics_table,
@@ -106,11 +107,12 @@ def test_rows(cfg: DictConfig, trainer: L.Trainer, lit: SRLitModule, datamodule,
     own = test_metrics(trainer, lit, datamodule, list(cfg.data.test), ckpt_path)  # every rank (a collective)
     rows = {}
     if trainer.is_global_zero:  # the reference rows once, not on every DDP rank
+        gray = eval_gray_mode(lit.net, cfg.eval.get("gray_mode", "official"))  # the reference rows as the run's
         if cfg.eval.get("bicubic_row", True):
-            rows["bicubic"] = evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule)
+            rows["bicubic"] = evaluate_sets(bicubic_upscale(int(cfg.model.scale)), datamodule, gray)
         if cfg.eval.get("pretrained_row", False) and cfg.model.get("pretrained"):
             fp_net = pretrained_network(cfg.model).eval()
-            rows["FP (model.pretrained)"] = evaluate_sets(eval_upscale(fp_net, cfg.eval), datamodule)
+            rows["FP (model.pretrained)"] = evaluate_sets(eval_upscale(fp_net, cfg.eval), datamodule, gray)
     rows[cfg.run_name] = own
     if trainer.is_global_zero:
         print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")

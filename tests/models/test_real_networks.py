@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from odm_sr.data import SRDataModule
-from odm_sr.evaluation import evaluate_sets, network_upscale
+from odm_sr.evaluation import eval_gray_mode, evaluate_sets, network_upscale
 from odm_sr.models import build_model, load_pretrained
 from odm_sr.models.checkpoint import guess_scale, read_checkpoint
 from odm_sr.quant.backbones import select_layers
@@ -68,15 +68,20 @@ def test_placement_quantizes_the_block_convs_only():
     assert not any("cca" in n or "k2" in n for n in imdn + pan)  # the attention gates stay FP
 
 
+# Set14 x4 (with bridge, a gray image, compared as Y of its RGB replica: eval_gray_mode "official" for both)
+SET14 = {("imdn", 4): (28.58, 0.7811), ("pan", 4): (28.6107, 0.78215)}
+
+
 @pytest.mark.data
-@pytest.mark.parametrize("net,scale", list(SET5))
-def test_fp_network_reproduces_published_set5(models_root, data_root, net, scale):
+@pytest.mark.parametrize("net,scale,set_name", [(*k, "Set5") for k in SET5] + [(*k, "Set14") for k in SET14])
+def test_fp_network_reproduces_published_numbers(models_root, data_root, net, scale, set_name):
     model = load_pretrained(build_model(net, scale), _file(models_root, net, scale)).eval()
-    dm = SRDataModule(train=None, val=[], test=["Set5"], scale=scale, lr_patch=16, batch_size=1,
+    dm = SRDataModule(train=None, val=[], test=[set_name], scale=scale, lr_patch=16, batch_size=1,
                       data_root=str(data_root))
-    psnr, ssim = evaluate_sets(network_upscale(model), dm)["Set5"]
-    assert psnr == pytest.approx(SET5[net, scale][0], abs=0.02)
-    assert ssim == pytest.approx(SET5[net, scale][1], abs=0.001)
+    psnr, ssim = evaluate_sets(network_upscale(model), dm, eval_gray_mode(model))[set_name]
+    published = (SET5 if set_name == "Set5" else SET14)[net, scale]
+    assert psnr == pytest.approx(published[0], abs=0.02)
+    assert ssim == pytest.approx(published[1], abs=0.001)
 
 
 def test_imdn_contrast_gradient_is_finite_on_a_constant_channel():
@@ -98,3 +103,24 @@ def test_imdn_contrast_gradient_is_finite_on_a_constant_channel():
     mask = torch.ones_like(x.grad, dtype=torch.bool)
     mask[0, 1] = False
     assert torch.allclose(x.grad[mask], x_ref.grad[mask], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("net_name,quantized_weights", [
+    ("imdn", 6 * (64 * 64 * 9 + 2 * 48 * 64 * 9 + 48 * 16 * 9 + 64 * 64)),  # c1, c2, c3, c4, c5 per IMDB
+    ("pan", 16 * (2 * 40 * 20 + 3 * 20 * 20 * 9 + 40 * 40)),  # conv1_a/b, k1/k3/k4, conv3 per SCPA (no biases)
+])
+def test_storage_counts_the_quantized_block_weights(tmp_path, net_name, quantized_weights):
+    from helpers import compose_config
+
+    from odm_sr.analysis.complexity import summarize
+    from odm_sr.quant import build_method
+
+    cfg = compose_config(["method=odm", "bits=w2a2", f"model={net_name}"], tmp_path)
+    method = build_method(cfg.method, cfg.bits)
+    net = build_model(net_name, 4)
+    fp_params = sum(p.numel() for p in net.parameters())
+    counts = summarize(method.quantize(net), "odm", 2, (8, 8), dynamic_ratio=method.gate_ratio())
+    n_layers = len(select_layers(build_model(net_name, 4)))
+    # 2-bit weights count 2/32 of an FP parameter; ODM adds l_a, u_a, gamma_w per quantized layer
+    expected = fp_params - quantized_weights + quantized_weights * 2 / 32 + 3 * n_layers
+    assert counts["complexity/storage_k"] == pytest.approx(expected / 1000, rel=1e-12)

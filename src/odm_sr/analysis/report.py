@@ -25,7 +25,7 @@ from odm_sr.files import write_json
 
 RESULTS_FILE = "results.json"
 MODEL_LABELS = {"edsr": "EDSR", "edsr_baseline": "EDSR-baseline", "rdn": "RDN", "swinir_light": "SwinIR-light",
-                "swinir_classical": "SwinIR", "hat_s": "HAT-S"}
+                "swinir_classical": "SwinIR", "hat_s": "HAT-S", "imdn": "IMDN", "pan": "PAN"}
 METHOD_ORDER = ("fp", "pams", "daq", "ddtb", "lsq", "odm", "odm_fq")
 METHOD_LABELS = {"fp": "FP", "pams": "PAMS", "daq": "DAQ", "ddtb": "DDTB", "lsq": "LSQ", "odm": "ODM",
                  "odm_fq": "ODM-FQ", "fqsr": "FQSR"}

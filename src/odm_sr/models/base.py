@@ -16,6 +16,9 @@ class SRModel(nn.Module):
       without window padding (EDSR, RDN).
     - ``official_eval_pad_mode``: the padding of the script behind the published numbers
       (``eval.pad_mode=official``); None: the model's own ``pad_mode``.
+    - ``official_gray_mode``: how that script compares a grayscale ground truth (Set14's bridge,
+      ``eval.gray_mode=official``): ``channel`` (its one channel, as the MATLAB scripts) or ``rgb`` (replicated
+      to RGB, then Y: scripts that read every image as colour, IMDN's and PAN's).
     """
 
     name: str
@@ -23,6 +26,7 @@ class SRModel(nn.Module):
     pixel_range: float = 1.0
     pad_mode: str | None = None
     official_eval_pad_mode: str | None = None
+    official_gray_mode: str = "channel"
 
 
 def pixel_range(net: nn.Module) -> float:

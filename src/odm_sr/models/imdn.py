@@ -93,6 +93,7 @@ class IMDN(SRModel):
                  name: str = "imdn") -> None:
         super().__init__()
         self.name, self.scale, self.pixel_range = name, scale, 1.0
+        self.official_gray_mode = "rgb"  # the released test reads every image as colour (cv2 BGR), then Y
         self.num_modules = num_modules
         self.fea_conv = conv_layer(in_nc, nf, 3)
         for i in range(1, num_modules + 1):

@@ -72,6 +72,7 @@ class PAN(SRModel):
                  name: str = "pan") -> None:
         super().__init__()
         self.name, self.scale, self.pixel_range = name, scale, 1.0
+        self.official_gray_mode = "rgb"  # the authors' Set14 log matches Y of the gray truth replicated to RGB
         self.conv_first = nn.Conv2d(in_nc, nf, 3, padding=1)
         self.SCPA_trunk = nn.Sequential(*[SCPA(nf) for _ in range(nb)])
         self.trunk_conv = nn.Conv2d(nf, nf, 3, padding=1)
