@@ -37,7 +37,7 @@ from odm_sr.data import SRDataModule
 from odm_sr.evaluation import evaluate_sets, network_upscale
 from odm_sr.export.integer import extract_spec, integer_model
 from odm_sr.export.onnx_graph import to_onnx
-from odm_sr.export.packing import header_size, pack
+from odm_sr.export.packing import body_size, pack
 from odm_sr.export.runtime import OnnxEngine, onnx_upscale, session
 from odm_sr.metrics import to_uint8
 
@@ -127,9 +127,9 @@ def sizes(net, cfg) -> dict:
     from odm_sr.analysis.complexity import storage
 
     data = pack(net, extract_spec(net), cfg)
-    head, expected = header_size(data), storage(net)["total_k"] * 4000
-    return {"packed_bytes": len(data), "header_bytes": head, "body_bytes": len(data) - head,
-            "storage_bytes": expected, "body_over_storage": (len(data) - head) / expected}
+    body, expected = body_size(data), storage(net)["total_k"] * 4000
+    return {"packed_bytes": len(data), "header_bytes": len(data) - body, "body_bytes": body,
+            "storage_bytes": expected, "body_over_storage": body / expected}
 
 
 def speed(runs: int, threads_list: list[int], tmp: Path) -> dict:

@@ -4,6 +4,7 @@ outside the output folder is created, changed or emptied. The crafted files are 
 
 from __future__ import annotations
 
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -74,10 +75,19 @@ def _member(crafted: Path) -> str:
 
 
 def _attach_pickle(crafted: Path, world: Path) -> None:
-    """Add the pickle to the crafted file as a zip member (a .ckpt is a zip; zipfile also reads a zip
-    appended to any other file, as to an .odmq)."""
+    """Add the pickle to the crafted .ckpt (a zip) as a member."""
     with zipfile.ZipFile(crafted, "a") as zf:
         zf.writestr(_member(crafted), pickle.dumps(_Payload(world / "pwned.txt")))
+
+
+def _zip_body(crafted: Path, world: Path) -> bytes:
+    """A zip holding the pickle whose 32-byte comment is cut off: the .odmq's trailing SHA-256 takes its place,
+    so the file passes its checksum and zipfile still reads it (zipfile reads a zip after any other bytes)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr(_member(crafted), pickle.dumps(_Payload(world / "pwned.txt")))
+        zf.comment = bytes(32)
+    return buffer.getvalue()[:-32]
 
 
 def craft_checkpoint(payload: str, world: Path, tmp_path: Path) -> tuple[Path, str]:
@@ -97,8 +107,7 @@ def craft_packed(payload: str, world: Path, tmp_path: Path) -> tuple[Path, str]:
     cfg = OmegaConf.to_container(compose_config(TINY + ["method=odm"], tmp_path / "cfg"), resolve=True)
     crafted = world / f"{payload}.odmq"
     key = PAYLOADS[payload](cfg, world, crafted)
-    crafted.write_bytes(frame({"cfg": cfg, "names_sha1": "0" * 40, "counts": [0, 0, 0]}, b""))
-    _attach_pickle(crafted, world)
+    crafted.write_bytes(frame({"cfg": cfg, "names_sha1": "0" * 40, "counts": [0, 0, 0]}, _zip_body(crafted, world)))
     crafted.with_suffix(".onnx").write_bytes(b"not read before the .odmq")
     return crafted, key
 
@@ -172,12 +181,20 @@ def test_a_packed_file_whose_config_would_run_code_is_refused(payload, command, 
     _assert_refused(PACKED_COMMANDS[command], crafted, key, world, tmp_path)
 
 
-def test_the_zip_chain_would_run_the_pickle_if_instantiated(world, tmp_path):
-    """The crafted chain is real: instantiating its node (what the old load_trained did) writes the marker."""
+@pytest.mark.parametrize("kind", ["ckpt", "odmq"])
+def test_the_zip_chain_would_run_the_pickle_if_instantiated(kind, world, tmp_path):
+    """The crafted chain is real: instantiating its node (what the old readers did) writes the marker."""
     import hydra
 
-    crafted, _ = craft_checkpoint("zip_chain", world, tmp_path)
-    node = torch.load(crafted, weights_only=True)["hyper_parameters"]["cfg"]["model"]["kwargs"]["n_feats"]
+    from odm_sr.export.packing import read_header
+
+    if kind == "ckpt":
+        crafted, _ = craft_checkpoint("zip_chain", world, tmp_path)
+        cfg = torch.load(crafted, weights_only=True)["hyper_parameters"]["cfg"]
+    else:
+        crafted, _ = craft_packed("zip_chain", world, tmp_path)
+        cfg = read_header(crafted.read_bytes(), str(crafted))["cfg"]  # the checksum holds
+    node = cfg["model"]["kwargs"]["n_feats"]
     with pytest.raises(Exception):  # noqa: B017 - torch.load fails after the pickle ran (not a checkpoint)
         hydra.utils.instantiate(node)
     assert (world / "pwned.txt").is_file()

@@ -37,10 +37,14 @@ EXPECTED = {
     "mr_ablation": (LONG_ODM, 3),
     "mr_ablation_strong": (LONG_ODM, 2),
     "mr_methods": (None, 3),
+    "real_methods": (None, 14),
+    "real_odm_ablation": (None, 2),
+    "real_odm_ablation_rho": (None, 2),
 }
 # sweeps whose jobs pick config-group options: every job is composed and validated
 SELECTS_GROUPS = {"coop_formulation", "ablation_components", "wcc_vs_lsq", "methods", "main_table", "mini_table",
-                  "mr_norm", "mr_ablation", "mr_ablation_strong", "mr_methods"}
+                  "mr_norm", "mr_ablation", "mr_ablation_strong", "mr_methods", "real_methods", "real_odm_ablation",
+                  "real_odm_ablation_rho"}
 
 
 def _overrides(name: str) -> list[str]:
@@ -110,6 +114,20 @@ def test_mr_sweep_values():
     assert [c.method.name for c in cfgs] == ["pams", "daq", "ddtb"]
     assert all(c.trainer.max_steps == 3000 and c.data.iters_per_epoch == 300 and (c.bits.w, c.bits.a) == (2, 2)
                and list(c.analyze.after_fit) == ["mismatch", "variance"] for c in cfgs)
+
+
+def test_real_sweep_values():
+    """The real-network sweeps (issue: real trained networks): one budget for every method, from the official
+    weights; the ablation rows at the paper's and at the rho-matched lambda_M."""
+    cfgs = [_method(job) for job in _jobs("real_methods")[1]]
+    got = {(c.model.name, f"w{c.bits.w}a{c.bits.a}", c.method.name) for c in cfgs}
+    assert got == {("imdn", b, m) for b in ("w2a2", "w4a4") for m in ("pams", "daq", "ddtb", "odm", "lsq")} | {
+        ("pan", "w2a2", m) for m in ("pams", "daq", "ddtb", "odm")}
+    assert all(c.trainer.max_steps == 1000 and c.data.iters_per_epoch == 100 and c.model.scale == 4
+               and c.model.pretrained.endswith(("/imdn/IMDN_x4.pth", "/pan/PANx4_DF2K.pth")) for c in cfgs)
+    rows = [_method(job).method for name in ("real_odm_ablation", "real_odm_ablation_rho") for job in _jobs(name)[1]]
+    assert [(m.mr.mode, m.lambda_m) for m in rows] == [("off", 1e-5), ("naive", 1e-5), ("naive", 5e-7),
+                                                       ("coop", 5e-7)]
 
 
 def test_command_line_overrides_reach_every_job():

@@ -14,12 +14,12 @@ from .evaluation import EVAL_PAD_MODES
 
 def size_report(packed: Path, storage_k: float) -> dict:
     """Packed body bytes against the storage figure (K 32-bit params → bytes), and the header apart."""
-    from .export.packing import header_size
+    from .export.packing import body_size
 
     data = packed.read_bytes()
-    header = header_size(data)
+    body = body_size(data)
+    header = len(data) - body  # magic, version, header and the trailing SHA-256
     expected = storage_k * 1000 * 4
-    body = len(data) - header
     return {"packed_bytes": len(data), "header_bytes": header, "body_bytes": body,
             "storage_bytes": expected, "body_over_storage": body / expected}
 

@@ -12,17 +12,25 @@ from typing import Any
 def atomic_write(path: str | Path, write) -> None:
     """``write(f)`` into ``.<name>.tmp`` beside ``path`` (binary), fsync, then rename it over ``path``
     (``os.replace`` is atomic on POSIX): readers see the old file or the complete new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    atomic_write_all({Path(path): write})
+
+
+def atomic_write_all(writes: dict[Path, Any]) -> None:
+    """``atomic_write`` of several files that belong together: every ``.<name>.tmp`` is written and fsynced
+    before the first rename, so a failed write (disk full) leaves all the old files as they were."""
+    tmps = {path: path.with_name(f".{path.name}.tmp") for path in map(Path, writes)}
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmps[Path(path)], "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -20,14 +20,14 @@ def tiny_config(backbone: str, method: str, bits: int, tmp_path, scale: int = 2)
                                                  f"model.scale={scale}"], tmp_path)
 
 
-def tiny_network(backbone: str, method: str, bits: int, tmp_path, seed: int = 0):
+def tiny_network(backbone: str, method: str, bits: int, tmp_path, seed: int = 0, scale: int = 2):
     """(eval-mode quantized network, config): ODM ranges calibrated on random images, PAMS α drawn at random
     between 2 % and 50 % of the pixel range (both away from their init, so a wrong grid shows)."""
     from odm_sr.builders import build_network
     from odm_sr.quant.pams import PamsActQuantizer
 
     torch.manual_seed(seed)
-    cfg = tiny_config(backbone, method, bits, tmp_path)
+    cfg = tiny_config(backbone, method, bits, tmp_path, scale)
     net, quant_method, _ = build_network(cfg)
     net.eval()
     rng = float(net.pixel_range)

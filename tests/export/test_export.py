@@ -11,7 +11,7 @@ from conftest import tiny_config, tiny_network
 from odm_sr.evaluation import eval_pad_mode, window_padding
 from odm_sr.export.integer import extract_spec, integer_model, weight_layers
 from odm_sr.export.onnx_graph import to_onnx
-from odm_sr.export.packing import header_size, pack, pack_bits, unpack, unpack_bits
+from odm_sr.export.packing import body_size, header_size, pack, pack_bits, unpack, unpack_bits
 from odm_sr.export.runtime import OnnxEngine, session
 from odm_sr.export.spec import ExportError
 
@@ -69,7 +69,7 @@ def test_packed_file_round_trips(backbone, method, bits, tmp_path):
     b = OnnxEngine(integer_model(rebuilt, spec2), threads=1)(x.numpy())
     np.testing.assert_array_equal(a, b)
     # the body is the storage figure: b bits per weight, 32 per float; per-layer byte padding and PAMS's m
-    body, expected = len(data) - header_size(data), storage(net)["total_k"] * 4000
+    body, expected = body_size(data), storage(net)["total_k"] * 4000
     layers = len(spec.weights)
     assert expected <= body <= expected + layers * (1 + (4 if method == "pams" else 0))
     assert header_size(data) < 4096

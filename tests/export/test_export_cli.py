@@ -11,7 +11,7 @@ from conftest import tiny_network
 from omegaconf import OmegaConf
 from PIL import Image
 
-from odm_sr.export.packing import header_size
+from odm_sr.export.packing import body_size
 from odm_sr.upscale import upscale_file
 
 
@@ -51,7 +51,8 @@ def test_export_then_upscale_with_onnx_runtime(backbone, method, tmp_path, capsy
     main([str(ckpt), str(tmp_path / "out" / "model.onnx"), "--lr-size", "16", "16"])
     info = json.loads(capsys.readouterr().out)
     packed = (tmp_path / "out" / "model.odmq").read_bytes()
-    assert info["packed_bytes"] == len(packed) and info["header_bytes"] == header_size(packed)
+    assert info["packed_bytes"] == len(packed) and info["body_bytes"] == body_size(packed)
+    assert info["header_bytes"] == len(packed) - body_size(packed)
     assert 1.0 <= info["body_over_storage"] <= 1.02
     rgb = (np.random.default_rng(0).random((21, 19, 3)) * 255).astype(np.uint8)  # odd sizes, 2 tiles a side
     Image.fromarray(rgb).save(tmp_path / "lr.png")

@@ -151,3 +151,21 @@ def test_guess_scale_from_tail_shapes(name: str, scale: int) -> None:
     overrides = {"rdn": dict(D=1, C=1, G=8, G0=8), "swinir_light": TINY_SWINIR,
                  "swinir_classical": TINY_SWINIR, "hat_s": TINY_HAT}.get(name, {})
     assert guess_scale(build_model(name, scale, **overrides).state_dict()) == scale
+
+
+@pytest.mark.parametrize(("method", "bits", "refused"), [("odm", {"w": 2, "a": 2}, True), ("pams", {"w": 4, "a": 4},
+                                                         True), ("fp", {"w": 32, "a": 32}, False)])
+def test_a_quantized_odm_sr_checkpoint_is_refused_as_pretrained(method, bits, refused, tmp_path) -> None:
+    """``model.pretrained=<a QAT run's .ckpt>`` (issue 22 item 19): its latent float weights are no FP model,
+    and the results table would label them "FP (model.pretrained)"; an FP run's checkpoint still loads."""
+    model = build_model("edsr", 2, n_resblocks=2, n_feats=8)
+    state = randomized_state(model, seed=9)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()},
+                "hyper_parameters": {"cfg": {"method": {"name": method}, "bits": bits}}}, path)
+    if not refused:
+        assert_loaded(load_pretrained(model, path), state)
+        return
+    with pytest.raises(ValueError, match=rf"^model\.pretrained={path}: holds a quantized network \(an odm-sr "
+                                         rf"checkpoint of method={method} bits=w{bits['w']}a{bits['a']}\)"):
+        load_pretrained(model, path)

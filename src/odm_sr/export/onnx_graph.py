@@ -18,6 +18,8 @@ from torch import nn
 from odm_sr.evaluation import eval_pad_mode, window_padding
 from odm_sr.quant.backbones import backbone_of
 
+from .spec import ExportError
+
 OPSET = 17
 INPUT, OUTPUT = "lr", "sr"
 
@@ -59,3 +61,26 @@ def code_chains(model) -> list[tuple[str, str]]:
                 cur = producer[cur.input[0]]
             chains.append((node.output[0], cur.input[0]))
     return chains
+
+
+def tag_graph(graph: bytes, metadata: dict[str, str]) -> bytes:
+    """``graph`` with ``metadata`` added to the model's metadata properties (``odm_sr.<key>``)."""
+    import onnx
+
+    model = onnx.load_model_from_string(graph)
+    onnx.helper.set_model_props(model, {f"odm_sr.{k}": str(v) for k, v in metadata.items()})
+    return model.SerializeToString()
+
+
+def graph_metadata(graph: bytes, source: str) -> dict[str, str]:
+    """The ``odm_sr.*`` metadata of an ONNX model (``tag_graph``); ExportError naming ``source`` when the bytes
+    are not an ONNX model."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model_from_string(graph)
+    except DecodeError as err:
+        raise ExportError(f"{source}: not a readable ONNX model ({err}); export the checkpoint again with "
+                          f"odm-sr-export") from None
+    return {p.key[len("odm_sr."):]: p.value for p in model.metadata_props if p.key.startswith("odm_sr.")}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +12,12 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from odm_sr.files import atomic_write_all
+
 from .integer import IntegerSpec, extract_spec, integer_model
-from .onnx_graph import INPUT, has_dynamic_size, to_onnx
-from .packing import read_packed, write_packed
+from .onnx_graph import INPUT, graph_metadata, has_dynamic_size, tag_graph, to_onnx
+from .packing import pack, read_header, unpack
+from .spec import ExportError
 
 PACKED_SUFFIX = ".odmq"
 
@@ -35,12 +40,13 @@ class OnnxEngine:
     """ORT sessions of one integer model: a single dynamic-size graph (EDSR, RDN) or one graph per LR size
     (SwinIR/HAT, built on first use from the integer model).
 
-    Called on (N, 3, H, W) float32 arrays in the backbone's pixel range, like the network itself.
+    Called on (N, 3, H, W) float32 arrays in the backbone's pixel range, like the network itself. ``run_name``:
+    the training run the model comes from (the row name of ``odm-sr-eval``).
     """
 
     def __init__(self, int_model: nn.Module, threads: int | None = None, pad_mode: str = "official",
-                 graph: bytes | None = None) -> None:
-        self.model, self.threads, self.pad_mode = int_model, threads, pad_mode
+                 graph: bytes | None = None, run_name: str = "") -> None:
+        self.model, self.threads, self.pad_mode, self.run_name = int_model, threads, pad_mode, run_name
         self.scale = int(int_model.scale)
         self.pixel_range = float(int_model.pixel_range)
         self.dynamic = has_dynamic_size(int_model)
@@ -94,33 +100,70 @@ def trained_integer(ckpt: str | Path) -> tuple[nn.Module, IntegerSpec, nn.Module
 
 def load_engine(path: str | Path, threads: int | None = None, pad_mode: str = "official") -> OnnxEngine:
     """An engine from a training checkpoint (.ckpt), a packed file (.odmq) or an exported graph (.onnx, with
-    its packed file beside it)."""
+    its packed file beside it, which must be the one exported with it: ``check_pair``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a .ckpt, {PACKED_SUFFIX} or .onnx)")
     if path.suffix == ".ckpt":
-        return OnnxEngine(trained_integer(path)[2], threads, pad_mode)
+        _, _, int_model, cfg = trained_integer(path)
+        return OnnxEngine(int_model, threads, pad_mode, run_name=str(cfg.get("run_name")))
     packed = path.with_suffix(PACKED_SUFFIX)
     if not packed.is_file():
         raise FileNotFoundError(f"{packed}: the packed weights of {path} are missing (odm-sr-export writes both)")
-    net, spec, _ = read_packed(packed)
-    int_model = integer_model(net, spec)
-    graph = path.read_bytes() if path.suffix == ".onnx" and has_dynamic_size(int_model) else None
-    return OnnxEngine(int_model, threads, pad_mode, graph)
+    data = packed.read_bytes()
+    net, spec, cfg = unpack(data, str(packed))
+    int_model, run_name = integer_model(net, spec), str(cfg.get("run_name"))
+    if path.suffix != ".onnx":
+        return OnnxEngine(int_model, threads, pad_mode, run_name=run_name)
+    graph = path.read_bytes()
+    check_pair(path, graph, packed, {**_identity(cfg), **read_header(data, str(packed))["graph"]})
+    if not has_dynamic_size(int_model):  # SwinIR/HAT: a graph per LR size, built from the packed file
+        return OnnxEngine(int_model, threads, pad_mode, run_name=run_name)
+    try:
+        return OnnxEngine(int_model, threads, pad_mode, graph, run_name)
+    except Exception as err:  # onnxruntime's InvalidProtobuf, InvalidGraph, Fail: no common base class
+        raise ExportError(f"{path}: ONNX Runtime cannot load it ({type(err).__name__}: {err}".splitlines()[0]
+                          + "); export the checkpoint again with odm-sr-export") from None
+
+
+def _identity(cfg: DictConfig) -> dict[str, str]:
+    return {"model": str(cfg.model.name), "scale": str(int(cfg.model.scale)), "run_name": str(cfg.get("run_name"))}
+
+
+def check_pair(onnx_path: Path, graph: bytes, packed_path: Path, expected: dict) -> None:
+    """The ``.onnx`` and the ``.odmq`` were written by one ``odm-sr-export``: same export id, model, scale and
+    run (``expected``: those of the packed file; else an error naming both files and what each holds), and the
+    graph's SHA-256 is the one the packed file records."""
+    tagged = graph_metadata(graph, str(onnx_path))
+    keys = ("export_id", "model", "scale", "run_name")
+    if any(tagged.get(k) != expected.get(k) for k in keys):
+        def describe(meta: dict) -> str:
+            return f"{meta.get('model')} x{meta.get('scale')} of run {meta.get('run_name')}, export id " \
+                   f"{meta.get('export_id')}"
+
+        raise ExportError(f"{onnx_path} and {packed_path} do not belong to each other ({onnx_path.name}: "
+                          f"{describe(tagged)}; {packed_path.name}: {describe(expected)}); odm-sr-export writes "
+                          f"both: keep each .onnx beside its own .odmq, or export the checkpoint again")
+    if hashlib.sha256(graph).hexdigest() != expected.get("sha256"):
+        raise ExportError(f"{onnx_path}: checksum mismatch: the file is damaged (its SHA-256 is not the one "
+                          f"{packed_path.name} records); copy it again or export the checkpoint again")
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, lr_hw: tuple[int, int] = (64, 64),
                       pad_mode: str = "official") -> dict:
-    """Write ``out`` (.onnx) and the packed file beside it; returns their paths and sizes."""
-    net, spec, int_model, cfg = trained_integer(ckpt)
+    """Write ``out`` (.onnx) and the packed file beside it, both or neither (``files.atomic_write_all``); returns
+    their paths and sizes."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    graph = to_onnx(int_model, lr_hw, pad_mode)
-    out.write_bytes(graph)
     packed = out.with_suffix(PACKED_SUFFIX)
-    size = write_packed(packed, net, spec, cfg)
+    if packed == out:
+        raise ExportError(f"{out}: give the path of the .onnx graph; its packed file is written beside it")
+    net, spec, int_model, cfg = trained_integer(ckpt)
+    export_id = uuid.uuid4().hex
+    graph = tag_graph(to_onnx(int_model, lr_hw, pad_mode), {"export_id": export_id, **_identity(cfg)})
+    data = pack(net, spec, cfg, {"export_id": export_id, "sha256": hashlib.sha256(graph).hexdigest()})
+    atomic_write_all({out: lambda f: f.write(graph), packed: lambda f: f.write(data)})
     from odm_sr.analysis.complexity import storage
 
     return {"storage_k": storage(net)["total_k"], "onnx": str(out), "onnx_bytes": len(graph),
-            "packed": str(packed), "packed_bytes": size, "dynamic_size": has_dynamic_size(int_model),
+            "packed": str(packed), "packed_bytes": len(data), "dynamic_size": has_dynamic_size(int_model),
             "traced_lr_hw": list(lr_hw)}

@@ -79,8 +79,19 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({load_failure(error)})") from None
+
+
+def load_failure(error: Exception) -> str:
+    """What made ``torch.load(weights_only=True)`` fail, in one line, without torch's advice to retry with
+    ``weights_only=False`` (that would run any code the file holds: odm-sr never does)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].split(". ")[0].strip(" .")
+        return (f"it holds more than tensors and plain values: {detail}; odm-sr loads files with "
+                f"weights_only=True and never runs code from a file")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {'weights-only load failed' if 'weights_only' in first else first}"
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -159,6 +170,21 @@ def mismatch_report(model: nn.Module, target: dict, state: dict) -> list[str]:
     return lines
 
 
+def refuse_quantized(checkpoint: Any, source: str) -> None:
+    """ValueError when ``checkpoint`` is an odm-sr training checkpoint of a quantized run (its stored
+    ``method.name`` is not ``fp`` or its ``bits`` are not 32): its latent float weights are not an FP model, and
+    a table would label them FP. The stored config is only read here, never instantiated."""
+    cfg = checkpoint.get("hyper_parameters", {}).get("cfg") if isinstance(checkpoint, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("method", {}), dict):
+        return
+    method, bits = cfg.get("method", {}).get("name", "fp"), cfg.get("bits") or {}
+    w, a = (bits.get(k, 32) if isinstance(bits, dict) else 32 for k in ("w", "a"))
+    if method != "fp" or (w, a) != (32, 32):
+        raise ValueError(f"model.pretrained={source}: holds a quantized network (an odm-sr checkpoint of "
+                         f"method={method} bits=w{w}a{a}), not full-precision weights; give the checkpoint of a "
+                         f"method=fp run or an official .pt/.pth (to evaluate this one: odm-sr-eval ckpt={source})")
+
+
 def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping,
                     strict: bool = True) -> nn.Module:
     """Copy weights into `model` (in place) and return it; quantizer keys are ignored on both sides.
@@ -170,7 +196,9 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
     if isinstance(path_or_state, Mapping):
         source, state = "<in-memory>", extract_state_dict(path_or_state)
     else:
-        source, state = str(path_or_state), read_checkpoint(path_or_state)
+        source, checkpoint = str(path_or_state), load_torch_file(path_or_state)
+        refuse_quantized(checkpoint, source)
+        state = extract_state_dict(checkpoint, source=source)
     state = {k: v for k, v in state.items() if not is_quantizer_key(k)}  # a file has names only
     inside = quantizer_prefixes(model)
     target = {k: v for k, v in model.state_dict().items() if not k.startswith(inside)}
