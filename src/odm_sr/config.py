@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .checks import check_choice, check_choices, check_number
+from .checks import check_choice, check_choices, check_number, check_range
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = Path(os.environ.get("ODM_SR_CONF", REPO_ROOT / "conf"))
@@ -65,6 +65,8 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("batch_size", "lr_patch", "iters_per_epoch"):
         check_number(cfg.data, key, "data.", positive=True, integer=True)
     check_number(cfg.optim, "lr", "optim.", positive=True)
+    check_number(cfg, "seed", integer=True, hint="seed_everything takes 0 ... 2**32 - 1")
+    check_range(cfg, "seed", 0, 2**32 - 1)
     from .analysis.cli import AFTER_FIT
 
     check_choices({"after_fit": (cfg.get("analyze") or {}).get("after_fit") or []}, "after_fit", AFTER_FIT,

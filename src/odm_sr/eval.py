@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from .builders import pretrained_network
 from .checkpoint import load_trained
-from .config import CONFIG_DIR, register_resolvers
-from .console import quiet_known_noise
+from .config import CONFIG_DIR, register_resolvers, reject_unknown_keys
+from .console import one_line_errors, quiet_known_noise
 from .data import SRDataModule
 from .evaluation import (
     bicubic_upscale,
@@ -40,6 +40,7 @@ EXPORTED_SUFFIXES = (".onnx", ".odmq")  # odm-sr-export's files: eval.engine=onn
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     """Evaluate ``cfg.ckpt`` (and bicubic) on ``cfg.data.test``; returns {row: {set: (psnr, ssim)}}."""
+    reject_unknown_keys(cfg)  # a typo (+eval.tiles=64) is an error, as in training, not silently ignored
     apply_precision(cfg)  # fp32, TF32 per ``tf32`` as in training
     scale, rows, net = cfg.get("scale"), {}, None
     if cfg.get("ckpt"):
@@ -58,6 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     scale = int(scale)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
+    dm.check_eval_sets()  # every image opened (and large enough to score) before any is evaluated
     gray = eval_gray_mode(net, cfg.eval.get("gray_mode", "official"))  # bicubic compared as the network's row
     if cfg.eval.get("bicubic_row", True) or net is None:
         rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm, gray)
@@ -116,10 +118,11 @@ def fp_network(model_cfg: DictConfig, eval_cfg: DictConfig, scale: int | None) -
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
-    rows = evaluate(cfg)
-    print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
-    out = Path(cfg.output_json)
-    write_json(out, rows_as_json(rows))  # strict JSON: a perfect reconstruction's inf PSNR as "inf"
+    with one_line_errors("odm-sr-eval"):  # a bad value, a missing file: one line (HYDRA_FULL_ERROR=1: traceback)
+        rows = evaluate(cfg)
+        print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
+        out = Path(cfg.output_json)
+        write_json(out, rows_as_json(rows))  # strict JSON: a perfect reconstruction's inf PSNR as "inf"
     print(f"wrote {out}")
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .builders import (
     selected_checkpoint,
 )
 from .config import CONFIG_DIR, register_resolvers, validate_config
-from .console import quiet_known_noise
+from .console import one_line_errors, quiet_known_noise
 from .evaluation import (
     bicubic_upscale,
     eval_gray_mode,
@@ -38,6 +39,7 @@ from .evaluation import (
 from .files import write_json
 from .lit_module import SRLitModule
 from .precision import apply_precision
+from .run_guard import RunTerminated, SigtermStop, check_same_result_config, run_folder_lock
 from .trainer_checkpoint import AtomicCheckpointIO, CurrentOptimSettingsOnResume, check_resume_checkpoint
 
 register_resolvers()
@@ -49,8 +51,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     apply_precision(cfg)  # fp32 only, TF32 per ``tf32``
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
-        print(f"skipping {out_dir}: results.json exists (skip_done=true)")
-        return json.loads((out_dir / "results.json").read_text())
+        done = json.loads((out_dir / "results.json").read_text())
+        check_same_result_config(done.get("config", {}), OmegaConf.to_container(cfg, resolve=True), out_dir)
+        print(f"skipping {out_dir}: results.json exists with the same config (skip_done=true)")
+        return done
+    # one writer per run folder; SIGTERM exits 143 naming the last checkpoint (not 0 with no results.json)
+    with run_folder_lock(out_dir), SigtermStop(out_dir / "checkpoints" / "last.ckpt") as sigterm:
+        return _train(cfg, out_dir, sigterm)
+
+
+def _train(cfg: DictConfig, out_dir: Path, sigterm: SigtermStop) -> dict[str, Any]:
+    """``train`` inside the run folder's lock, ``sigterm`` checked after the fit and after the test."""
     resume = resume_path(cfg, out_dir)
     warn_random_start(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -65,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                  plugins=[AtomicCheckpointIO()],
                                                  **trainer_overrides(cfg.trainer, method))
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
+    sigterm.check()  # a SIGTERM during the last step, which Lightning finishes
     train_seconds = lit.train_seconds  # S12: training incl. calibration, the whole run (resumes included)
     complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64))
     for logger in trainer.loggers:
@@ -77,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test_after_fit", True):
         results["test_checkpoint"] = selected = selected_checkpoint(trainer)  # eval.select_best_on: best.ckpt
         results["metrics"] = test_rows(cfg, trainer, lit, datamodule, selected["path"])
+        sigterm.check()
     if trainer.is_global_zero and cfg.get("analyze") and cfg.analyze.after_fit:
         tested = (results.get("test_checkpoint") or {}).get("path")  # eval.select_best_on: best.ckpt
         results["analysis"] = analyses_after_fit(out_dir, list(cfg.analyze.after_fit), str(cfg.analyze.data),
@@ -243,7 +256,12 @@ def test_metrics(trainer: L.Trainer, lit: SRLitModule, datamodule, set_names: li
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
-    train(cfg)
+    try:
+        with one_line_errors("odm-sr-train"):  # a bad value, a missing file: one line (HYDRA_FULL_ERROR=1: traceback)
+            train(cfg)
+    except RunTerminated as stop:  # exit status 143, the message instead of a traceback
+        print(stop, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_trained
+from .console import one_line_errors
 from .data.io import read_image, save_image, to_tensor
 from .evaluation import EVAL_PAD_MODES, network_upscale, resolve_device, warn_if_tiled_dynamic
 from .precision import set_tf32
@@ -35,7 +37,7 @@ def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int |
         from .export.runtime import load_engine, onnx_upscale
 
         onnx = load_engine(ckpt, threads, pad_mode)
-        return write_upscaled(lambda out: onnx_upscale(onnx, tile, overlap, out=out), onnx.scale, src, dst)
+        return write_upscaled(lambda out: onnx_upscale(onnx, tile, overlap, out=out), onnx.scale, src, dst, tile)
     net, cfg = load_trained(ckpt)
     warn_if_tiled_dynamic(build_method(cfg.method, cfg.bits), tile, "--tile")
     return upscale_image(net.to(resolve_device(device)), src, dst, tile, overlap, pad_mode)
@@ -45,25 +47,48 @@ def upscale_image(net: nn.Module, src: str | Path, dst: str | Path, tile: int | 
                   overlap: int = 16, pad_mode: str = "official") -> Path:
     """``net`` on the image file ``src``, written to ``dst`` (``write_upscaled``)."""
     return write_upscaled(lambda out: network_upscale(net, tile, overlap, pad_mode, out=out), int(net.scale),
-                          src, dst)
+                          src, dst, tile)
 
 
 def write_upscaled(make_upscaler: Callable[[Tensor], Callable[[Tensor], Tensor]], scale: int, src: str | Path,
-                   dst: str | Path) -> Path:
+                   dst: str | Path, tile: int | None = None) -> Path:
     """The image file ``src`` through ``make_upscaler(out)`` (an upscaler that rounds each tile to uint8 into
     ``out``), written to ``dst`` atomically (a temporary file renamed over ``dst``: a killed run leaves no
     truncated image under the final name). The destination is an (H, W, 3) uint8 buffer, the layout the encoder
-    takes: with tiling, memory is the uint8 output plus one tile, never a float copy of the whole output."""
+    takes: with tiling, memory is the uint8 output plus one tile, never a float copy of the whole output.
+    Running out of memory is an ``UpscaleMemoryError`` suggesting ``--tile`` (``tile``: the one in use)."""
     img, _ = read_image(src, mode="RGB")
     lr = to_tensor(img).unsqueeze(0)
     del img
-    buffer = torch.empty((1, scale * lr.shape[-2], scale * lr.shape[-1], 3), dtype=torch.uint8)
-    with torch.no_grad():
-        make_upscaler(buffer.permute(0, 3, 1, 2))(lr)
+    try:
+        buffer = torch.empty((1, scale * lr.shape[-2], scale * lr.shape[-1], 3), dtype=torch.uint8)
+        with torch.no_grad():
+            make_upscaler(buffer.permute(0, 3, 1, 2))(lr)
+    except Exception as err:  # torch.OutOfMemoryError is a RuntimeError; ONNX Runtime raises its own classes
+        if isinstance(err, MemoryError | torch.OutOfMemoryError) or _OUT_OF_MEMORY.search(str(err)):
+            raise UpscaleMemoryError(out_of_memory_advice(src, tuple(lr.shape[-2:]), tile, err)) from err
+        raise
     del lr
     dst = Path(dst)
     save_image(buffer[0].numpy(), dst)  # creates the parent folders; atomic
     return dst
+
+
+class UpscaleMemoryError(MemoryError):
+    """The network ran out of (GPU or CPU) memory on the image; the message suggests ``--tile``."""
+
+
+# what the allocators say: torch's CPU allocator ("can't allocate memory"), CUDA ("out of memory"), ONNX Runtime
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|failed to allocate memory|not enough memory", re.I)
+
+
+def out_of_memory_advice(src: str | Path, lr_hw: tuple[int, ...], tile: int | None, err: BaseException) -> str:
+    """The one-line message of ``UpscaleMemoryError``: the image, its size and the ``--tile`` to try."""
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    advice = ("run it in tiles with --tile 256 (or smaller: memory is then that of one tile, with --overlap LR "
+              "pixels of context around it)" if tile is None else
+              f"use a smaller --tile than {tile}")
+    return f"upscaling {src} ({lr_hw[0]}x{lr_hw[1]} LR pixels) ran out of memory: {advice} ({first})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,9 +108,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the INPUT file")
     parser.add_argument("--device", default=None, help="where the network runs (--engine torch): cuda, cuda:1, "
                                                        "cpu, ...; default cuda if available, else cpu")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error (also: "
+                                                                  "HYDRA_FULL_ERROR=1)")
     args = parser.parse_args(argv)
-    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32,
-                       args.engine, args.threads, args.overwrite, args.device)
+    with one_line_errors("odm-sr-upscale", args.traceback):  # a bad value, a missing file: one line
+        out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32,
+                           args.engine, args.threads, args.overwrite, args.device)
     print(f"wrote {out}")
 
 
