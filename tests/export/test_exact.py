@@ -67,6 +67,18 @@ def _ort_layer_inputs(graph: bytes, x: torch.Tensor) -> tuple[np.ndarray, list[n
     return out[0], out[1:]
 
 
+def _torch_layer_inputs(int_model, x, pad_mode=None):
+    """The integer layers of ``int_model``, the float input each sees in the exact PyTorch forward of ``x``
+    (window padding ``pad_mode``), and the output."""
+    torch_inputs = []
+    layers = [m for m in int_model.modules() if isinstance(m, _IntegerLayer) and m.grid is not None]
+    for layer in layers:
+        layer.register_forward_hook(lambda _m, inputs, _o: torch_inputs.append(inputs[0].detach().clone()))
+    with torch.no_grad(), window_padding(int_model, pad_mode):
+        ref = int_model(x).numpy()
+    return layers, torch_inputs, ref
+
+
 def test_tiny_swinir_ort_equals_the_exact_forward_at_every_integer_layer_input(tmp_path):
     """Every quantizer of the integer graph sees the same float32 values, bit for bit, as the PyTorch exact
     forward (LayerNorm → qkv, attention → proj, LayerNorm → fc1, GELU → fc2, residual stream → RSTB conv;
@@ -77,12 +89,7 @@ def test_tiny_swinir_ort_equals_the_exact_forward_at_every_integer_layer_input(t
     int_model = integer_model(net, extract_spec(net))
     x = torch.rand(1, 3, 13, 11)
     y, ort_inputs = _ort_layer_inputs(to_onnx(int_model, (13, 11)), x)
-    torch_inputs = []
-    layers = [m for m in int_model.modules() if isinstance(m, _IntegerLayer) and m.grid is not None]
-    for layer in layers:
-        layer.register_forward_hook(lambda _m, inputs, _o: torch_inputs.append(inputs[0].detach().clone()))
-    with torch.no_grad(), window_padding(int_model, eval_pad_mode(int_model, "official")):
-        ref = int_model(x).numpy()
+    layers, torch_inputs, ref = _torch_layer_inputs(int_model, x, eval_pad_mode(int_model, "official"))
     assert len(ort_inputs) == len(torch_inputs) == len(layers) == 9  # 2 blocks x (qkv, proj, fc1, fc2) + conv
     for a, b in zip(ort_inputs, torch_inputs, strict=True):
         np.testing.assert_array_equal(a.reshape(b.shape), b.numpy())
@@ -118,12 +125,7 @@ def test_imdn_pan_ort_equals_the_exact_forward_at_every_integer_layer_input(back
     assert sum(isinstance(m, exact) for m in int_model.modules()) == 2  # one per block
     x = torch.rand(1, 3, 13, 11)
     y, ort_inputs = _ort_layer_inputs(to_onnx(int_model, (13, 11)), x)
-    torch_inputs = []
-    layers = [m for m in int_model.modules() if isinstance(m, _IntegerLayer) and m.grid is not None]
-    for layer in layers:
-        layer.register_forward_hook(lambda _m, inputs, _o: torch_inputs.append(inputs[0].detach().clone()))
-    with torch.no_grad():
-        ref = int_model(x).numpy()
+    layers, torch_inputs, ref = _torch_layer_inputs(int_model, x)
     assert len(ort_inputs) == len(torch_inputs) == len(layers) == (10 if backbone == "imdn" else 12)
     for a, b in zip(ort_inputs, torch_inputs, strict=True):
         np.testing.assert_array_equal(a.reshape(b.shape), b.numpy())
