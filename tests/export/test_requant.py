@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import tiny_network
 from torch import nn
 
 from odm_sr.export.integer import IntegerConv2d
@@ -118,8 +119,6 @@ def test_eight_bit_activations_keep_convinteger():
 
 def test_engine_refuses_one_pixel_inputs(tmp_path):
     """A 1-pixel side has border configurations outside the verified ones: the engine says so."""
-    from conftest import tiny_network
-
     from odm_sr.export.integer import extract_spec, integer_model
     from odm_sr.export.runtime import OnnxEngine
 
