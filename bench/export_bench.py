@@ -1,7 +1,8 @@
 """Integer ONNX export (``odm-sr-export``): exactness against the PyTorch model, file sizes, CPU speed.
 
     PYTHONPATH=src python bench/export_bench.py --ckpt odm=<ckpt> pams=<ckpt> [--sets Set5 Set14 B100]
-                                               [--runs 10] [--skip-speed] [--out bench/results/export_bench.json]
+                                               [--runs 10] [--skip-speed] [--before-src <checkout>/src]
+                                               [--exact-models NAME ...] [--out bench/results/export_bench.json]
 
 - **Exactness**: every checkpoint given, and a small SwinIR-light x4 (ODM W2A2, random init, calibrated and
   ``--swin-steps`` QAT steps on synthetic pairs), on the test sets at x4: the uint8 output of the ONNX Runtime
@@ -10,21 +11,24 @@
   exact forward (``eval.exact=true``): share of equal pixels, largest difference, and the PSNR/SSIM rows
   (``evaluation.evaluate_sets``).
 - **Size**: the packed file (``export.packing``) against ``odm-sr-complexity``'s storage figure.
-- **Speed**: EDSR-baseline x4 with random weights (ODM W2A2 calibrated on random images), 128x128 LR, with 1 and
-  2 threads: the ORT integer graph, the ORT FP graph (``torch.onnx.export`` of the float backbone) and PyTorch FP
-  eager; median of ``--runs`` runs after 2 warm-ups, engines interleaved; the 1-minute load average. ORT's
-  profiler gives the integer graph's time per op type (and the FP graph's where the integer one is slower).
+- **Speed** (``--speed-models``, default all of ``SPEED_MODELS``: EDSR-baseline x4 ODM W2A2 and W4A4, the main
+  job's EDSR-small x4 ODM W2A2, SwinIR-light x4 ODM W2A2; random weights, ODM ranges calibrated on random
+  images), with 1 and 2 threads: the ORT integer graph, with ``--before-src <checkout>/src`` also the integer
+  graph that checkout's code exports from the same weights (a subprocess), the ORT FP graph (the float backbone
+  through ``to_onnx``) and PyTorch FP eager; median of ``--runs`` runs after 2 warm-ups, engines interleaved
+  (order rotated each round); the 1-minute load average; ORT's profiler gives every graph's ms per op type.
+- ``--exact-models``: the exactness rows for speed models too (random weights: exactness, not quality).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
-import warnings
 from pathlib import Path
 
 import _common  # noqa: F401 - puts src/ on sys.path when odm_sr is not installed
@@ -132,59 +136,96 @@ def sizes(net, cfg) -> dict:
             "storage_bytes": expected, "body_over_storage": body / expected}
 
 
-def speed(runs: int, threads_list: list[int], tmp: Path) -> dict:
+SPEED_MODELS = {  # name: (overrides, LR side); random FP weights, ODM ranges calibrated on random images
+    "edsr_baseline_x4_odm_w2a2": (["model=edsr_baseline", "model.scale=4", "method=odm", "bits=w2a2"], 128),
+    "edsr_baseline_x4_odm_w4a4": (["model=edsr_baseline", "model.scale=4", "method=odm", "bits=w4a4"], 128),
+    "main_edsr_small_x4_odm_w2a2": (["model=edsr_small", "model.scale=4", "method=odm", "bits=w2a2"], 128),
+    "swinir_light_x4_odm_w2a2": (["model=swinir_light", "model.scale=4", "method=odm", "bits=w2a2"], 48),
+}
+
+
+def speed_model(name: str, tmp: Path) -> tuple:
+    """(FP backbone, calibrated quantized network, LR side) of a ``SPEED_MODELS`` entry."""
+    overrides, side = SPEED_MODELS[name]
     torch.manual_seed(0)
-    cfg = compose_cfg(["model=edsr_baseline", "model.scale=4", "method=odm", "bits=w2a2"], tmp)
+    cfg = compose_cfg(overrides, tmp)
     fp = build_backbone(cfg.model).eval()
     net, method, _ = build_network(cfg)
     net.eval().load_state_dict(fp.state_dict(), strict=False)
     with torch.no_grad():
-        method.calibrate(net, [torch.rand(1, 3, 48, 48) * 255])
-    int_graph = to_onnx(integer_model(net, extract_spec(net)), (128, 128))
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(fp, (torch.rand(1, 3, 128, 128),), buf, dynamo=False, opset_version=17,
-                          input_names=["lr"])
-    x = (torch.rand(1, 3, 128, 128) * 255).numpy()
+        method.calibrate(net, [torch.rand(1, 3, 48, 48) * float(net.pixel_range)])
+    return fp, net, side
+
+
+def before_graph(src: Path, name: str, net, side: int, tmp: Path) -> bytes:
+    """The integer graph of ``net`` exported by another checkout's ``src`` (a subprocess on its code)."""
+    state, out = tmp / f"{name}_state.pt", tmp / f"{name}_before.onnx"
+    torch.save(net.state_dict(), state)
+    env = dict(os.environ, PYTHONPATH=str(src))
+    subprocess.run([sys.executable, __file__, "--export-graph", name, str(state), str(out)], env=env, check=True)
+    return out.read_bytes()
+
+
+def export_graph(name: str, state: Path, out: Path) -> None:
+    """``--export-graph``: build ``name``'s network, load ``state``, write its integer graph (this process's
+    odm_sr)."""
+    _, net, side = speed_model(name, out.parent)
+    net.load_state_dict(torch.load(state))
+    out.write_bytes(to_onnx(integer_model(net, extract_spec(net)), (side, side)))
+
+
+def speed(names: list[str], runs: int, threads_list: list[int], before_src: Path | None, tmp: Path) -> dict:
+    """Per model and thread count: median ms of the ORT integer graph (this checkout's; ``before_src``'s too),
+    the ORT FP graph and PyTorch FP eager, interleaved (order rotated each round), and ms per op type."""
     results = {}
-    for threads in threads_list:
-        torch.set_num_threads(threads)
-        engines = {"ort_int": session(int_graph, threads), "ort_fp": session(buf.getvalue(), threads)}
-        calls = {name: (lambda s=s: s.run(None, {"lr": x})) for name, s in engines.items()}
-        calls["torch_fp"] = lambda: fp(torch.from_numpy(x))
-        times = {name: [] for name in calls}
-        with torch.no_grad():
-            for i in range(runs + 2):
-                for name in list(calls)[i % 3:] + list(calls)[:i % 3]:  # rotate the order: no engine always first
-                    t0 = time.perf_counter()
-                    calls[name]()
-                    if i >= 2:
-                        times[name].append(time.perf_counter() - t0)
-        med = {name: 1000 * statistics.median(v) for name, v in times.items()}
-        row = {f"{k}_ms": v for k, v in med.items()}
-        row.update(int_over_ort_fp=med["ort_int"] / med["ort_fp"], int_over_torch_fp=med["ort_int"] / med["torch_fp"],
-                   ort_fp_over_torch_fp=med["ort_fp"] / med["torch_fp"])
-        row["load_avg_1min"] = os.getloadavg()[0]
-        row["int_profile"] = profile(int_graph, x, threads, tmp)  # share of node time per op type
-        if med["ort_int"] > med["ort_fp"]:
-            row["fp_profile"] = profile(buf.getvalue(), x, threads, tmp)
-        results[str(threads)] = row
+    for name in names:
+        fp, net, side = speed_model(name, tmp)
+        graphs = {"ort_int": to_onnx(integer_model(net, extract_spec(net)), (side, side))}
+        if before_src is not None:
+            graphs["ort_int_before"] = before_graph(before_src, name, net, side, tmp)
+        graphs["ort_fp"] = to_onnx(fp, (side, side))
+        x = (torch.rand(1, 3, side, side) * float(net.pixel_range)).numpy()
+        results[name] = {str(t): speed_row(graphs, fp, x, runs, t, tmp) for t in threads_list}
+        print(name, json.dumps(results[name], indent=1), flush=True)
     return results
 
 
+def speed_row(graphs: dict[str, bytes], fp, x: np.ndarray, runs: int, threads: int, tmp: Path) -> dict:
+    torch.set_num_threads(threads)
+    sessions = {name: session(g, threads) for name, g in graphs.items()}
+    calls = {name: (lambda s=s: s.run(None, {"lr": x})) for name, s in sessions.items()}
+    calls["torch_fp"] = lambda: fp(torch.from_numpy(x))
+    times = {name: [] for name in calls}
+    order = list(calls)
+    with torch.no_grad():
+        for i in range(runs + 2):
+            for name in order[i % len(order):] + order[:i % len(order)]:  # rotate: no engine always first
+                t0 = time.perf_counter()
+                calls[name]()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    med = {name: 1000 * statistics.median(v) for name, v in times.items()}
+    row = {f"{k}_ms": round(v, 1) for k, v in med.items()}
+    row.update({f"{k}_over_ort_fp": round(med[k] / med["ort_fp"], 3) for k in graphs if k != "ort_fp"})
+    row["ort_fp_over_torch_fp"] = round(med["ort_fp"] / med["torch_fp"], 3)
+    row["load_avg_1min"] = os.getloadavg()[0]
+    row["op_ms"] = {k: profile(g, x, threads, tmp) for k, g in graphs.items()}
+    return row
+
+
 def profile(graph: bytes, x: np.ndarray, threads: int, tmp: Path, runs: int = 3) -> dict[str, float]:
-    """Share of node time per op type (ORT profiler), largest first."""
+    """Node time per run by op type (ORT profiler, ms), the eight largest."""
     sess = session(graph, threads, profile_prefix=str(tmp / "ort_profile"))
     for _ in range(runs):
         sess.run(None, {"lr": x})
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    path = Path(sess.end_profiling())
+    events = json.loads(path.read_text())
+    path.unlink()
     per_op: dict[str, float] = {}
     for ev in events:
         if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
             per_op[ev["args"]["op_name"]] = per_op.get(ev["args"]["op_name"], 0.0) + ev["dur"]
-    total = sum(per_op.values())
-    return {op: round(t / total, 4) for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:6]}
+    return {op: round(t / runs / 1000, 1) for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:8]}
 
 
 def main() -> None:
@@ -196,18 +237,28 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--speed-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--speed-models", nargs="+", default=list(SPEED_MODELS), choices=list(SPEED_MODELS))
+    parser.add_argument("--exact-models", nargs="*", default=[], choices=list(SPEED_MODELS),
+                        help="also the exactness of these (random-weight, calibrated) speed models")
+    parser.add_argument("--before-src", type=Path, help="another checkout's src/: its integer graph is timed too")
+    parser.add_argument("--export-graph", nargs=3, metavar=("MODEL", "STATE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "export_bench.json")
     args = parser.parse_args()
+    if args.export_graph:
+        name, state, out = args.export_graph
+        return export_graph(name, Path(state), Path(out))
     tmp = args.out.parent / ".export_bench_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment(), "models": {}}
     models = load_models(dict(item.split("=", 1) for item in args.ckpt), args.swin_steps, tmp)
+    models.update({f"{name}_random": speed_model(name, tmp)[1:2] + (None,) for name in args.exact_models})
     for name, (net, cfg) in models.items():
-        payload["models"][name] = {"exactness": exactness(net, args.sets, args.threads), "size": sizes(net, cfg)}
+        payload["models"][name] = {"exactness": exactness(net, args.sets, args.threads)}
+        if cfg is not None:
+            payload["models"][name]["size"] = sizes(net, cfg)
         print(name, json.dumps(payload["models"][name], indent=1))
     if not args.skip_speed:
-        payload["speed_edsr_baseline_x4_128"] = speed(args.runs, args.speed_threads, tmp)
-        print(json.dumps(payload["speed_edsr_baseline_x4_128"], indent=1))
+        payload["speed"] = speed(args.speed_models, args.runs, args.speed_threads, args.before_src, tmp)
     write_json(args.out, payload)
 
 

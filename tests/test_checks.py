@@ -27,6 +27,12 @@ from odm_sr.checks import check_bool, check_choice, check_choices, check_number,
     (lambda: check_range({"j": 50}, "j", 50, 100, "init.", open_low=True),
      "init.j=50: expected a number in (50, 100]"),
     (lambda: check_range({"r": "x"}, "r", 0.0, 1.0, auto=True), "r='x': expected 'auto' or a number in [0.0, 1.0]"),
+    # non-finite numbers (issue 22, item 7): inf passes every "> 0" test and nan every "not < 0" one
+    (lambda: check_number({"lambda_m": float("inf")}, "lambda_m", "method."),
+     "method.lambda_m=inf: expected a non-negative number"),
+    (lambda: check_number({"lr": float("nan")}, "lr", "optim.", positive=True),
+     "optim.lr=nan: expected a positive number"),
+    (lambda: check_range({"x": float("inf")}, "x", 0.0, float("inf")), "x=inf: expected a number in [0.0, inf]"),
 ])
 def test_message_names_key_value_and_expectation(call, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import socket
 
 import numpy as np
 import pytest
@@ -152,8 +153,34 @@ def test_wandb_mode_from_the_environment_wins_over_the_offline_default(mode, off
         monkeypatch.delenv("WANDB_MODE", raising=False)
     else:
         monkeypatch.setenv("WANDB_MODE", mode)
-    (logger,) = build_loggers(compose_config(["logger=wandb"], tmp_path))
-    assert logger._offline is offline  # nothing is contacted: the run starts only on first use
+    with socket.create_server(("127.0.0.1", 0)) as server:  # online probes the server: a local one that answers
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        (logger,) = build_loggers(compose_config(["logger=wandb"], tmp_path))
+    assert logger._offline is offline  # the run itself starts only on first use
+
+
+def test_wandb_online_without_a_server_logs_offline_at_once_with_a_warning(tmp_path, monkeypatch):
+    """No network must not cost wandb's 90 s init timeout and then the run (issue 22, item 16); the server is a
+    closed local port, so nothing leaves the machine."""
+    import time
+
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = [o for o in QUIET if not o.startswith("logger=")] + ["logger=wandb", "trainer.max_steps=1",
+                                                                    "test_after_fit=false"]
+    start = time.monotonic()
+    try:
+        with pytest.warns(UserWarning, match=r"wandb online: http://127\.0\.0\.1:9 is unreachable .*logging "
+                                             r"offline instead"):
+            train(compose_config(overrides, tmp_path))
+    finally:
+        wandb.teardown()
+    assert time.monotonic() - start < 60
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1  # the run is kept, to sync later
 
 
 def test_wandb_mode_disabled_writes_no_offline_run(tmp_path, monkeypatch):
@@ -169,6 +196,38 @@ def test_wandb_mode_disabled_writes_no_offline_run(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("wandb/offline-run-*"))
 
 
+# -- non-finite numbers and seeds (issue 22, items 7 and 15) -------------------------------------------------------
+@pytest.mark.parametrize(("override", "message"), [
+    ("method.lambda_m=inf", r"lambda_m=inf: expected"), ("method.lambda_m=nan", r"lambda_m=nan: expected"),
+    ("optim.lr=nan", r"optim\.lr=nan: expected a positive number"), ("optim.lr=inf", r"optim\.lr=inf: "),
+    ("seed=-1", r"seed=-1: expected a non-negative integer"), ("seed=4294967296", r"seed=4294967296: expected"),
+])
+def test_non_finite_numbers_and_bad_seeds_fail_before_any_work_naming_the_key(override, message, tmp_path):
+    overrides = QUIET + ["method=odm", "bits=w4a4", override]
+    with pytest.raises(ValueError, match=message):
+        train(compose_config(overrides, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_divergence_before_the_first_checkpoint_advises_no_resume(tmp_path, monkeypatch):
+    """A non-finite loss at the first step: no checkpoint exists, so the message must not advise resuming from one."""
+    from odm_sr.quant.base import FullPrecision
+
+    real = FullPrecision.training_losses
+
+    def poisoned(self, model, lr, hr, step, teacher=None):
+        out = real(self, model, lr, hr, step, teacher)
+        out.terms["rec"] = out.terms["rec"] * float("nan")
+        return out
+
+    monkeypatch.setattr(FullPrecision, "training_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"at step 0 .*No checkpoint was written before it: start the run "
+                                                 r"again with a lower learning rate, optim\.lr=1e-05") as err:
+        train(compose_config(QUIET + ["test_after_fit=false"], tmp_path))
+    assert "resume=" not in str(err.value)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
 # -- 10. unknown keys ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override", ["+data.batchsize=1", "+optim.learning_rate=1", "+eval.tiles=64",
                                       "+model.n_feats=8", "+bits.weights=2"])
@@ -177,6 +236,17 @@ def test_unknown_keys_added_with_plus_are_refused(override, tmp_path):
     with pytest.raises(ValueError, match=rf"unknown config key\(s\) \['{re.escape(key)}'\]"):
         train(compose_config(TINY_TRAIN + [override], tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["+eval.tiles=64", "+data.batchsize=1", "+model.n_feats=8"])
+def test_odm_sr_eval_refuses_unknown_keys_as_training_does(override, tmp_path):
+    """issue 22, item 13: odm-sr-eval ignored them silently."""
+    from odm_sr.eval import evaluate
+
+    extra = ["model=edsr_small"] if override.startswith("+model.") else []
+    key = override[1:].split("=")[0]
+    with pytest.raises(ValueError, match=rf"unknown config key\(s\) \['{re.escape(key)}'\]: nothing reads them"):
+        evaluate(compose_config(["scale=2", *extra, override], tmp_path, "eval"))
 
 
 # -- 12. resume= errors name the file -----------------------------------------------------------------------------

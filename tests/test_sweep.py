@@ -37,10 +37,14 @@ EXPECTED = {
     "mr_ablation": (LONG_ODM, 3),
     "mr_ablation_strong": (LONG_ODM, 2),
     "mr_methods": (None, 3),
+    "real_methods": (None, 14),
+    "real_odm_ablation": (None, 2),
+    "real_odm_ablation_rho": (None, 2),
 }
 # sweeps whose jobs pick config-group options: every job is composed and validated
 SELECTS_GROUPS = {"coop_formulation", "ablation_components", "wcc_vs_lsq", "methods", "main_table", "mini_table",
-                  "mr_norm", "mr_ablation", "mr_ablation_strong", "mr_methods"}
+                  "mr_norm", "mr_ablation", "mr_ablation_strong", "mr_methods", "real_methods", "real_odm_ablation",
+                  "real_odm_ablation_rho"}
 
 
 def _overrides(name: str) -> list[str]:
@@ -112,6 +116,20 @@ def test_mr_sweep_values():
                and list(c.analyze.after_fit) == ["mismatch", "variance"] for c in cfgs)
 
 
+def test_real_sweep_values():
+    """The real-network sweeps (issue: real trained networks): one budget for every method, from the official
+    weights; the ablation rows at the paper's and at the rho-matched lambda_M."""
+    cfgs = [_method(job) for job in _jobs("real_methods")[1]]
+    got = {(c.model.name, f"w{c.bits.w}a{c.bits.a}", c.method.name) for c in cfgs}
+    assert got == {("imdn", b, m) for b in ("w2a2", "w4a4") for m in ("pams", "daq", "ddtb", "odm", "lsq")} | {
+        ("pan", "w2a2", m) for m in ("pams", "daq", "ddtb", "odm")}
+    assert all(c.trainer.max_steps == 1000 and c.data.iters_per_epoch == 100 and c.model.scale == 4
+               and c.model.pretrained.endswith(("/imdn/IMDN_x4.pth", "/pan/PANx4_DF2K.pth")) for c in cfgs)
+    rows = [_method(job).method for name in ("real_odm_ablation", "real_odm_ablation_rho") for job in _jobs(name)[1]]
+    assert [(m.mr.mode, m.lambda_m) for m in rows] == [("off", 1e-5), ("naive", 1e-5), ("naive", 5e-7),
+                                                       ("coop", 5e-7)]
+
+
 def test_command_line_overrides_reach_every_job():
     _, jobs = _jobs("seeds", ("trainer.max_steps=5",))
     assert all("trainer.max_steps=5" in job for job in jobs)
@@ -160,3 +178,37 @@ def test_multirun_end_to_end_then_skips_finished_jobs(tmp_path):
     out = run()
     assert out.count("skipping") == 3, out[-3000:]
     assert {d: (d / "results.json").stat().st_mtime_ns for d in job_dirs} == mtimes
+
+
+def test_every_key_left_out_of_job_folder_names_but_model_pretrained_is_one_that_keeps_the_result():
+    """The job folder name leaves out model.pretrained, so skip_done must compare it (issue 22, item 8)."""
+    from odm_sr.run_guard import _changes_result
+
+    left_out = OmegaConf.load(SWEEP_DIR / "common.yaml").hydra.job.config.override_dirname.exclude_keys
+    assert [k for k in left_out if _changes_result(k)] == ["model.pretrained"]
+
+
+def test_a_finished_job_is_skipped_only_with_the_same_result_config(tmp_path, capsys):
+    """A sweep rerun with another model.pretrained must not keep the old model's numbers (issue 22, item 8)."""
+    from odm_sr.train import train
+
+    tiny = ["model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8", "model.scale=2", "data=sample",
+            "data.lr_patch=12", "data.batch_size=2", "trainer=cpu", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=csv",
+            "callbacks.model_checkpoint.every_n_train_steps=2", "test_after_fit=false"]
+    train(compose_config(tiny, tmp_path / "fp"))
+    fp_a = tmp_path / "fp" / "checkpoints" / "last.ckpt"
+    fp_b = tmp_path / "other_fp.ckpt"
+    fp_b.write_bytes(fp_a.read_bytes())
+    job = tmp_path / "job"
+    sweep = tiny + ["method=pams", "bits=w4a4", "skip_done=true", "auto_resume=true"]
+    first = train(compose_config(sweep + [f"model.pretrained={fp_a}"], job))
+    capsys.readouterr()
+    again = train(compose_config(sweep + [f"model.pretrained={fp_a}", "trainer.enable_progress_bar=true",
+                                          "logger=none", "eval.bicubic_row=false"], job))
+    assert again == first and "skipping" in capsys.readouterr().out  # only keys that keep the result differ
+    for override, key in ((f"model.pretrained={fp_b}", "model.pretrained"), ("seed=1", r"data\.seed"),
+                          ("trainer.max_steps=4", "trainer.max_steps")):
+        with pytest.raises(ValueError, match=rf"skip_done: {job}/results.json was made with {key}=.*, the new "
+                                             rf"config has {key}="):
+            train(compose_config(sweep + [f"model.pretrained={fp_a}", override], job))

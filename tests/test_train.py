@@ -85,7 +85,7 @@ def test_upscale_refuses_to_write_over_its_input(tiny_run, tmp_path):
     out, _ = tiny_run
     src = _input_image(tmp_path / "in.png")
     before = src.read_bytes()
-    with pytest.raises(FileExistsError, match=r"is the input image .*--overwrite"):
+    with pytest.raises(SystemExit, match=r"^odm-sr-upscale: error: output .* is the input image .*--overwrite"):
         upscale_main([str(out / "checkpoints" / "last.ckpt"), str(src), str(tmp_path / "." / "in.png")])
     assert src.read_bytes() == before
     upscale_main([str(out / "checkpoints" / "last.ckpt"), str(src), str(src), "--overwrite"])

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import hydra
@@ -14,6 +13,7 @@ from .config import instantiate
 from .models import build_model, load_pretrained
 from .quant import QuantMethod, build_method
 from .quant.base import frozen_copy
+from .wandb_mode import offline_fallback
 
 
 def backbone(name: str, scale: int, kwargs: dict | None = None, pretrained: str | None = None,
@@ -70,10 +70,10 @@ def _group_nodes(group: DictConfig | None) -> list[DictConfig]:
 def build_loggers(cfg: DictConfig) -> list:
     """The ``logger`` group's loggers. ``$WANDB_MODE`` (online, offline, disabled), when set, decides the wandb
     mode: ``logger.wandb.offline`` (true: offline by default) is then overridden with false, since Lightning's
-    ``offline=True`` forces offline mode whatever the environment says."""
-    env_mode = bool(os.environ.get("WANDB_MODE"))
-    return [hydra.utils.instantiate(node, **({"offline": False} if env_mode and "WandbLogger" in node._target_
-                                             else {}))
+    ``offline=True`` forces offline mode whatever the environment says; online with an unreachable server logs
+    offline, with a warning (``wandb_mode.offline_fallback``)."""
+    return [hydra.utils.instantiate(node, **({"offline": offline_fallback(bool(node.get("offline", False)))}
+                                             if "WandbLogger" in node._target_ else {}))
             for node in _group_nodes(cfg.get("logger"))]
 
 

@@ -6,6 +6,7 @@ DictConfig, read with ``cfg[key]``. Imports nothing from odm_sr, so every layer 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,10 +42,10 @@ def check_bool(cfg: Any, key: str, prefix: str = "") -> bool:
 
 def check_number(cfg: Any, key: str, prefix: str = "", positive: bool = False, integer: bool = False,
                  hint: str = "") -> Any:
-    """``cfg[key]``, a number ≥ 0 (> 0 with ``positive``; an int with ``integer``)."""
+    """``cfg[key]``, a finite number ≥ 0 (> 0 with ``positive``; an int with ``integer``)."""
     value = cfg[key]
     number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    if not number or value < 0 or (positive and value == 0):
+    if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
         kind = "positive" if positive else "non-negative"
         _fail(prefix, key, value, f"a {kind} {'integer' if integer else 'number'}", hint)
     return value
@@ -57,7 +58,7 @@ def check_range(cfg: Any, key: str, low: float, high: float, prefix: str = "", *
     value = cfg[key]
     if auto and value == "auto":
         return value
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     inside = number and (low < value if open_low else low <= value) and (value < high if open_high else value <= high)
     if not inside:
         interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"

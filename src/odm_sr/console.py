@@ -1,5 +1,6 @@
-"""What the console of a run shows: the progress bar and the result table, without three known, harmless texts
-that libraries print on every run (and nothing broader is silenced):
+"""What the console of a run shows: the progress bar and the result table, and an expected error (a bad value, a
+missing file: ``one_line_errors``) as one line, without a traceback; without three known, harmless texts that
+libraries print on every run (and nothing broader is silenced):
 
 - Lightning's warning that ``ModelCheckpoint`` with manual optimisation saves the state after the optimizer
   step, with a code sample (our checkpoints are meant to hold exactly that state);
@@ -10,7 +11,10 @@ that libraries print on every run (and nothing broader is silenced):
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _WARNINGS = (
     (UserWarning, r"Using ModelCheckpoint with manual optimization and every_n_train_steps"),
@@ -37,4 +41,29 @@ def quiet_known_noise() -> None:
             logger.addFilter(_NO_TIPS)
 
 
-__all__ = ["quiet_known_noise"]
+class UserError(Exception):
+    """Mixed into an exception class whose errors come from the user's input or machine (a diverged run, a busy run
+    folder, a full disk), not from a bug: the command line shows them as one line (``one_line_errors``)."""
+
+
+# ValueError: a bad value or file content (ImageReadError too); OSError: a missing, unreadable or unwritable file;
+# MemoryError: too large an input (odm-sr-upscale suggests --tile)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError, UserError)
+TRACEBACK_ENV = "HYDRA_FULL_ERROR"  # Hydra's own switch; the argparse commands also take --traceback
+
+
+@contextmanager
+def one_line_errors(prog: str, traceback: bool = False, also: tuple[type[BaseException], ...] = ()
+                    ) -> Iterator[None]:
+    """Inside the block, an ``EXPECTED_ERRORS`` (or ``also``) error exits with status 1 and the one line
+    ``<prog>: error: <message>`` instead of a traceback; ``traceback`` or ``$HYDRA_FULL_ERROR=1`` let it through
+    with its traceback. Other exceptions (bugs) always keep theirs."""
+    try:
+        yield
+    except (*EXPECTED_ERRORS, *also) as err:
+        if traceback or os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        raise SystemExit(f"{prog}: error: {err}") from None
+
+
+__all__ = ["EXPECTED_ERRORS", "UserError", "one_line_errors", "quiet_known_noise"]

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from .builders import pretrained_network
-from .config import register_resolvers
+from .config import register_resolvers, reject_unknown_keys
 from .data import SRDataModule
 from .evaluation import (
     bicubic_upscale,
@@ -35,6 +35,7 @@ EXPORTED_SUFFIXES = (".onnx", ".odmq")  # odm-sr-export's files: eval.engine=onn
 
 def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     """Evaluate ``cfg.ckpt`` (and bicubic) on ``cfg.data.test``; returns {row: {set: (psnr, ssim)}}."""
+    reject_unknown_keys(cfg)  # a typo (+eval.tiles=64) is an error, as in training, not silently ignored
     apply_precision(cfg)  # fp32, TF32 per ``tf32`` as in training
     scale, rows, net = cfg.get("scale"), {}, None
     if cfg.get("ckpt"):
@@ -53,6 +54,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, tuple[float, float]]]:
     scale = int(scale)
     dm = SRDataModule(train=None, val=[], test=list(cfg.data.test), scale=scale, lr_patch=int(cfg.data.lr_patch),
                       batch_size=1, data_root=str(cfg.data.data_root))
+    dm.check_eval_sets()  # every image opened (and large enough to score) before any is evaluated
     gray = eval_gray_mode(net, cfg.eval.get("gray_mode", "official"))  # bicubic compared as the network's row
     if cfg.eval.get("bicubic_row", True) or net is None:
         rows["bicubic"] = evaluate_sets(bicubic_upscale(scale), dm, gray)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -17,13 +18,14 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 
+from .console import UserError
 from .evaluation import eval_gray_mode, eval_upscale, update_metrics
 from .metrics import SRMetrics
 from .quant.base import QuantMethod
 from .quant.distributed import all_reduce_sum_, world_size
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RuntimeError, UserError):
     """Raised when a training loss is NaN or infinite: the run stops, keeping the last good checkpoint."""
 
 
@@ -252,8 +254,11 @@ class SRLitModule(L.LightningModule):
         prefix = "rank {}: " if world_size() > 1 else ""
         terms = "; ".join(prefix.format(r) + ", ".join(f"{k}={v:.4g}" for k, v in t.items()) for r, t in bad.items())
         callback = self._trainer.checkpoint_callback if self._trainer is not None else None  # None: no Trainer
-        last = (callback.last_model_path if callback is not None else "") or "<run>/checkpoints/last.ckpt"
+        last = (callback.last_model_path or str(Path(callback.dirpath or ".") / "last.ckpt")) if callback else ""
         lower = float(self.optim_cfg.get("lr", 1e-4)) / 10
+        if not (last and Path(last).is_file()):  # advise no resume from a checkpoint that is not there
+            return (f"non-finite training loss at step {step} ({terms}); stopping. No checkpoint was written before "
+                    f"it: start the run again with a lower learning rate, optim.lr={lower:.3g}, or check the data.")
         return (f"non-finite training loss at step {step} ({terms}); stopping. The last good "
                 f"checkpoint is kept: continue from it with a lower learning rate, resume={last} "
                 f"optim.lr={lower:.3g} (the new optim.* values replace the checkpoint's), or check the data.")

@@ -29,6 +29,7 @@ __all__ = [
     "ssim",
     "GRAY_MODES",
     "evaluate_pair",
+    "check_eval_size",
     "psnr_tensor",
     "ssim_tensor",
     "SRMetrics",
@@ -190,6 +191,17 @@ def ssim(sr: ArrayLike, hr: ArrayLike, border: int, gray: str = "channel") -> fl
 def evaluate_pair(sr_uint8: ArrayLike, hr_uint8: ArrayLike, scale: int, gray: str = "channel") -> tuple[float, float]:
     """(PSNR, SSIM) of one uint8 (C, H, W) pair with the border = ``scale`` convention."""
     return psnr(sr_uint8, hr_uint8, scale, gray), ssim(sr_uint8, hr_uint8, scale, gray)
+
+
+def check_eval_size(hr_size: tuple[int, int], scale: int, name: str) -> None:
+    """Raise naming ``name`` if an (H, W) ground truth is too small to score at ``scale``: the metrics crop
+    ``scale`` pixels on each side, and SSIM's window then needs ``SSIM_WINDOW`` pixels each way."""
+    need = SSIM_WINDOW + 2 * scale
+    if min(hr_size) < need:
+        raise ValueError(f"{name}: the {hr_size[0]}x{hr_size[1]} ground truth is too small to score at x{scale}: "
+                         f"PSNR/SSIM crop {scale} pixels on each side and SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window "
+                         f"needs the rest, so each image must be at least {need}x{need} (LR "
+                         f"{-(-need // scale)}x{-(-need // scale)}); drop it from its set")
 
 
 class SRMetrics(Metric):

@@ -13,6 +13,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
+from .console import UserError
 from .files import atomic_write
 from .models.weights import mismatch_report
 from .trained import read_checkpoint
@@ -66,13 +67,36 @@ def apply_optim_settings(checkpoint: dict, optimizer: torch.optim.Optimizer, sch
         print(f"resume: the current config's {sorted(changed)} replace the checkpoint's (lr now {lrs})")
 
 
+class CheckpointWriteError(OSError, UserError):
+    """A checkpoint could not be written (disk full, quota, permissions); the file at its path is unchanged."""
+
+
+def write_failure_message(path: Path, err: BaseException) -> str:
+    """One line: the checkpoint, the cause (the ``OSError`` behind torch's zip-writer error, e.g. "No space
+    left on device") and what is still there."""
+    cause, seen = err, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    why = (cause.strerror or str(cause)) if isinstance(cause, OSError) else str(err).strip().splitlines()[0]
+    then = (f"{path} still holds the previous checkpoint. Free space in {path.parent} (or fix its permissions) and "
+            f"continue the run with resume={path} (or auto_resume=true)" if path.is_file() else
+            f"no earlier checkpoint is at {path}. Free space in {path.parent} (or fix its permissions) and start "
+            f"the run again")
+    return f"cannot write checkpoint {path}: {why}; {then}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O that never leaves a half-written checkpoint that looks valid: it writes
     ``.<name>.tmp`` beside the target, fsyncs it and renames it over the target (``os.replace`` is atomic on
-    POSIX). Loading uses ``weights_only=True``."""
+    POSIX); a failed write (disk full) is a ``CheckpointWriteError`` naming the file and the cause. Loading uses
+    ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        try:
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
+        except (OSError, RuntimeError) as err:  # torch reports a failed write as "inline_container.cc ... pos"
+            raise CheckpointWriteError(write_failure_message(Path(path), err)) from err
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(path)

@@ -25,7 +25,7 @@ from .builders import (
     pretrained_network,
     selected_checkpoint,
 )
-from .checks import check_choice, check_choices, check_number
+from .checks import check_choice, check_choices, check_number, check_range
 from .config import register_resolvers, reject_unknown_keys
 from .evaluation import (
     EVAL_PAD_MODES,
@@ -42,6 +42,7 @@ from .lit_module import SRLitModule
 from .precision import apply_precision
 from .quant import QuantMethod, build_method
 from .resume import AtomicCheckpointIO, CurrentOptimSettingsOnResume, check_resume_checkpoint
+from .run_guard import SigtermStop, check_same_result_config, run_folder_lock
 
 register_resolvers()
 
@@ -54,8 +55,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     apply_precision(cfg)  # fp32 only, TF32 per ``tf32``
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
-        print(f"skipping {out_dir}: results.json exists (skip_done=true)")
-        return json.loads((out_dir / "results.json").read_text())
+        done = json.loads((out_dir / "results.json").read_text())
+        check_same_result_config(done.get("config", {}), plain, out_dir)
+        print(f"skipping {out_dir}: results.json exists with the same config (skip_done=true)")
+        return done
+    # one writer per run folder; SIGTERM exits 143 naming the last checkpoint (not 0 with no results.json)
+    with run_folder_lock(out_dir), SigtermStop(out_dir / "checkpoints" / "last.ckpt") as sigterm:
+        return _train(cfg, out_dir, sigterm, method, plain)
+
+
+def _train(cfg: DictConfig, out_dir: Path, sigterm: SigtermStop, method: QuantMethod,
+           plain: dict[str, Any]) -> dict[str, Any]:
+    """``train`` inside the run folder's lock with the method built once and the config's plain values,
+    ``sigterm`` checked after the fit and after the test."""
     resume = resume_path(cfg, out_dir)
     warn_random_start(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -70,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                  plugins=[AtomicCheckpointIO()],
                                                  **trainer_overrides(cfg.trainer, method))
     trainer.fit(lit, datamodule=datamodule, ckpt_path=resume)
+    sigterm.check()  # a SIGTERM during the last step, which Lightning finishes
     train_seconds = lit.train_seconds  # S12: training incl. calibration, the whole run (resumes included)
     complexity = summarize(net, method.name, method.bits, lr_hw=(64, 64))
     for logger in trainer.loggers:
@@ -82,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test_after_fit", True):
         results["test_checkpoint"] = selected = selected_checkpoint(trainer)  # eval.select_best_on: best.ckpt
         results["metrics"] = test_rows(cfg, trainer, lit, datamodule, selected["path"])
+        sigterm.check()
     if trainer.is_global_zero and cfg.get("analyze") and cfg.analyze.after_fit:
         tested = (results.get("test_checkpoint") or {}).get("path")  # eval.select_best_on: best.ckpt
         results["analysis"] = analyses_after_fit(out_dir, list(cfg.analyze.after_fit), str(cfg.analyze.data),
@@ -137,6 +151,8 @@ def check_values(cfg: DictConfig) -> None:
     for key in ("batch_size", "lr_patch", "iters_per_epoch"):
         check_number(cfg.data, key, "data.", positive=True, integer=True)
     check_number(cfg.optim, "lr", "optim.", positive=True)
+    check_number(cfg, "seed", integer=True, hint="seed_everything takes 0 ... 2**32 - 1")
+    check_range(cfg, "seed", 0, 2**32 - 1)
     from .cli.analyze import AFTER_FIT
 
     check_choices({"after_fit": (cfg.get("analyze") or {}).get("after_fit") or []}, "after_fit", AFTER_FIT,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def upscale_file(ckpt: str | Path, src: str | Path, dst: str | Path, tile: int |
         from .export.runtime import load_engine, onnx_upscale
 
         onnx = load_engine(ckpt, threads, pad_mode)
-        return write_upscaled(lambda out: onnx_upscale(onnx, tile, overlap, out=out), onnx.scale, src, dst)
+        return write_upscaled(lambda out: onnx_upscale(onnx, tile, overlap, out=out), onnx.scale, src, dst, tile)
     net, method, _ = load_trained(ckpt)
     warn_if_tiled_dynamic(method, tile, "--tile")
     return upscale_image(net.to(resolve_device(device)), src, dst, tile, overlap, pad_mode)
@@ -44,22 +45,45 @@ def upscale_image(net: nn.Module, src: str | Path, dst: str | Path, tile: int | 
                   overlap: int = 16, pad_mode: str = "official") -> Path:
     """``net`` on the image file ``src``, written to ``dst`` (``write_upscaled``)."""
     return write_upscaled(lambda out: network_upscale(net, tile, overlap, pad_mode, out=out), int(net.scale),
-                          src, dst)
+                          src, dst, tile)
 
 
 def write_upscaled(make_upscaler: Callable[[Tensor], Callable[[Tensor], Tensor]], scale: int, src: str | Path,
-                   dst: str | Path) -> Path:
+                   dst: str | Path, tile: int | None = None) -> Path:
     """The image file ``src`` through ``make_upscaler(out)`` (an upscaler that rounds each tile to uint8 into
     ``out``), written to ``dst`` atomically (a temporary file renamed over ``dst``: a killed run leaves no
     truncated image under the final name). The destination is an (H, W, 3) uint8 buffer, the layout the encoder
-    takes: with tiling, memory is the uint8 output plus one tile, never a float copy of the whole output."""
+    takes: with tiling, memory is the uint8 output plus one tile, never a float copy of the whole output.
+    Running out of memory is an ``UpscaleMemoryError`` suggesting ``--tile`` (``tile``: the one in use)."""
     img, _ = read_image(src, mode="RGB")
     lr = to_tensor(img).unsqueeze(0)
     del img
-    buffer = torch.empty((1, scale * lr.shape[-2], scale * lr.shape[-1], 3), dtype=torch.uint8)
-    with torch.no_grad():
-        make_upscaler(buffer.permute(0, 3, 1, 2))(lr)
+    try:
+        buffer = torch.empty((1, scale * lr.shape[-2], scale * lr.shape[-1], 3), dtype=torch.uint8)
+        with torch.no_grad():
+            make_upscaler(buffer.permute(0, 3, 1, 2))(lr)
+    except Exception as err:  # torch.OutOfMemoryError is a RuntimeError; ONNX Runtime raises its own classes
+        if isinstance(err, MemoryError | torch.OutOfMemoryError) or _OUT_OF_MEMORY.search(str(err)):
+            raise UpscaleMemoryError(out_of_memory_advice(src, tuple(lr.shape[-2:]), tile, err)) from err
+        raise
     del lr
     dst = Path(dst)
     save_image(buffer[0].numpy(), dst)  # creates the parent folders; atomic
     return dst
+
+
+class UpscaleMemoryError(MemoryError):
+    """The network ran out of (GPU or CPU) memory on the image; the message suggests ``--tile``."""
+
+
+# what the allocators say: torch's CPU allocator ("can't allocate memory"), CUDA ("out of memory"), ONNX Runtime
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|failed to allocate memory|not enough memory", re.I)
+
+
+def out_of_memory_advice(src: str | Path, lr_hw: tuple[int, ...], tile: int | None, err: BaseException) -> str:
+    """The one-line message of ``UpscaleMemoryError``: the image, its size and the ``--tile`` to try."""
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    advice = ("run it in tiles with --tile 256 (or smaller: memory is then that of one tile, with --overlap LR "
+              "pixels of context around it)" if tile is None else
+              f"use a smaller --tile than {tile}")
+    return f"upscaling {src} ({lr_hw[0]}x{lr_hw[1]} LR pixels) ran out of memory: {advice} ({first})"

@@ -10,6 +10,8 @@ BACKBONES = {
     "rdn": ["model=rdn", "+model.kwargs={D: 2, C: 2, G: 8, G0: 8}"],
     "swinir": ["model=swinir_light",
                "+model.kwargs={embed_dim: 12, depths: [2], num_heads: [2], window_size: 4, img_size: 16}"],
+    "imdn": ["model=imdn", "+model.kwargs={nf: 16, num_modules: 2}"],
+    "pan": ["model=pan", "+model.kwargs={nf: 8, unf: 8, nb: 2}"],
     "hat": ["model=hat_s", "+model.kwargs={embed_dim: 12, depths: [1], num_heads: [2], window_size: 4, img_size: 16, "
             "compress_ratio: 3, squeeze_factor: 4}"],
 }

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from conftest import tiny_network
 from torch import nn
@@ -66,6 +67,18 @@ def _ort_layer_inputs(graph: bytes, x: torch.Tensor) -> tuple[np.ndarray, list[n
     return out[0], out[1:]
 
 
+def _torch_layer_inputs(int_model, x, pad_mode=None):
+    """The integer layers of ``int_model``, the float input each sees in the exact PyTorch forward of ``x``
+    (window padding ``pad_mode``), and the output."""
+    torch_inputs = []
+    layers = [m for m in int_model.modules() if isinstance(m, _IntegerLayer) and m.grid is not None]
+    for layer in layers:
+        layer.register_forward_hook(lambda _m, inputs, _o: torch_inputs.append(inputs[0].detach().clone()))
+    with torch.no_grad(), window_padding(int_model, pad_mode):
+        ref = int_model(x).numpy()
+    return layers, torch_inputs, ref
+
+
 def test_tiny_swinir_ort_equals_the_exact_forward_at_every_integer_layer_input(tmp_path):
     """Every quantizer of the integer graph sees the same float32 values, bit for bit, as the PyTorch exact
     forward (LayerNorm → qkv, attention → proj, LayerNorm → fc1, GELU → fc2, residual stream → RSTB conv;
@@ -76,12 +89,7 @@ def test_tiny_swinir_ort_equals_the_exact_forward_at_every_integer_layer_input(t
     int_model = integer_model(net, extract_spec(net))
     x = torch.rand(1, 3, 13, 11)
     y, ort_inputs = _ort_layer_inputs(to_onnx(int_model, (13, 11)), x)
-    torch_inputs = []
-    layers = [m for m in int_model.modules() if isinstance(m, _IntegerLayer) and m.grid is not None]
-    for layer in layers:
-        layer.register_forward_hook(lambda _m, inputs, _o: torch_inputs.append(inputs[0].detach().clone()))
-    with torch.no_grad(), window_padding(int_model, eval_pad_mode(int_model, "official")):
-        ref = int_model(x).numpy()
+    layers, torch_inputs, ref = _torch_layer_inputs(int_model, x, eval_pad_mode(int_model, "official"))
     assert len(ort_inputs) == len(torch_inputs) == len(layers) == 9  # 2 blocks x (qkv, proj, fc1, fc2) + conv
     for a, b in zip(ort_inputs, torch_inputs, strict=True):
         np.testing.assert_array_equal(a.reshape(b.shape), b.numpy())
@@ -100,3 +108,25 @@ def test_swinir_integer_model_has_the_exact_modules(tmp_path):
     assert kinds[f"{block}.attn"] == "ExactWindowAttention" and kinds[f"{block}.mlp.act"] == "ExactGELU"
     assert kinds["norm"] == "LayerNorm"  # feeds no quantizer: float32
     assert math.isclose(int_model.get_submodule(f"{block}.attn").scale, (12 // 2) ** -0.5)
+
+
+@pytest.mark.parametrize("backbone", ["imdn", "pan"])
+@pytest.mark.parametrize("method", ["odm", "pams"])
+def test_imdn_pan_ort_equals_the_exact_forward_at_every_integer_layer_input(backbone, method, tmp_path):
+    """IMDN's channel attention (mean/std pooling, 1×1 convs, sigmoid) feeds ``c5``'s quantizer and PAN's pixel
+    attention gate (1×1 conv, sigmoid, product) feeds ``k4``'s: in float64 (``ExactCCA``, ``ExactPAConv``)
+    every integer layer input is bit-identical in ORT and the exact PyTorch forward (in float32, 23-47 % of
+    the ``c5``/``k4`` inputs differed by an ulp or more)."""
+    from odm_sr.export.exact import ExactCCA, ExactPAConv
+
+    net, _ = tiny_network(backbone, method, 2, tmp_path)
+    int_model = integer_model(net, extract_spec(net))
+    exact = ExactCCA if backbone == "imdn" else ExactPAConv
+    assert sum(isinstance(m, exact) for m in int_model.modules()) == 2  # one per block
+    x = torch.rand(1, 3, 13, 11)
+    y, ort_inputs = _ort_layer_inputs(to_onnx(int_model, (13, 11)), x)
+    layers, torch_inputs, ref = _torch_layer_inputs(int_model, x)
+    assert len(ort_inputs) == len(torch_inputs) == len(layers) == (10 if backbone == "imdn" else 12)
+    for a, b in zip(ort_inputs, torch_inputs, strict=True):
+        np.testing.assert_array_equal(a.reshape(b.shape), b.numpy())
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5)

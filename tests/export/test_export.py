@@ -12,11 +12,12 @@ from odm_sr.evaluation import eval_pad_mode, window_padding
 from odm_sr.export.integer import extract_spec, integer_model, weight_layers
 from odm_sr.export.onnx_graph import to_onnx
 from odm_sr.export.packing import body_size, header_size, pack, pack_bits, unpack, unpack_bits
+from odm_sr.export.requant import RequantPair
 from odm_sr.export.runtime import OnnxEngine, session
 from odm_sr.export.spec import ExportError
 
 CASES = [(b, m) for b in ("edsr", "rdn", "swinir") for m in ("odm", "pams", "lsq")]
-CASES += [("edsr", "odm_fq"), ("hat", "odm")]
+CASES += [("edsr", "odm_fq"), ("hat", "odm"), ("imdn", "odm"), ("pan", "pams")]
 
 
 def grey(y: np.ndarray, rng: float) -> np.ndarray:
@@ -42,7 +43,10 @@ def test_ort_integer_graph_equals_fake_quant(backbone, method, bits, tmp_path):
     integer_op = "MatMulInteger" if backbone in ("swinir", "hat") else "ConvInteger"
     linears = [m for m in weight_layers(net).values() if isinstance(m, torch.nn.Linear)]
     convs = len(weight_layers(net)) - len(linears) - (1 if method == "odm_fq" else 0)  # FQ head.0: FP input
-    assert ops.count("MatMulInteger") == len(linears) and ops.count("ConvInteger") == convs
+    fused = sum(isinstance(m, RequantPair) for m in int_model.modules())
+    assert fused == (2 if (backbone, bits) == ("edsr", 2) else ops.count("QLinearConv"))  # each block at 2 bits
+    assert ops.count("MatMulInteger") == len(linears) and ops.count("ConvInteger") == convs - fused
+    assert ops.count("QLinearConv") == fused
     assert ops.count(integer_op) > 0
     y = session(graph, threads=1).run(None, {"lr": x.numpy()})[0]
     ref = fake_quant(net, x)

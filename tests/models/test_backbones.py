@@ -17,6 +17,8 @@ PARAM_COUNTS = {
     "swinir_light": (910_152, 918_267, 929_628),
     "swinir_classical": (11_752_487, 11_937_127, 11_900_199),
     "hat_s": (9_473_471, 9_658_111, 9_621_183),
+    "imdn": (694_404, 703_059, 715_176),  # ../shared/models/README.md
+    "pan": (261_403, 261_403, 272_419),
 }
 SWINIR_LIGHT_WITHOUT_RPB = (877_752, 885_867, 897_228)
 RPB_ENTRIES = {"swinir_classical": 48_600, "hat_s": 262_332}
@@ -29,6 +31,8 @@ TINY = {
     "swinir_light": dict(embed_dim=12, depths=(2, 2), num_heads=(2, 2), img_size=16),
     "swinir_classical": dict(embed_dim=12, depths=(2,), num_heads=(2,), img_size=16),
     "hat_s": dict(embed_dim=24, depths=(2,), num_heads=(2,), compress_ratio=6, squeeze_factor=6, img_size=32),
+    "imdn": dict(nf=16, num_modules=2),
+    "pan": dict(nf=8, unf=4, nb=2),
 }
 
 
@@ -103,6 +107,27 @@ def official_hat_keys(scale: int, layers: int = 6, depth: int = 6) -> set[str]:
     return keys
 
 
+def official_imdn_keys(scale: int, blocks: int = 6) -> set[str]:
+    """IMDN `model/architecture.py` (saved under `module.`, stripped by the loader): IMDB{i}.c1..c5 and cca."""
+    keys = wb("fea_conv") | wb("c.0") | wb("LR_conv") | wb("upsampler.0")
+    for i in range(1, blocks + 1):
+        for sub in ("c1", "c2", "c3", "c4", "c5", "cca.conv_du.0", "cca.conv_du.2"):
+            keys |= wb(f"IMDB{i}.{sub}")
+    return keys
+
+
+def official_pan_keys(scale: int, blocks: int = 16) -> set[str]:
+    """PAN `PAN_arch.py`: SCPA convs without biases, PAConv.k2 (1x1, bias), U-PA stages (x4: two)."""
+    keys = wb("conv_first") | wb("trunk_conv") | wb("upconv1") | wb("att1.conv") | wb("HRconv1") | wb("conv_last")
+    if scale == 4:
+        keys |= wb("upconv2") | wb("att2.conv") | wb("HRconv2")
+    for i in range(blocks):
+        keys |= {f"SCPA_trunk.{i}.{sub}.weight" for sub in ("conv1_a", "conv1_b", "k1.0", "PAConv.k3",
+                                                             "PAConv.k4", "conv3")}
+        keys |= wb(f"SCPA_trunk.{i}.PAConv.k2")
+    return keys
+
+
 def official_keys(name: str, scale: int) -> set[str]:
     return {
         "edsr_baseline": lambda: official_edsr_keys(16, scale),
@@ -111,6 +136,8 @@ def official_keys(name: str, scale: int) -> set[str]:
         "swinir_light": lambda: official_swinir_keys(4, scale, light=True),
         "swinir_classical": lambda: official_swinir_keys(6, scale, light=False),
         "hat_s": lambda: official_hat_keys(scale),
+        "imdn": lambda: official_imdn_keys(scale),
+        "pan": lambda: official_pan_keys(scale),
     }[name]()
 
 
@@ -132,8 +159,10 @@ SPOT_KEYS = {
               "layers.0.residual_group.blocks.0.conv_block.cab.3.attention.1.weight",
               "layers.5.residual_group.overlap_attn.mlp.fc2.bias", "conv_before_upsample.0.weight"],
 }
+SPOT_KEYS |= {"imdn": ["IMDB1.c1.weight", "IMDB6.cca.conv_du.2.bias", "c.0.weight", "upsampler.0.weight"],
+              "pan": ["SCPA_trunk.15.PAConv.k2.bias", "SCPA_trunk.0.k1.0.weight", "att1.conv.weight"]}
 X4_SPOT_KEYS = {"edsr_baseline": ["tail.0.2.weight"], "rdn": ["UPNet.4.weight"],
-                "hat_s": ["upsample.2.weight"]}
+                "hat_s": ["upsample.2.weight"], "pan": ["upconv2.weight", "att2.conv.bias"]}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from odm_sr.console import one_line_errors
+
 ANALYSES = ("variance", "mismatch", "hist", "wstats", "timing")
 DEFAULT_DATA = {"variance": "div2k_801_900", "mismatch": "B100", "hist": "B100"}  # analysis.*.dataset
 DEFAULT_IMAGE = {"B100": "img_001"}  # analysis.hist.image
@@ -234,10 +236,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Print the table and write the files (returns None: console scripts pass it to ``sys.exit``)."""
     args = parse_args(argv)
     out = Path(args.out) if args.out else (run_dir(args.ckpt) if args.ckpt else Path(args.runs[0])) / "analysis"
-    try:
+    with one_line_errors("odm-sr-analyze", also=(KeyError,)):  # HYDRA_FULL_ERROR=1: with the traceback
         table, result = run_analysis(args, out)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        raise SystemExit(f"odm-sr-analyze: error: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.analysis}.json").write_text(json.dumps(_jsonable(result), indent=2))
     print(table)

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from odm_sr.config import CONFIG_DIR, register_resolvers
-from odm_sr.console import quiet_known_noise
+from odm_sr.console import one_line_errors, quiet_known_noise
 from odm_sr.eval import evaluate
 from odm_sr.evaluation import metrics_table, rows_as_json
 from odm_sr.files import write_json
@@ -20,10 +20,11 @@ register_resolvers()
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     quiet_known_noise()  # Lightning tips and known deprecation texts: console shows progress and results
-    rows = evaluate(cfg)
-    print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
-    out = Path(cfg.output_json)
-    write_json(out, rows_as_json(rows))  # strict JSON: a perfect reconstruction's inf PSNR as "inf"
+    with one_line_errors("odm-sr-eval"):  # a bad value, a missing file: one line (HYDRA_FULL_ERROR=1: traceback)
+        rows = evaluate(cfg)
+        print("\n" + metrics_table(rows, list(cfg.data.test)) + "\n")
+        out = Path(cfg.output_json)
+        write_json(out, rows_as_json(rows))  # strict JSON: a perfect reconstruction's inf PSNR as "inf"
     print(f"wrote {out}")
 
 

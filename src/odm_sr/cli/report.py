@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from odm_sr.analysis.mechanism import write_mechanism_report
 from odm_sr.analysis.real import write_real_report
 from odm_sr.analysis.report import write_report
+from odm_sr.console import one_line_errors
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -48,15 +49,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the markdown table (returns None: console scripts pass the return value to ``sys.exit``)."""
     args = parse_args(argv)
-    try:
+    with one_line_errors("odm-sr-report"):  # HYDRA_FULL_ERROR=1: with the traceback
         if args.real:
             report = write_real_report(args.root, args.out, args.fp_eval)
         elif args.mechanism:
             report = write_mechanism_report(args.root[0], args.out)
         else:
             report = write_report(args.root[0], args.out, args.sets)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"odm-sr-report: error: {err}") from None
     print(report["markdown"])
     print("\nwrote " + ", ".join(str(p) for p in report["paths"].values()))
 

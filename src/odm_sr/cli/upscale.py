@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from odm_sr.console import one_line_errors
 from odm_sr.evaluation import EVAL_PAD_MODES
 from odm_sr.upscale import upscale_file
 
@@ -26,9 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="allow OUTPUT to be the INPUT file")
     parser.add_argument("--device", default=None, help="where the network runs (--engine torch): cuda, cuda:1, "
                                                        "cpu, ...; default cuda if available, else cpu")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error (also: "
+                                                                  "HYDRA_FULL_ERROR=1)")
     args = parser.parse_args(argv)
-    out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32,
-                       args.engine, args.threads, args.overwrite, args.device)
+    with one_line_errors("odm-sr-upscale", args.traceback):  # a bad value, a missing file: one line
+        out = upscale_file(args.ckpt, args.input, args.output, args.tile, args.overlap, args.pad_mode, args.tf32,
+                           args.engine, args.threads, args.overwrite, args.device)
     print(f"wrote {out}")
 
 

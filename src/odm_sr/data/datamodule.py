@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from odm_sr.data.patches import EpochSampler, PatchDataset
 from odm_sr.data.registry import build_dataset
+from odm_sr.metrics import check_eval_size
 
 __all__ = ["ResumableLoader", "SRDataModule"]
 
@@ -102,9 +103,10 @@ class SRDataModule(L.LightningDataModule):
             ]
 
     def check_eval_sets(self) -> None:
-        """Open every validation and test image now (decode it, check the LR/HR pairing and sizes): a truncated
-        or mismatched file fails before training starts, naming itself, instead of at the first validation or
-        after training. Each set is read once (a set used for both validation and test too)."""
+        """Open every validation and test image now (decode it, check the LR/HR pairing and sizes, and that it is
+        large enough for PSNR/SSIM): a truncated, mismatched or too small file fails before training starts,
+        naming itself, instead of at the first validation or after training. Each set is read once (a set used
+        for both validation and test too)."""
         self.setup("validate")
         self.setup("test")
         checked = set()
@@ -114,7 +116,8 @@ class SRDataModule(L.LightningDataModule):
             if name not in checked:
                 checked.add(name)
                 for index in range(len(dataset)):
-                    dataset.load_pair(index)
+                    _, hr = dataset.load_pair(index)
+                    check_eval_size(hr.shape[:2], self.scale, dataset.describe(index))
 
     def _loader_kwargs(self) -> dict:
         return {

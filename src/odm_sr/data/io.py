@@ -12,6 +12,11 @@ replicates it to C = 3. File modes:
   round(v * 255 / 65535); an ``I`` image with values outside [0, 65535] raises ``ImageReadError``;
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: converted to RGB; ``F`` (float) and others: ``ImageReadError``.
 
+The EXIF orientation (a phone photo stored sideways with orientation 6, say) is applied, so pixels come
+upright as image viewers show them (``image_size`` gives that upright size); training, evaluation and
+``odm-sr-upscale`` all read through here. An animated image (GIF, APNG, WebP with more than one frame)
+raises ``ImageReadError``: only its first frame would be used.
+
 A missing file raises ``FileNotFoundError``; a file that is not a decodable image, or is truncated,
 raises ``ImageReadError`` (a ``ValueError``) naming the file.
 """
@@ -25,7 +30,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from odm_sr.files import atomic_write
@@ -80,7 +85,29 @@ def _open(path: Path) -> Image.Image:
         if img is not None:
             img.close()
         raise ImageReadError(f"cannot read {path}: expected {_EXPECTED} ({err})") from err
+    frames = getattr(img, "n_frames", 1)
+    if getattr(img, "is_animated", False) and frames > 1:
+        img.close()
+        raise ImageReadError(f"cannot read {path}: an animated {img.format} of {frames} frames; odm-sr reads "
+                             f"still images (only the first frame would be used): save the frame you want as PNG")
     return img
+
+
+# EXIF orientations that swap width and height (5-8: a transpose or a 90/270 degree rotation); EXIF 2.3, tag 0x0112
+_ORIENTATION_TAG = 0x0112
+_SIDEWAYS = {5, 6, 7, 8}
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION_TAG, 1))
+    except (OSError, SyntaxError, ValueError, TypeError):  # damaged EXIF: the pixels as stored
+        return 1
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` with its EXIF orientation applied (itself when the orientation is 1 or absent)."""
+    return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
 
 
 def _16bit_to_uint8(img: Image.Image, path: Path) -> np.ndarray:
@@ -119,7 +146,7 @@ def read_image(path: str | Path, mode: str = "keep") -> tuple[np.ndarray, bool]:
         raise ValueError(f"read_image mode must be 'keep' or 'RGB', got {mode!r}")
     path = Path(path)
     with _open(path) as img:
-        arr = _pixels(img, path)
+        arr = _pixels(_upright(img), path)
     is_gray = arr.ndim == 2
     if is_gray:
         arr = arr[:, :, None]
@@ -130,13 +157,15 @@ def read_image(path: str | Path, mode: str = "keep") -> tuple[np.ndarray, bool]:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file from its header only (no decoding)."""
+    """Upright (H, W) of an image file (EXIF orientation applied) from its header only (no decoding)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             w, h = img.size
+            if _orientation(img) in _SIDEWAYS:
+                w, h = h, w
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(f"cannot read {path}: expected {_EXPECTED} ({err})") from err
     return h, w

@@ -131,7 +131,69 @@ def make_swinir_exact(model: nn.Module) -> None:
             replace_module(model, name, ExactGELU())
 
 
+def _pointwise64(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A 1×1 conv in float64 as a channel ``MatMul`` (ORT's CPU ``Conv`` has no double kernel)."""
+    return (x.permute(0, 2, 3, 1) @ weight.t() + bias).permute(0, 3, 1, 2)
+
+
+def _weights64(conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
+    bias = torch.zeros(conv.out_channels) if conv.bias is None else conv.bias.detach()
+    return conv.weight.detach().double().flatten(1).clone(), bias.double().clone()
+
+
+class ExactCCA(nn.Module):
+    """IMDN's contrast-aware channel attention in float64, rounded to float32 once: x·sigmoid(W₂·relu(W₁·(std(x)
+    + mean(x)) + b₁) + b₂) (population std over H, W; the 1×1 convs as matmuls); its output is ``c5``'s input."""
+
+    def __init__(self, cca: nn.Module) -> None:
+        super().__init__()
+        (self.w1, self.b1), (self.w2, self.b2) = _weights64(cca.conv_du[0]), _weights64(cca.conv_du[2])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x64 = x.double()
+        mean = x64.mean(dim=(2, 3), keepdim=True)
+        centred = x64 - mean
+        std = torch.sqrt((centred * centred).mean(dim=(2, 3), keepdim=True))
+        hidden = torch.relu(_pointwise64(std + mean, self.w1, self.b1))
+        return (x64 * torch.sigmoid(_pointwise64(hidden, self.w2, self.b2))).float()
+
+
+class ExactPAConv(nn.Module):
+    """PAN's ``PAConv`` with its gate in float64: k4(float32(k3(x)·sigmoid(k2(x)))), k2 (FP 1×1) and the sigmoid
+    and product in float64 on the float32 ``k3`` output (an integer layer); the product is ``k4``'s input."""
+
+    def __init__(self, paconv: nn.Module) -> None:
+        super().__init__()
+        self.k3, self.k4 = paconv.k3, paconv.k4
+        self.w2, self.b2 = _weights64(paconv.k2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = torch.sigmoid(_pointwise64(x.double(), self.w2, self.b2))
+        return self.k4((self.k3(x).double() * gate).float())
+
+
+def make_imdn_exact(model: nn.Module) -> None:
+    """In place: every IMDB's channel attention in float64 (it feeds ``c5``'s quantizer). LeakyReLU, split and
+    concat are exact in float32 already (one IEEE multiply, copies)."""
+    from odm_sr.models.imdn import CCALayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CCALayer):
+            replace_module(model, name, ExactCCA(module))
+
+
+def make_pan_exact(model: nn.Module) -> None:
+    """In place: every SCPA's pixel-attention gate in float64 (it feeds ``k4``'s quantizer). The upsampling's
+    ``PA`` and the interpolations come after the last quantizer and stay float32."""
+    from odm_sr.models.pan import PAConv
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PAConv):
+            replace_module(model, name, ExactPAConv(module))
+
+
 # backbone family -> its exact float64 versions of the FP ops before its quantizers (in place), beside the
 # exact FP convs of its row (``Backbone.exact_fp_convs``); the export registers them here, the backbone table
 # knows nothing of the export
-EXACT_FP_OPS: dict[str, Callable[[nn.Module], None]] = {"swinir": make_swinir_exact}
+EXACT_FP_OPS: dict[str, Callable[[nn.Module], None]] = {"swinir": make_swinir_exact, "imdn": make_imdn_exact,
+                                                      "pan": make_pan_exact}

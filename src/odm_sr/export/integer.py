@@ -1,5 +1,18 @@
 """The integer model: a trained static-quantized network with every quantized conv/linear replaced by an
-integer layer (``IntegerConv2d`` / ``IntegerLinear``) whose ONNX form is ``ConvInteger`` / ``MatMulInteger``.
+integer layer (``IntegerConv2d`` / ``IntegerLinear``) whose ONNX form is ``ConvInteger`` / ``MatMulInteger``
+(or, where ``requant``'s rule proves it exact, a ``QLinearConv`` straight to the next layer's codes).
+
+Which kernel a layer runs on (ONNX Runtime, CPU), chosen by what keeps every code and output as the reference:
+
+- conv → monotone activation → conv (EDSR's blocks): the first is a requantizing ``QLinearConv`` when
+  ``requant.fit`` proves its uint8 output equal to the next layer's codes for every sum, channel and border
+  configuration (2-bit grids: yes; 4-bit ODM: its windows are finer than int8 weights can place, so no).
+- every other integer conv: ``ConvInteger`` with the weight codes as uint8 (code + 128, zero point 128): ORT's
+  uint8 × uint8 kernel is ~5x faster than its int8-weight one on AVX2 CPUs, the int32 sum is the same integer;
+  then the float64 rescale below (its output is real: a residual add, the body's end, the tail).
+- linear layers: ``MatMulInteger`` with int8 weights (faster there than uint8).
+- input codes: ``Sub``/``Mul`` → ``QuantizeLinear`` → ``Clip`` (``_IntegerLayer.emit_codes``: the quantizer's
+  float32 ops, one fused kernel).
 
 An integer layer with input grid offset + k·s_a (``spec.ActGrid``) and weight codes·s_w computes
 
@@ -50,6 +63,7 @@ from odm_sr.quant.layers import QuantConv2d, QuantLinear, QuantMixin
 from odm_sr.quant.placement import replace_module
 
 from .exact import EXACT_FP_OPS
+from .graph_ops import ExactConv2d, _const, _IntegerOp, conv_geometry, emit_exact_conv, exact_conv
 from .spec import ACT_QUANTIZERS, ActGrid, ExportError, WeightCodes, act_grid, check_static, weight_codes
 
 
@@ -121,18 +135,6 @@ def input_grids(model: nn.Module, spec: IntegerSpec) -> dict[str, ActGrid | None
             for name, source in input_sources(model).items()}
 
 
-class _IntegerOp(torch.autograd.Function):
-    """Torch: the layer's exact integer arithmetic (``layer.reference``, float64); ONNX: ``layer.emit``."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: nn.Module) -> Tensor:
-        return layer.reference(x)
-
-    @staticmethod
-    def symbolic(g, x, layer):
-        return layer.emit(g, x)
-
-
 class _IntegerLayer(nn.Module):
     """Shared state of the integer conv and linear: weight codes, input grid, bias."""
 
@@ -179,26 +181,54 @@ class _IntegerLayer(nn.Module):
         return g.op("Cast", g.op("Add", y, _const(g, bias)), to_i=1)  # 11: DOUBLE, 1: FLOAT
 
     def emit_codes(self, g, x):
-        """ONNX: uint8 codes of x with the quantizer's float32 ops (``ActGrid.codes``)."""
+        """ONNX: uint8 codes of x with the quantizer's float32 ops (``ActGrid.codes``): ``Sub`` (ODM: x − l_a) or
+        ``Mul`` (PAMS: x·Q), then ``QuantizeLinear`` (ORT divides by the scale and rounds half to even, as the
+        quantizer does: ``(x − l_a)/s_a``, ``(x·Q)/α``) and a ``Clip`` to the codes; the clip of x to the range
+        comes out the same after rounding where the range's ends give the end codes (checked here), else the
+        quantizer's own Max → Min → Sub → Div → Round → Cast chain."""
         grid = self.grid
         if grid.kind == "odm":
             lower, upper = (_const(g, t) for t in grid.tensors())
-            v = g.op("Min", g.op("Max", x, lower), upper)
-            r = g.op("Round", g.op("Div", g.op("Sub", v, lower), _const(g, grid.step())))
+            if not quantize_linear_ok(grid):
+                v = g.op("Min", g.op("Max", x, lower), upper)
+                r = g.op("Round", g.op("Div", g.op("Sub", v, lower), _const(g, grid.step())))
+                return g.op("Cast", r, to_i=2)  # TensorProto.UINT8
+            shifted, scale, zero = g.op("Sub", x, lower), grid.step(), 0
         else:
             (alpha,) = grid.tensors()
             a, q = _const(g, alpha), _const(g, torch.tensor(float(grid.levels)))
-            v = g.op("Min", g.op("Max", x, _const(g, -alpha)), a)
-            r = g.op("Add", g.op("Round", g.op("Div", g.op("Mul", v, q), a)), q)
-        return g.op("Cast", r, to_i=2)  # TensorProto.UINT8
+            if not quantize_linear_ok(grid):
+                v = g.op("Min", g.op("Max", x, _const(g, -alpha)), a)
+                return g.op("Cast", g.op("Add", g.op("Round", g.op("Div", g.op("Mul", v, q), a)), q), to_i=2)
+            shifted, scale, zero = g.op("Mul", x, q), alpha, grid.levels
+        codes = g.op("QuantizeLinear", shifted, _const(g, scale), _const(g, torch.tensor(zero, dtype=torch.uint8)))
+        top = grid.levels if grid.kind == "odm" else 2 * grid.levels
+        return g.op("Clip", codes, _const(g, torch.tensor(0, dtype=torch.uint8)),
+                    _const(g, torch.tensor(top, dtype=torch.uint8)))
 
-    def zero_point(self, g) -> list:
-        zp = self.grid.zero_point
-        return [] if zp is None else [_const(g, torch.tensor(zp, dtype=torch.uint8))]
+    def integer_operands(self, g, weight: Tensor, shifted: bool) -> list:
+        """ONNX: (weight, x zero point[, weight zero point]) of ``ConvInteger``/``MatMulInteger``. ``shifted``: the
+        weight codes as uint8 code + 128 with zero point 128 (ORT's uint8 × uint8 ``ConvInteger`` is ~5x faster
+        than its int8-weight one on AVX2 CPUs, the same exact integer sum; ``MatMulInteger`` is faster with int8).
+        The input's zero point: PAMS Q, ODM 0 (the offset is folded)."""
+        x_zero = [_const(g, torch.tensor(self.grid.zero_point or 0, dtype=torch.uint8))]
+        if not shifted:
+            return [_const(g, weight), *(x_zero if self.grid.zero_point is not None else [])]
+        codes = (weight.to(torch.int16) + WEIGHT_ZERO_POINT).to(torch.uint8)
+        return [_const(g, codes), *x_zero, _const(g, torch.tensor(WEIGHT_ZERO_POINT, dtype=torch.uint8))]
 
 
-def _const(g, value: Tensor):
-    return g.op("Constant", value_t=value)
+WEIGHT_ZERO_POINT = 128  # int8 codes ±127 as uint8 1…255
+
+
+def quantize_linear_ok(grid: ActGrid) -> bool:
+    """True when the grid's range ends give its end codes (0 and n, or 0 and 2Q) with the quantizer's own ops,
+    so that a value past an end rounds to at least (at most) that code and a ``Clip`` of the codes replaces
+    the clip of the value; and the codes fit uint8."""
+    ends = torch.stack(grid.tensors()) if grid.kind == "odm" else torch.cat([-grid.tensors()[0][None],
+                                                                             grid.tensors()[0][None]])
+    top = grid.levels if grid.kind == "odm" else 2 * grid.levels
+    return top <= 255 and grid.codes(ends).tolist() == [0.0, float(top)]
 
 
 class IntegerConv2d(_IntegerLayer):
@@ -216,8 +246,9 @@ class IntegerConv2d(_IntegerLayer):
         return self.codes.codes.double().sum(dim=1, keepdim=True)
 
     def padded_offset(self) -> bool:
-        """True when the offset needs a border count (an ODM grid and some zero padding)."""
-        return self.grid is not None and self.grid.zero_point is None and any(self.padding)
+        """True when the offset needs a border count (an ODM grid with l_a ≠ 0 and some zero padding)."""
+        return self.grid is not None and self.grid.zero_point is None and any(self.padding) \
+            and self.grid.params[0] != 0.0
 
     def const_bias(self) -> Tensor:
         """The float64 per-channel constant: bias, plus the whole offset of an unpadded conv."""
@@ -229,11 +260,19 @@ class IntegerConv2d(_IntegerLayer):
         ops in the same order; an FP input (no grid): a float64 conv on the dequantized weights."""
         if self.grid is None:
             return exact_conv(x, self.weight_values(), self.bias64(), self.stride, self.padding, self.dilation)
-        y = self._conv(self.centred_codes(x), self.codes.codes.double()) * self.rescale()
+        acc = self._conv(self.centred_codes(x), self.codes.codes.double())
+        count = None
         if self.padded_offset():
-            ones = torch.ones(1, 1, *x.shape[-2:], dtype=torch.float64)
-            y = y + self._conv(ones, self.code_sums()) * self.offset_scale()
-        return (y + self.const_bias().reshape(1, -1, 1, 1)).float()
+            count = self._conv(torch.ones(1, 1, *x.shape[-2:], dtype=torch.float64), self.code_sums())
+        return self.finish_sums(acc, count, self.const_bias().reshape(1, -1, 1, 1))
+
+    def finish_sums(self, acc: Tensor, count: Tensor | None, bias: Tensor) -> Tensor:
+        """float32(((acc·r + count·c) + b)) in float64 from the exact integer sums (float64 tensors): the ops of
+        ``finish``, in its order (also the per-channel requantization tables of ``requant``)."""
+        y = acc * self.rescale()
+        if count is not None:
+            y = y + count * self.offset_scale()
+        return (y + bias).float()
 
     def _attrs(self) -> dict:
         kh, kw = self.codes.codes.shape[-2:]
@@ -245,8 +284,13 @@ class IntegerConv2d(_IntegerLayer):
         attrs = self._attrs()
         if self.grid is None:  # FP input: exact conv (float64 sums) on the dequantized b-bit weight
             return emit_exact_conv(g, x, self.weight_values(), self.bias64(), attrs)
-        acc = g.op("ConvInteger", self.emit_codes(g, x), _const(g, self.codes.codes), *self.zero_point(g),
-                   group_i=self.groups, **attrs)
+        return self.emit_from_codes(g, self.emit_codes(g, x), x)
+
+    def emit_from_codes(self, g, codes, x):
+        """ONNX of the layer on its uint8 input codes (``x``: any tensor of the input's spatial size)."""
+        attrs = self._attrs()
+        operands = self.integer_operands(g, self.codes.codes, True)
+        acc = g.op("ConvInteger", codes, *operands, group_i=self.groups, **attrs)
         count = self._border_count(g, x, attrs) if self.padded_offset() else None
         return self.finish(g, acc, count, self.const_bias().reshape(1, -1, 1, 1))
 
@@ -258,59 +302,6 @@ class IntegerConv2d(_IntegerLayer):
         size = g.op("Concat", _const(g, torch.tensor([1, 1])), hw, axis_i=0)
         ones = g.op("ConstantOfShape", size, value_t=torch.tensor([1.0]))
         return g.op("Conv", ones, _const(g, self.code_sums().float()), **attrs)
-
-
-def conv_geometry(conv: nn.Conv2d) -> tuple[tuple, tuple, tuple, int]:
-    """(stride, padding, dilation, groups) of a conv with explicit zero padding (else ExportError)."""
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise ExportError(f"conv padding {conv.padding!r}/{conv.padding_mode!r}: only explicit zero padding")
-    return tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
-
-
-def exact_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
-    """float32(conv(x, weight) + bias) with float64 sums (``weight``, ``bias``: float64)."""
-    return F.conv2d(x.double(), weight, bias, stride, padding, dilation).float()
-
-
-def emit_exact_conv(g, x, weight: Tensor, bias: Tensor | None, attrs: dict):
-    """ONNX of ``exact_conv``: the taps copied by a float32 Conv with one-hot kernels (exact: x·1 + 0s), then
-    a float64 MatMul with the weight and the float64 bias, rounded to float32 once."""
-    c_out, c_in, kh, kw = weight.shape
-    taps = c_in * kh * kw
-    one_hot = torch.eye(taps, dtype=torch.float32).reshape(taps, c_in, kh, kw)
-    patches = g.op("Transpose", g.op("Cast", g.op("Conv", x, _const(g, one_hot), **attrs), to_i=11),
-                   perm_i=[0, 2, 3, 1])  # (N, H', W', taps), float64
-    y = g.op("MatMul", patches, _const(g, weight.reshape(c_out, taps).t().contiguous()))
-    if bias is not None:
-        y = g.op("Add", y, _const(g, bias))
-    return g.op("Cast", g.op("Transpose", y, perm_i=[0, 3, 1, 2]), to_i=1)
-
-
-class ExactConv2d(nn.Module):
-    """An FP conv computed exactly (``exact_conv``) in PyTorch and in the graph (``emit_exact_conv``)."""
-
-    def __init__(self, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.stride, self.padding, self.dilation, groups = conv_geometry(conv)
-        if groups != 1:
-            raise ExportError("ExactConv2d: groups > 1")
-        self.weight64 = conv.weight.detach().double().clone()
-        self.bias64 = None if conv.bias is None else conv.bias.detach().double().clone()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _IntegerOp.apply(x, self)
-
-    def reference(self, x: Tensor) -> Tensor:
-        return exact_conv(x, self.weight64, self.bias64, self.stride, self.padding, self.dilation)
-
-    def emit(self, g, x):
-        kh, kw = self.weight64.shape[-2:]
-        ph, pw = self.padding
-        attrs = {"kernel_shape_i": [kh, kw], "pads_i": [ph, pw, ph, pw], "strides_i": list(self.stride),
-                 "dilations_i": list(self.dilation)}
-        return emit_exact_conv(g, x, self.weight64, self.bias64, attrs)
-
-
 
 
 class IntegerLinear(_IntegerLayer):
@@ -331,8 +322,8 @@ class IntegerLinear(_IntegerLayer):
         if self.grid is None:
             y = g.op("MatMul", x, _const(g, self.weight_values().float().t().contiguous()))
             return g.op("Add", y, _const(g, self.bias64().float()))
-        acc = g.op("MatMulInteger", self.emit_codes(g, x), _const(g, self.codes.codes.t().contiguous()),
-                   *self.zero_point(g))
+        acc = g.op("MatMulInteger", self.emit_codes(g, x),
+                   *self.integer_operands(g, self.codes.codes.t().contiguous(), False))
         return self.finish(g, acc, None, self.const_bias())
 
 
@@ -347,8 +338,9 @@ class FakeQuant(nn.Module):
         return self.grid.fake(x)
 
 
-def integer_model(model: nn.Module, spec: IntegerSpec) -> nn.Module:
-    """A copy of ``model`` (the quantized structure) running on ``spec``: integer layers + fake-quant skips."""
+def integer_model(model: nn.Module, spec: IntegerSpec, requant: bool = True) -> nn.Module:
+    """A copy of ``model`` (the quantized structure) running on ``spec``: integer layers + fake-quant skips;
+    with ``requant``, the conv → activation → conv runs that meet ``requant``'s rule as ``QLinearConv``."""
     grids = input_grids(model, spec)
     out = copy.deepcopy(model).eval()
     with torch.no_grad():
@@ -368,6 +360,10 @@ def integer_model(model: nn.Module, spec: IntegerSpec) -> nn.Module:
     for name in act_quantizers(out):
         if not _is_consumed(name, spec):
             replace_module(out, name, FakeQuant(spec.grids[name]))
+    if requant:
+        from .requant import fuse_requant
+
+        fuse_requant(out)
     return out
 
 

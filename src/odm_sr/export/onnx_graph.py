@@ -48,14 +48,21 @@ def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: s
 
 
 def code_chains(model) -> list[tuple[str, str]]:
-    """(uint8 code, float input) value names of every integer layer's code chain (Max → … → Cast uint8) of an
-    ``onnx.ModelProto``, in graph order (= forward order): what the exactness checks expose as extra outputs."""
+    """(uint8 code, float input) value names of every integer layer's code chain of an ``onnx.ModelProto``
+    (Sub/Mul → QuantizeLinear → Clip, or Max → … → Cast uint8), in graph order (= forward order): what the
+    exactness checks expose as extra outputs. Codes requantized by a ``QLinearConv`` have no float input and
+    are not listed."""
     import onnx
 
     producer = {o: n for n in model.graph.node for o in n.output}
     chains = []
     for node in model.graph.node:
-        if node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.UINT8 for a in node.attribute):
+        if node.op_type == "Clip" and producer.get(node.input[0]) is not None \
+                and producer[node.input[0]].op_type == "QuantizeLinear":
+            scaled = producer[producer[node.input[0]].input[0]]  # Sub (ODM) or Mul (PAMS)
+            chains.append((node.output[0], scaled.input[0]))
+        elif node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.UINT8
+                                            for a in node.attribute):
             cur = node
             while cur.op_type != "Max":
                 cur = producer[cur.input[0]]

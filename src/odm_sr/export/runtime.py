@@ -17,6 +17,7 @@ from odm_sr.files import atomic_write_all
 from .integer import IntegerSpec, extract_spec, integer_model
 from .onnx_graph import INPUT, graph_metadata, has_dynamic_size, tag_graph, to_onnx
 from .packing import pack, read_header, unpack
+from .requant import MIN_SIZE, RequantPair
 from .spec import ExportError
 
 PACKED_SUFFIX = ".odmq"
@@ -64,6 +65,9 @@ class OnnxEngine:
         return self._sessions[key]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if min(x.shape[-2:]) < MIN_SIZE and any(isinstance(m, RequantPair) for m in self.model.modules()):
+            raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} pixels: the requantized integer graph is exact "
+                             f"for inputs of at least {MIN_SIZE}x{MIN_SIZE} (export.requant)")
         return self._session(tuple(x.shape[-2:])).run(None, {INPUT: np.ascontiguousarray(x, np.float32)})[0]
 
 
