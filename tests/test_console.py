@@ -55,17 +55,17 @@ def _cli(module: str, *args: str, full_error: bool = False) -> subprocess.Comple
 
 def test_odm_sr_train_shows_a_bad_value_as_one_line_and_the_traceback_on_request(tmp_path):
     args = ("trainer.max_steps=0", f"hydra.run.dir={tmp_path}")
-    done = _cli("odm_sr.train", *args)
+    done = _cli("odm_sr.cli.train", *args)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(
         "odm-sr-train: error: trainer.max_steps=0: expected a positive number"), done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    full = _cli("odm_sr.train", *args, full_error=True)
+    full = _cli("odm_sr.cli.train", *args, full_error=True)
     assert full.returncode == 1 and "Traceback" in full.stderr and "trainer.max_steps=0" in full.stderr
 
 
 def test_odm_sr_eval_shows_a_missing_checkpoint_as_one_line(tmp_path):
-    done = _cli("odm_sr.eval", f"ckpt={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path}")
+    done = _cli("odm_sr.cli.eval", f"ckpt={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith("odm-sr-eval: error: ")
     assert str(tmp_path / "none.ckpt") in done.stderr

@@ -363,7 +363,7 @@ def integer_model(model: nn.Module, spec: IntegerSpec, requant: bool = True) -> 
     if requant:
         from .requant import fuse_requant
 
-        fuse_requant(out)
+        fuse_requant(out, IntegerConv2d)
     return out
 
 

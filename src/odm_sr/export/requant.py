@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .graph_ops import _const, _IntegerOp
-from .integer import IntegerConv2d
 from .spec import ActGrid
 
 CONST_VALUES = (1, 64)  # the constant channels' values above the zero point
@@ -56,7 +55,7 @@ class Requant:
     high: int
 
 
-def border_masks(layer: IntegerConv2d) -> Tensor:
+def border_masks(layer: nn.Module) -> Tensor:
     """(configs, kh, kw) bool: every set of taps inside the image an output position can have in an image of
     at least ``MIN_SIZE`` pixels per side."""
     kh, kw = layer.codes.codes.shape[-2:]
@@ -69,7 +68,7 @@ def border_masks(layer: IntegerConv2d) -> Tensor:
                         for r, c in itertools.product(*per_axis)])
 
 
-def _codes_of(first: IntegerConv2d, act: nn.Module, grid: ActGrid, acc: Tensor, count: Tensor | None,
+def _codes_of(first: nn.Module, act: nn.Module, grid: ActGrid, acc: Tensor, count: Tensor | None,
               bias: Tensor) -> Tensor:
     """The reference's next codes of integer sums (float64 tensors, broadcast)."""
     return grid.codes(_apply(act, first.finish_sums(acc, count, bias)))
@@ -127,7 +126,7 @@ class _Tables:
     top: int
 
 
-def _tables(first: IntegerConv2d, act: nn.Module, grid: ActGrid) -> _Tables:
+def _tables(first: nn.Module, act: nn.Module, grid: ActGrid) -> _Tables:
     codes, in_grid = first.codes.codes.double(), first.grid
     masks = border_masks(first).double()
     k_lo, k_hi = (0.0, float(in_grid.levels)) if in_grid.zero_point is None else (-1.0 * in_grid.levels,
@@ -156,7 +155,7 @@ def _intercepts(tables: _Tables, targets: Tensor, border: bool) -> tuple[Tensor,
     return sol[:, 0], e.reshape(n_out, *tables.masks.shape[1:])
 
 
-def fit(first: IntegerConv2d, act: nn.Module, grid: ActGrid) -> Requant | None:
+def fit(first: nn.Module, act: nn.Module, grid: ActGrid) -> Requant | None:
     """The ``QLinearConv`` of ``first`` → ``act`` → ``grid``'s codes, or None where the rule (module docstring)
     is not met."""
     in_grid = first.grid
@@ -215,7 +214,7 @@ class RequantPair(nn.Module):
     """``first`` → ``act`` → ``second`` with ``first`` as a requantizing ``QLinearConv`` (``fit``): in the graph,
     codes → QLinearConv → Clip → ``second``'s integer sums; in PyTorch, the unfused reference."""
 
-    def __init__(self, first: IntegerConv2d, act: nn.Module, second: IntegerConv2d, req: Requant) -> None:
+    def __init__(self, first: nn.Module, act: nn.Module, second: nn.Module, req: Requant) -> None:
         super().__init__()
         self.first, self.act, self.second, self.req = first, act, second, req
 
@@ -259,16 +258,17 @@ def _monotone(act: nn.Module) -> bool:
     return isinstance(act, nn.ReLU) or (isinstance(act, nn.LeakyReLU) and act.negative_slope >= 0)
 
 
-def fuse_requant(model: nn.Module) -> list[str]:
-    """In place: every ``IntegerConv2d`` → monotone activation → ``IntegerConv2d`` run of an ``nn.Sequential``
-    whose requantization meets the rule becomes a ``RequantPair``; returns the fused first layers' names."""
+def fuse_requant(model: nn.Module, conv_type: type[nn.Module]) -> list[str]:
+    """In place: every ``conv_type`` (``integer.IntegerConv2d``, passed in: ``integer`` imports this module) →
+    monotone activation → ``conv_type`` run of an ``nn.Sequential`` whose requantization meets the rule becomes a
+    ``RequantPair``; returns the fused first layers' names."""
     fused = []
     for name, seq in list(model.named_modules()):
         if not isinstance(seq, nn.Sequential):
             continue
         for i in range(len(seq) - 2):
             first, act, second = seq[i], seq[i + 1], seq[i + 2]
-            if not (isinstance(first, IntegerConv2d) and _monotone(act) and isinstance(second, IntegerConv2d)
+            if not (isinstance(first, conv_type) and _monotone(act) and isinstance(second, conv_type)
                     and second.grid is not None):
                 continue
             req = fit(first, act, second.grid)
