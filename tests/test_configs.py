@@ -61,7 +61,7 @@ def test_the_paper_and_mini_experiments_exist():
                 for q in SCHEDULES}
     expected |= {f"paper_edsr_baseline_x4_300k_{q}" for q in SCHEDULES}  # S2
     expected |= {"paper_edsr_x4_daq", "paper_edsr_x4_odm"}  # S3
-    expected |= {"paper_edsr_baseline_x4_fq_odm", "paper_edsr_baseline_x2_fq_odm"}  # S4
+    expected |= {f"paper_edsr_baseline_x{s}_{m}" for s in (4, 2) for m in ("fq_odm", "fqsr")}  # S4
     expected |= {f"paper_hat_s_x4_{q}" for q in SCHEDULES}  # S5
     expected |= {f"mini_edsr_x4_w{b}a{b}_{q}" for b in (2, 4) for q in SCHEDULES} | {"mini_edsr_x4_fp"}
     assert expected <= set(EXPERIMENTS), sorted(expected - set(EXPERIMENTS))
@@ -97,6 +97,14 @@ def test_paper_experiment_recipe(name):
     assert Path(cfg.model.pretrained).name == CHECKPOINTS[(model, scale)]
     assert Path(cfg.model.pretrained).parent == Path(cfg.paths.ckpt_dir)
     assert float(cfg.optim.lr) == (5e-5 if name == "paper_edsr_x4_daq" else 1e-4)
+    if method == "fqsr":  # S4: FQSR's released recipe, W/A 4 bits, outputs and adds 8 bits, cosine to 0
+        assert dict(cfg.bits) == {"w": 4, "a": 4, "sc": 8}
+        assert (cfg.trainer.max_steps, cfg.data.batch_size, cfg.data.lr_patch) == (300000, 16, 48)
+        optim = OmegaConf.to_container(cfg.optim, resolve=True)
+        assert optim["scheduler"]["_target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
+        assert (optim["scheduler"]["T_max"], optim["eta_min"]) == (300000, 0.0) and "milestones" not in optim
+        assert (cfg.method.stable, cfg.method.quant_loss_weight, cfg.method.prelu) == (20, 0.3, False)
+        return
     if "_fq_" in name:  # S4: ODM-FQ at W/A 4 bits, skip connections 8 bits
         assert method == "odm_fq" and cfg.method.fq.enabled and dict(cfg.bits) == {"w": 4, "a": 4, "sc": 8}
     else:
@@ -158,17 +166,21 @@ def test_rdn_fp_experiment_trains_ddtbs_baseline(scale):
 def test_mini_experiment_is_cpu_sized(name):
     cfg = _composed(name)
     bits = int(name.split("_w")[1][0])
-    assert (cfg.bits.w, cfg.bits.a) == (bits, bits) and cfg.method.name == name.rsplit("_", 1)[1]
+    assert (cfg.bits.w, cfg.bits.a) == (bits, bits) and cfg.method.name == name.split(f"_w{bits}a{bits}_")[1]
     assert cfg.model.name == "edsr" and cfg.model.kwargs.n_resblocks == 4 and cfg.model.scale == 4
     assert cfg.data.train == "sr291" and list(cfg.data.val) == ["Set5"]
     assert list(cfg.data.test) == ["Set5", "Set14", "B100"]
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_steps == 300
     assert (cfg.data.lr_patch, cfg.data.batch_size, cfg.data.iters_per_epoch) == (16, 8, 30)
     assert cfg.model.pretrained == f"{cfg.paths.log_dir}/mini/fp/checkpoints/last.ckpt"
-    if cfg.method.name == "odm":
+    if cfg.method.name.startswith("odm"):
         assert cfg.method.init.num_batches == 20
     if cfg.method.name in ("pams", "ddtb"):
         assert cfg.method.iters_per_epoch == 30  # PAMS's alpha epoch / DDTB's calibration epoch: 30 steps
+    if cfg.method.name in ("odm_fq", "fqsr"):  # the CPU-sized Table S4 pair: same budget, each its own schedule
+        assert cfg.bits.sc == 8 and (cfg.method.name == "fqsr" or cfg.method.fq.enabled)
+        schedule = OmegaConf.to_container(cfg.optim, resolve=True)
+        assert (schedule["scheduler"]["T_max"] == 300) if cfg.method.name == "fqsr" else schedule["milestones"]
 
 
 @pytest.mark.parametrize("name", MINI_LONG)

@@ -4,6 +4,7 @@ settings applied on resume."""
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from pathlib import Path
 from typing import Any
@@ -36,33 +37,49 @@ def check_resume_checkpoint(path: str | Path, module: nn.Module) -> None:
 
 class CurrentOptimSettingsOnResume(L.Callback):
     """On resume, the optimizer and lr-schedule settings of the current config (``optim.lr``, ``betas``,
-    ``eps``, ``weight_decay``, ``milestones``, ``gamma``, per-group lr factors) replace those stored in the
-    checkpoint; Adam's moments and the step count are kept. So ``resume=<ckpt> optim.lr=1e-5`` trains at
-    1e-5 (decayed by the milestones already passed), as results.json records."""
+    ``eps``, ``weight_decay``, ``milestones``, ``gamma``, ``eta_min``, the cosine's ``T_max``, per-group lr
+    factors) replace those stored in the checkpoint; Adam's moments and the step count are kept. So
+    ``resume=<ckpt> optim.lr=1e-5`` trains at 1e-5 (decayed by the milestones already passed), as results.json
+    records."""
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         fresh = pl_module.configure_optimizers()
         apply_optim_settings(checkpoint, fresh["optimizer"], fresh["lr_scheduler"]["scheduler"])
 
 
+SCHEDULE_KEYS = ("milestones", "gamma", "T_max", "eta_min")  # MultiStepLR's and CosineAnnealingLR's settings
+
+
+def scheduled_lrs(sched: dict, step: int) -> list[float]:
+    """Each group's lr at ``step`` under the settings of a scheduler's ``state_dict``: MultiStepLR
+    base_lr·gamma^(milestones passed); CosineAnnealingLR eta_min + (base_lr − eta_min)(1 + cos(π·step/T_max))/2."""
+    if "milestones" in sched:
+        passed = bisect_right(sorted(sched["milestones"].elements()), step)
+        return [base * sched["gamma"] ** passed for base in sched["base_lrs"]]
+    if "T_max" in sched:
+        eta, phase = sched["eta_min"], math.cos(math.pi * step / sched["T_max"])
+        return [eta + (base - eta) * (1 + phase) / 2 for base in sched["base_lrs"]]
+    raise ValueError(f"resume: cannot recompute the lr of a {sorted(sched)} schedule (MultiStepLR or "
+                     f"CosineAnnealingLR expected)")
+
+
 def apply_optim_settings(checkpoint: dict, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Rewrite the first optimizer/scheduler state of ``checkpoint`` (before Lightning loads it) with the
-    hyperparameters of ``optimizer``/``scheduler`` (a MultiStepLR), the lr at the checkpoint's step being
-    base_lr * gamma ** (milestones passed), as ``MultiStepLR`` computes it."""
+    hyperparameters of ``optimizer``/``scheduler`` (a MultiStepLR or CosineAnnealingLR), the lr at the
+    checkpoint's step being the new schedule's (``scheduled_lrs``)."""
     saved_opt, saved_sched = checkpoint["optimizer_states"][0], checkpoint["lr_schedulers"][0]
     new_groups, new_sched = optimizer.state_dict()["param_groups"], scheduler.state_dict()
     if len(saved_opt["param_groups"]) != len(new_groups):
         raise ValueError(f"resume: the checkpoint has {len(saved_opt['param_groups'])} parameter groups, the "
                          f"current config builds {len(new_groups)} (was the method changed?)")
-    passed = bisect_right(sorted(new_sched["milestones"].elements()), int(saved_sched["last_epoch"]))
-    lrs = [base * new_sched["gamma"] ** passed for base in new_sched["base_lrs"]]
+    lrs = scheduled_lrs(new_sched, int(saved_sched["last_epoch"]))
+    keys = [k for k in SCHEDULE_KEYS if k in new_sched]
     changed = {k for saved, new in zip(saved_opt["param_groups"], new_groups, strict=True)
                for k, v in new.items() if k not in ("params", "lr") and saved.get(k) != v}
-    changed |= {k for k in ("milestones", "gamma") if saved_sched.get(k) != new_sched[k]}
+    changed |= {k for k in keys if saved_sched.get(k) != new_sched[k]}
     for saved, new, lr in zip(saved_opt["param_groups"], new_groups, lrs, strict=True):
         saved.update({k: v for k, v in new.items() if k != "params"}, lr=lr)
-    saved_sched.update(milestones=new_sched["milestones"], gamma=new_sched["gamma"],
-                       base_lrs=new_sched["base_lrs"], _last_lr=lrs)
+    saved_sched.update({k: new_sched[k] for k in keys}, base_lrs=new_sched["base_lrs"], _last_lr=lrs)
     if changed:
         print(f"resume: the current config's {sorted(changed)} replace the checkpoint's (lr now {lrs})")
 

@@ -142,6 +142,16 @@ def test_paper_lookup():
     assert all(set(e.sets) <= {"Set5", "Set14", "B100", "Urban100"} and e.sets for e in PAPER)
 
 
+def test_table_s4_shows_our_fqsr_and_odm_fq_runs_beside_the_papers(tmp_path):
+    for method in ("fqsr", "odm_fq"):
+        fake_run(tmp_path / method, [f"method={method}", "bits=w4a4"], 30.5 if method == "fqsr" else 31.5)
+    md = write_report(tmp_path, tmp_path / "out", SETS)["markdown"]
+    assert "| EDSR-baseline x4 FQSR W4A4 SC8 | 30.50/0.8712 (paper 30.93/0.870) |" in md
+    assert "| EDSR-baseline x4 ODM-FQ W4A4 SC8 | 31.50/0.8712 (paper 31.99/0.890) |" in md
+    assert md.index("FQSR W4A4") < md.index("ODM-FQ W4A4")  # the paper's order
+    assert "30.80/0.8712 (paper 24.93/0.744)" in md  # Urban100
+
+
 def test_training_time(sweep_root):
     timing = training_time([sweep_root / "odm", sweep_root / "daq"])
     odm = next(r for r in timing["runs"] if r["method"] == "odm")

@@ -98,6 +98,14 @@ def test_dynamic_methods_are_refused(method, module, tmp_path):
         extract_spec(net)
 
 
+def test_fqsr_is_refused_naming_an_output_quantizer(tmp_path):
+    from odm_sr.builders import build_network
+
+    net, _, _ = build_network(tiny_config("edsr", "fqsr", 4, tmp_path))
+    with pytest.raises(ExportError, match=r"^head\.0\.out_quant \(FqsrQuantizer\): FQSR quantizes each conv's output"):
+        extract_spec(net)
+
+
 def test_odm_weights_above_7_bits_are_refused(tmp_path):
     net, _ = tiny_network("edsr", "odm", 8, tmp_path)
     with pytest.raises(ExportError, match="int8 holds ±127"):

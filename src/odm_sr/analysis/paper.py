@@ -139,7 +139,7 @@ PAPER: list[PaperEntry] = [
     *_table("S3", "edsr", 4, [(*_FP, "32.46/0.897 28.80/0.788 27.72/0.742 26.64/0.803"),
                                ("daq", "w2a2", "32.05/0.890 28.53/0.778 27.50/0.733 25.97/0.781")]),
     *_table("S3", "edsr", 4, [("odm", "w2a2", "32.15/0.893 28.56/0.781 27.57/0.737 26.04/0.786")], schedule="300k"),
-    # Table S4, W/A 4-bit + skip connections 8-bit (full quantization); FQSR is not implemented here
+    # Table S4, W/A 4-bit + skip connections 8-bit (full quantization): method=fqsr (FQSR as released) and odm_fq
     *_table("S4", "edsr_baseline", 4, [("fqsr", "w4a4", "30.93/0.870 27.82/0.761 27.07/0.715 24.93/0.744"),
                                         ("odm_fq", "w4a4", "31.99/0.890 28.42/0.777 27.47/0.733 25.70/0.775")],
             when={"bits.sc": 8}),

@@ -26,7 +26,7 @@ from odm_sr.files import write_json
 RESULTS_FILE = "results.json"
 MODEL_LABELS = {"edsr": "EDSR", "edsr_baseline": "EDSR-baseline", "rdn": "RDN", "swinir_light": "SwinIR-light",
                 "swinir_classical": "SwinIR", "hat_s": "HAT-S", "imdn": "IMDN", "pan": "PAN"}
-METHOD_ORDER = ("fp", "pams", "daq", "ddtb", "lsq", "odm", "odm_fq")
+METHOD_ORDER = ("fp", "pams", "daq", "ddtb", "lsq", "odm", "fqsr", "odm_fq")
 METHOD_LABELS = {"fp": "FP", "pams": "PAMS", "daq": "DAQ", "ddtb": "DDTB", "lsq": "LSQ", "odm": "ODM",
                  "odm_fq": "ODM-FQ", "fqsr": "FQSR"}
 PRETRAINED_ROW = "FP (model.pretrained)"
@@ -114,12 +114,13 @@ def group_label(model: str, scale: int) -> str:
 
 
 def base_label(config: dict[str, Any]) -> str:
-    """'EDSR-baseline x4 ODM W2A2'; FP runs have no bits; full quantization adds the skip bits ('SC8')."""
+    """'EDSR-baseline x4 ODM W2A2'; FP runs have no bits; full quantization (ODM-FQ, FQSR) adds the skip bits
+    ('SC8')."""
     model, scale, method, bits = run_key(config)
     label = f"{group_label(model, scale)} {METHOD_LABELS.get(method, method)}"
     if method != "fp":
         label += f" {bits.upper()}"
-        if config_value_or(config, "method.fq.enabled", False):
+        if method == "fqsr" or config_value_or(config, "method.fq.enabled", False):
             label += f" SC{config_value_or(config, 'bits.sc', 32)}"
     return label
 

@@ -26,6 +26,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", nargs="+", default=["odm"], choices=METHODS)
     parser.add_argument("--bits", nargs="+", type=int, default=[2],
                         choices=[b for b in VALID_BITS if b < 32], help="W = A bits, one row each")
+    parser.add_argument("--sc-bits", type=int, default=8, choices=list(VALID_BITS),
+                        help="bits.sc: skip operands (odm_fq), conv outputs and adds (fqsr); 8 as conf/bits/w*a*.yaml")
     parser.add_argument("--lr-hw", nargs=2, type=int, default=[64, 64], metavar=("H", "W"),
                         help="LR input size for BitOPs (analysis.bitops.lr_hw)")
     parser.add_argument("--rule", default="full", choices=RULES, help="analysis.storage.rule")
@@ -41,7 +43,7 @@ def complexity_row(model_name: str, scale: int, method_name: str, bits: int, arg
     """Build the model, quantize it with ``method_name`` at W = A = ``bits`` and count."""
     model = build_model(model_name, scale)
     method_cfg = compose_config([f"method={method_name}"], output_dir=".").method  # conf/method/<name>.yaml
-    method = build_method(method_cfg, {"w": bits, "a": bits})
+    method = build_method(method_cfg, {"w": bits, "a": bits, "sc": args.sc_bits if bits < 32 else 32})
     method.quantize(model)
     ratio = method.gate_ratio()  # DDTB: the dynamic ratio for this backbone
     counts = summarize(model, method_name, bits, args.lr_hw, rule=args.rule, ddtb_count_bn=not args.no_ddtb_bn,

@@ -14,7 +14,9 @@ Every static quantizer of METHODS.md §3 maps a tensor onto a uniform grid, so a
 
 Codes are computed with the quantizers' own float32 operations and checked against the fake-quant
 weight bit for bit (``weight_codes``), so the integer model sees exactly the codes training saw.
-DAQ and DDTB are refused: their ranges are computed per image at test time (``check_static``).
+DAQ and DDTB are refused: their ranges are computed per image at test time (``check_static``). FQSR is refused
+too: its ranges are static, but it re-quantizes each conv's output and its zero padding, which this graph has no
+form for.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from odm_sr.quant.daq import DaqActQuantizer, DaqWeightQuantizer
 from odm_sr.quant.ddtb import DdtbActQuantizer, DdtbWeightQuantizer
+from odm_sr.quant.fqsr import FqsrQuantizer
 from odm_sr.quant.functional import grad_scale
 from odm_sr.quant.lsq import LsqWeightQuantizer
 from odm_sr.quant.odm import OdmActQuantizer, WeightClipQuantizer
@@ -144,6 +147,12 @@ def check_static(model: nn.Module) -> None:
         if isinstance(module, DdtbActQuantizer):
             raise ExportError(f"{name} (DdtbActQuantizer): DDTB's dynamic gate ({name}.gate) rescales [l, u] per "
                               f"image at test time (METHODS.md §4.3); only static ranges export to integers")
+    fqsr = [name for name, module in modules if isinstance(module, FqsrQuantizer)]
+    if fqsr:
+        name = next((n for n in fqsr if n.endswith("out_quant")), fqsr[0])
+        raise ExportError(f"{name} (FqsrQuantizer): FQSR quantizes each conv's output and its zero-padded input "
+                          f"(METHODS.md §4.5); the integer graph maps one layer's int32 sum to the next layer's "
+                          f"input codes with zero padding, so only ODM, ODM-FQ, LSQ and PAMS export")
     for name, module in modules:
         if isinstance(module, (DaqWeightQuantizer, DdtbWeightQuantizer)):
             raise ExportError(f"{name} ({type(module).__name__}): DAQ/DDTB are not static-range methods")

@@ -12,11 +12,12 @@
 - **No output quantizers** (fixed, so not a key).
 - ``fq.sc_in_mismatch``: the skip quantizers report M_i to the active ``MismatchRegistry`` (L_M, §5.4) or not.
 
-FQSR as released (``billhhh/FQSR@24cb67a``) differs: one quantizer shared by both operands of an add, output
-quantizers, a learnable symmetric clip.
+FQSR as released (``billhhh/FQSR@24cb67a``, ``method=fqsr``, ``fqsr.py``) differs: one quantizer shared by both
+operands of an add, output quantizers, a learnable symmetric clip.
 
 Checkpoint keys stay official (§2.2): blocks are replaced at their own index and keep ``body`` and
-``res_scale``; the model's class becomes ``FullyQuantizedEDSR`` in place; the skip quantizers live in
+``res_scale``; the model's class becomes ``FullyQuantizedEDSR`` in place (``quantize_fully``, the surgery
+FQSR shares, ``fqsr.py``); the skip quantizers live in
 modules named ``*_quant``, which the loader ignores. Each one is hosted by a ``SkipQuantizer``, a
 ``QuantMixin`` with an ``act_quant`` and no weight, so percentile calibration (§5.2) and ``quantizers_off``
 handle it like a layer input without any change to ``calibration.py``.
@@ -34,13 +35,14 @@ from odm_sr.models.edsr import EDSR, ResBlock
 from .base import check_bool, check_choice
 from .layers import QuantMixin
 from .mismatch import MismatchRegistry, active_registry
-from .placement import QuantizerFactory, all_conv_linear, swap_layers
+from .placement import LayerFactory, QuantizerFactory, all_conv_linear, swap_layers
 from .quantizer import Quantizer
 
 SC_OPERANDS = ("both", "identity")
 IMAGE_INPUT_LAYER = "head.0"  # EDSR's first conv: its input is the mean-shifted image
 
 SkipQuantizerFactory = Callable[[], nn.Module]
+SkipFactory = Callable[[str], tuple[nn.Module | None, nn.Module | None]]
 
 
 def check_fq_config(fq: dict) -> None:
@@ -116,39 +118,46 @@ class FullyQuantizedEDSR(EDSR):
         return self.add_mean(self.tail(x))
 
 
-def quantize_fully(model: nn.Module, fq: dict, make_quantizers: QuantizerFactory,
-                   make_skip_quantizer: SkipQuantizerFactory | None) -> nn.Module:
-    """ODM-FQ surgery on a float EDSR, in place (module docstring); returns the model.
+def quantize_fully(model: nn.Module, make_quantizers: QuantizerFactory, make_skips: SkipFactory | None,
+                   make_layer: LayerFactory | None = None) -> nn.Module:
+    """Full-quantization surgery on a float EDSR, in place (ODM-FQ here, FQSR in ``fqsr.py``); returns the model.
 
-    ``make_quantizers(name, layer)`` gives a conv's ``(act_quant, weight_quant)``; ``make_skip_quantizer()``
-    one skip-operand quantizer (None: skips stay FP, e.g. ``bits.sc=32``).
+    Every conv head to tail (``placement.all_conv_linear``) gets ``make_quantizers(name, layer)``'s
+    ``(act_quant, weight_quant)`` and is built by ``make_layer`` (default: ``layers.to_quantized``). Each add
+    gets ``make_skips(site)``'s ``(res_quant, skip_quant)`` for its operands, ``site`` being the block's name
+    (``body.{i}``) or ``""`` for the global skip; a None operand stays FP, the same module twice is one
+    quantizer shared by both operands (FQSR). ``make_skips=None`` leaves every add FP.
     """
     if not isinstance(model, EDSR) or isinstance(model, FullyQuantizedEDSR):
-        raise ValueError(f"fq.enabled=true: fully-quantized mode is implemented for EDSR only (METHODS.md "
-                         f"§4.5, Table S4), and needs a float model; got {type(model).__name__}")
+        raise ValueError(f"fully-quantized mode is implemented for EDSR only (METHODS.md §4.5, Table S4), and "
+                         f"needs a float model; got {type(model).__name__}")
+    swap_layers(model, all_conv_linear(model), make_quantizers, *([make_layer] if make_layer else []))
+    if make_skips is not None:
+        for name, block in list(model.body.named_children()):
+            if isinstance(block, ResBlock):
+                model.body._modules[name] = FullyQuantizedResBlock(block, *make_skips(f"body.{name}"))
+        model.__class__ = FullyQuantizedEDSR
+        model.global_res_quant, model.global_skip_quant = make_skips("")
+    return model
 
+
+def quantize_odm_fq(model: nn.Module, fq: dict, make_quantizers: QuantizerFactory,
+                    make_skip_quantizer: SkipQuantizerFactory | None) -> nn.Module:
+    """ODM-FQ (module docstring): ``quantize_fully`` with ODM's quantizers, ``head.0``'s input left FP unless
+    ``fq.quantize_image_input``, and a ``SkipQuantizer`` of its own on each operand of every add
+    (``fq.sc_operands=both``; ``make_skip_quantizer=None``, e.g. ``bits.sc=32``, leaves the adds FP)."""
     def conv_quantizers(name: str, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
         act, weight = make_quantizers(name, layer)
         if name == IMAGE_INPUT_LAYER and not fq["quantize_image_input"]:
             act = None
         return act, weight
 
-    swap_layers(model, all_conv_linear(model), conv_quantizers)
-    if fq["sc_operands"] == "both" and make_skip_quantizer is not None:
-        _quantize_skips(model, make_skip_quantizer, fq["sc_in_mismatch"])
-    return model
+    def hosts(site: str) -> tuple[nn.Module, nn.Module]:
+        return (SkipQuantizer(make_skip_quantizer(), fq["sc_in_mismatch"]),
+                SkipQuantizer(make_skip_quantizer(), fq["sc_in_mismatch"]))
 
-
-def _quantize_skips(model: EDSR, make_skip_quantizer: SkipQuantizerFactory, in_mismatch: bool) -> None:
-    def host() -> SkipQuantizer:
-        return SkipQuantizer(make_skip_quantizer(), in_mismatch)
-
-    for name, block in list(model.body.named_children()):
-        if isinstance(block, ResBlock):
-            model.body._modules[name] = FullyQuantizedResBlock(block, host(), host())
-    model.__class__ = FullyQuantizedEDSR
-    model.global_res_quant = host()
-    model.global_skip_quant = host()
+    both = fq["sc_operands"] == "both" and make_skip_quantizer is not None
+    return quantize_fully(model, conv_quantizers, hosts if both else None)
 
 
 def skip_quantizers(model: nn.Module) -> dict[str, SkipQuantizer]:
@@ -157,4 +166,4 @@ def skip_quantizers(model: nn.Module) -> dict[str, SkipQuantizer]:
 
 
 __all__ = ["FullyQuantizedEDSR", "FullyQuantizedResBlock", "SkipQuantizer", "check_fq_config",
-           "quantize_fully", "skip_quantizers"]
+           "quantize_fully", "quantize_odm_fq", "skip_quantizers"]

@@ -38,7 +38,7 @@ from .base import (
 from .calibration import SOURCES, batch_range, calibrate_activation_ranges
 from .cooperative import COS_SCOPES, WEIGHT_FNS, balance_by_group, combine_gradients
 from .distributed import average_across_ranks, gather_cat
-from .fq import check_fq_config, quantize_fully  # [fq] full quantization (METHODS.md §4.5)
+from .fq import check_fq_config, quantize_odm_fq  # [fq] full quantization (METHODS.md §4.5)
 from .functional import percentile, symmetric_quantize, uniform_quantize
 from .layers import quantized_layers
 from .lsq import GRIDS, LsqWeightQuantizer
@@ -207,7 +207,7 @@ class ODM(QuantMethod):
         if self.cfg["fq"]["enabled"]:  # [fq] every conv head to tail + skip operands at bits.sc: fq.py
             sc, j = self.bits.sc, self.cfg["init"]["j"]
             make_skip = (lambda: OdmActQuantizer(sc, j)) if sc < 32 else None
-            return quantize_fully(model, self.cfg["fq"], self._make_quantizers, make_skip)
+            return quantize_odm_fq(model, self.cfg["fq"], self._make_quantizers, make_skip)
         return swap_layers(model, select_layers(model, self.cfg["placement"]), self._make_quantizers)
 
     def _make_quantizers(self, name: str, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:

@@ -23,13 +23,21 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 QuantizerFactory = Callable[[str, nn.Module], tuple[nn.Module | None, nn.Module | None]]
+# (name, float layer, act_quant, weight_quant) -> the quantized layer sharing the float layer's parameters
+LayerFactory = Callable[[str, nn.Module, nn.Module | None, nn.Module | None], nn.Module]
 
 
-def swap_layers(model: nn.Module, names: list[str], make_quantizers: QuantizerFactory) -> nn.Module:
+def _twin(name: str, layer: nn.Module, act_q: nn.Module | None, w_q: nn.Module | None) -> nn.Module:
+    return to_quantized(layer, act_q, w_q)
+
+
+def swap_layers(model: nn.Module, names: list[str], make_quantizers: QuantizerFactory,
+                make_layer: LayerFactory = _twin) -> nn.Module:
     """Swap each named conv/linear for its quantized twin; ``make_quantizers(name, layer)`` returns
-    ``(act_quant, weight_quant)``. Returns the model (modified in place)."""
+    ``(act_quant, weight_quant)``, ``make_layer`` builds the twin (default ``layers.to_quantized``; FQSR's
+    conv also quantizes its output). Returns the model (modified in place)."""
     for name in names:
         layer = model.get_submodule(name)
         act_q, w_q = make_quantizers(name, layer)
-        replace_module(model, name, to_quantized(layer, act_q, w_q))
+        replace_module(model, name, make_layer(name, layer, act_q, w_q))
     return model
