@@ -23,6 +23,7 @@ from odm_sr.quant.calibration import range_quantized_layers
 from odm_sr.quant.daq import DaqActQuantizer, DaqWeightQuantizer
 from odm_sr.quant.ddtb import DdtbActQuantizer, DdtbWeightQuantizer
 from odm_sr.quant.fq import SkipQuantizer
+from odm_sr.quant.fqsr import FqsrQuantizer
 from odm_sr.quant.layers import QuantMixin, quantized_layers
 from odm_sr.quant.lsq import LsqWeightQuantizer
 from odm_sr.quant.odm import OdmActQuantizer, WeightClipQuantizer
@@ -41,6 +42,7 @@ DECLARED = {
     DaqActQuantizer: (None, False),
     DaqWeightQuantizer: (None, False),
     SkipQuantizer: (None, False),
+    FqsrQuantizer: ("uniform", False),
 }
 
 
@@ -98,7 +100,7 @@ def test_every_package_quantizer_class_declares_the_interface():
     w = torch.linspace(-1.0, 1.0, 201).reshape(201, 1)
     made = [OdmActQuantizer(2), WeightClipQuantizer(2), LsqWeightQuantizer(2, w), PamsActQuantizer(2, site),
             PamsWeightQuantizer(2), DdtbActQuantizer(2, site), DdtbWeightQuantizer(2), DaqActQuantizer(2, site),
-            DaqWeightQuantizer(2), SkipQuantizer(OdmActQuantizer(2))]
+            DaqWeightQuantizer(2), SkipQuantizer(OdmActQuantizer(2)), FqsrQuantizer(2, stable=0)]
     assert {type(q) for q in made} == set(DECLARED)
     for q in made:
         assert isinstance(q.bits, int) and q.is_dynamic in (None, False)
@@ -118,6 +120,12 @@ def test_static_range_by_hand():
     pams = PamsActQuantizer(3, ActSite("conv", 3, False), alpha_init=1.5)
     assert pams.static_range() == (-1.5, 1.5)
     np.testing.assert_allclose(static_levels(pams), 1.5 * np.arange(-3, 4) / 3)  # Q = 2^(3−1) − 1 = 3
+
+    fqsr = FqsrQuantizer(2, stable=0)
+    with torch.no_grad():
+        fqsr.clip.fill_(-1.5)  # the release quantizes with |c|
+    np.testing.assert_allclose(static_levels(fqsr), [-1.5, -0.5, 0.5, 1.5], atol=1e-6)
+    assert FqsrQuantizer(2).static_range() is None  # passes its input through while it tracks
 
     ddtb = DdtbActQuantizer(2, ActSite("conv", 3, False))
     with torch.no_grad():

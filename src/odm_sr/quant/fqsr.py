@@ -131,6 +131,10 @@ class FqsrQuantizer(Quantizer):
         c = float(self.clip.detach().abs())
         return -c, c
 
+    def weight_clip_bound(self, weight: Tensor) -> Tensor:
+        """|c| (as a weight quantizer, its clip bound u_w)."""
+        return self.clip.detach().abs()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._calls = int(self.calls)
