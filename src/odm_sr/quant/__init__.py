@@ -4,8 +4,8 @@ bits), ``make_bits`` / ``Bits``, and the method interface (``QuantMethod``, ``St
 The package holds the quantizer math (``functional``, ``quantizer``), the quantized layers (``layers``), the
 backbone table and placement (``backbones``, ``placement``, ``blocks``), calibration and DDP helpers
 (``calibration``, ``distributed``) and one file per method: ``odm`` (ODM, with ``mismatch`` / ``cooperative``),
-``fq`` (ODM-FQ), ``lsq`` (ODM's LSQ weight quantizer), ``pams``, ``daq``, ``ddtb``, ``skt`` (what PAMS and DDTB
-share)."""
+``fq`` (ODM-FQ, and the full-quantization surgery FQSR shares), ``fqsr`` (FQSR as released), ``lsq`` (ODM's LSQ
+weight quantizer), ``pams``, ``daq``, ``ddtb``, ``skt`` (what PAMS and DDTB share)."""
 
 from __future__ import annotations
 
