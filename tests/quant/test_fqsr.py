@@ -133,6 +133,8 @@ def test_non_edsr_is_refused_and_prelu_replaces_relu():
         make_method("fqsr", {}, W4A4_SC8).quantize(build_model("rdn", 2, G0=8, G=4, D=2, C=2))
     net = make_method("fqsr", {"prelu": True}, W4A4_SC8).quantize(build_model("edsr", 2, n_resblocks=2, n_feats=8))
     assert all(isinstance(b.body[1], torch.nn.PReLU) and b.body[1].weight.item() == 0.25 for b in net.body[:2])
+    assert make_method("fqsr", {}, W4A4_SC8).ddp_unused_parameters  # clips are set, not learned, while tracking
+    assert not make_method("fqsr", {"stable": 0}, W4A4_SC8).ddp_unused_parameters
     with pytest.raises(ValueError, match="stable"):
         FQSR({"stable": -1, "quant_loss_weight": 0.3, "prelu": False}, W4A4_SC8)
 

@@ -203,6 +203,11 @@ class FQSR(QuantMethod):
         self.quant_loss_weight = float(check_number(self.cfg, "quant_loss_weight"))
         self.prelu = bool(check_bool(self.cfg, "prelu"))
 
+    @property
+    def ddp_unused_parameters(self) -> bool:
+        """While a quantizer tracks, its clip is set, not learned: it is out of the loss's graph."""
+        return self.stable > 0
+
     def unsupported(self, backbone: Backbone) -> str:
         if not backbone.fully_quantized:
             done = [f.upper() for f, spec in BACKBONES.items() if spec.fully_quantized]
