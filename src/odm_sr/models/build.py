@@ -1,6 +1,7 @@
 """`build_model`: backbone name + scale (+ constructor overrides) -> an `SRModel`.
 
-Configurations are METHODS.md section 2.1 (IMDN and PAN: the released ones, `../shared/models/README.md`);
+Configurations are METHODS.md section 2.1 (IMDN and PAN: the released ones, `../shared/models/README.md`;
+SRResNet: the DAQ release's defaults, 16 blocks of 64 features);
 the SwinIR/HAT ones are the official test options
 (`img_size` 64 for SwinIR-light and HAT-S, 48 for SwinIR-classical, which sizes the stored `attn_mask`).
 """
@@ -16,6 +17,7 @@ from odm_sr.models.hat import HAT
 from odm_sr.models.imdn import IMDN
 from odm_sr.models.pan import PAN
 from odm_sr.models.rdn import RDN
+from odm_sr.models.srresnet import SRResNet
 from odm_sr.models.swinir import SwinIR
 
 SUPPORTED_SCALES = (2, 3, 4)
@@ -33,6 +35,7 @@ MODEL_CONFIGS: dict[str, tuple[type[SRModel], dict[str, Any]]] = {
                         mlp_ratio=2.0)),
     "imdn": (IMDN, dict(nf=64, num_modules=6)),
     "pan": (PAN, dict(nf=40, unf=24, nb=16)),
+    "srresnet": (SRResNet, dict(n_resblocks=16, n_feats=64)),
 }
 MODEL_NAMES = tuple(MODEL_CONFIGS)
 ALIASES = {"edsr_full": "edsr"}  # conf/model/edsr.yaml spells the full EDSR this way
@@ -45,7 +48,7 @@ def build_model(name: str, scale: int, **overrides: Any) -> SRModel:
     `build_model("edsr", 2, n_resblocks=4, n_feats=32, res_scale=1.0)`;
     `build_model("swinir_light", 2, pad_mode="mirror", drop_path_rate=0.0)`.
     The model has `name` (the canonical one: `edsr_full` builds `edsr`), `scale` and `pixel_range`
-    (255.0 for EDSR/RDN, 1.0 for SwinIR/HAT/IMDN/PAN).
+    (255.0 for EDSR/RDN/SRResNet, 1.0 for SwinIR/HAT/IMDN/PAN).
     """
     name = ALIASES.get(name, name)
     if name not in MODEL_CONFIGS:
