@@ -131,8 +131,8 @@ def test_weight_init_levels_and_step_gradient_by_hand():
     v = [0.1 / 0.9, -0.3 / 0.9, 0.5 / 0.9, -1.0]
     rounded = [0.0, 0.0, 1.0, -1.0]
     g = 1.0 / math.sqrt(4 * 1)
-    assert q.step.grad.item() == pytest.approx(g * sum(r - surrogate(vi) * vi for r, vi in zip(rounded, v)),
-                                               abs=1e-12)
+    by_hand = g * sum(r - surrogate(vi) * vi for r, vi in zip(rounded, v, strict=True))
+    assert q.step.grad.item() == pytest.approx(by_hand, abs=1e-12)
     assert wp.grad.flatten().tolist() == pytest.approx([surrogate(vi) for vi in v], abs=1e-12)
 
 
@@ -191,3 +191,12 @@ def test_a_backbone_without_residual_blocks_is_refused_naming_the_switch():
 def test_bad_option_is_refused():
     with pytest.raises(ValueError, match="qparam_lr_mult"):
         make_method("quantsr", {"qparam_lr_mult": 0.0})
+
+
+def test_export_refuses_quantsr_naming_the_quantizer():
+    from odm_sr.export.spec import ExportError, check_static
+
+    net = build_model("srresnet", 2, n_resblocks=1, n_feats=8)
+    net = make_method("quantsr", bits={"w": 2, "a": 2}).quantize(net)
+    with pytest.raises(ExportError, match=r"body\.0\.conv1\.act_quant \(RlqActQuantizer\): QuantSR's per-input"):
+        check_static(net)

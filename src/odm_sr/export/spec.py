@@ -30,6 +30,7 @@ from odm_sr.quant.functional import grad_scale
 from odm_sr.quant.lsq import LsqWeightQuantizer
 from odm_sr.quant.odm import OdmActQuantizer, WeightClipQuantizer
 from odm_sr.quant.pams import PamsActQuantizer, PamsWeightQuantizer
+from odm_sr.quant.quantizer import Quantizer
 
 ACT_QUANTIZERS = (OdmActQuantizer, PamsActQuantizer)
 
@@ -135,7 +136,8 @@ class WeightCodes:
 
 
 def check_static(model: nn.Module) -> None:
-    """Refuse models with a module that computes its quantization range per image at test time."""
+    """Refuse models with a module that computes its quantization range per image at test time, or a quantizer
+    that declares an ``export_refusal`` (QuantSR)."""
     modules = list(model.named_modules())
     for name, module in modules:
         if isinstance(module, DaqActQuantizer):
@@ -145,6 +147,8 @@ def check_static(model: nn.Module) -> None:
             raise ExportError(f"{name} (DdtbActQuantizer): DDTB's dynamic gate ({name}.gate) rescales [l, u] per "
                               f"image at test time (METHODS.md §4.3); only static ranges export to integers")
     for name, module in modules:
+        if isinstance(module, Quantizer) and module.export_refusal:
+            raise ExportError(f"{name} ({type(module).__name__}): {module.export_refusal}")
         if isinstance(module, (DaqWeightQuantizer, DdtbWeightQuantizer)):
             raise ExportError(f"{name} ({type(module).__name__}): DAQ/DDTB are not static-range methods")
 

@@ -1,7 +1,7 @@
 """SR backbones (`SRModel`s with official module names) and their FP weights loader (``models.weights``).
 
-Every model has `name`, `scale`, `pixel_range` (255.0 for EDSR/RDN/SRResNet, 1.0 for SwinIR/HAT/IMDN/PAN; forward takes and
-returns images in [0, pixel_range]), `pad_mode` and `official_eval_pad_mode` (declared by `SRModel`).
+Every model has `name`, `scale`, `pixel_range` (255.0 for EDSR/RDN/SRResNet, 1.0 for SwinIR/HAT/IMDN/PAN; forward takes
+and returns images in [0, pixel_range]), `pad_mode` and `official_eval_pad_mode` (declared by `SRModel`).
 """
 
 from odm_sr.models.base import SRModel

@@ -79,6 +79,9 @@ class RlqActQuantizer(Quantizer):
     """RLQ activation quantizer: per-input-channel ``shift``, LSQ step ``step`` whose sign and init the first
     training batch decides (module docstring). ``channel_last``: the channel is the last dim (linear inputs)."""
 
+    export_refusal = ("QuantSR's per-input-channel shift before an LSQ grid has no integer exporter (it would fold "
+                      "into a per-channel zero point, which the integer graph does not carry)")
+
     def __init__(self, bits: int, channels: int, channel_last: bool = False):
         super().__init__()
         self.bits = int(bits)
