@@ -230,7 +230,17 @@ def test_a_stored_config_of_tensors_or_no_model_is_refused():
 
 def test_the_allow_list_is_read_from_the_package_configs():
     allowed = package_hydra_keys()
-    assert allowed[("model", "_target_")] == ("odm_sr.builders.backbone",)
+    assert allowed[("model", "_target_")] == ("odm_sr.models.build.backbone",)
     assert "odm_sr.quant.pams.PAMS" in allowed[("method", "_target_")]
     assert allowed[("optim.optimizer", "_target_")] == ("torch.optim.Adam",)
     assert ("model.kwargs", "_target_") not in allowed and not any(k == "_args_" for _, k in allowed)
+
+
+@pytest.mark.parametrize("stored", [{"_target_": "odm_sr.builders.backbone"}, {}])
+def test_an_older_run_naming_the_model_builder_at_its_old_place_or_not_at_all_still_builds(stored, tmp_path):
+    cfg = OmegaConf.to_container(compose_config(["experiment=main_fp"], tmp_path), resolve=True)
+    cfg["model"].pop("_target_")
+    cfg["model"].update(stored)
+    assert stored_config(cfg, "old.ckpt").model._target_ == "odm_sr.models.build.backbone"
+    with pytest.raises(StoredConfigError, match="'odm_sr.builders.build_backbone' is not one of odm-sr's own"):
+        stored_config({**cfg, "model": {**cfg["model"], "_target_": "odm_sr.builders.build_backbone"}}, "x.ckpt")

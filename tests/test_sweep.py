@@ -212,3 +212,26 @@ def test_a_finished_job_is_skipped_only_with_the_same_result_config(tmp_path, ca
         with pytest.raises(ValueError, match=rf"skip_done: {job}/results.json was made with {key}=.*, the new "
                                              rf"config has {key}="):
             train(compose_config(sweep + [f"model.pretrained={fp_a}", override], job))
+
+
+def test_a_job_finished_before_the_model_builder_moved_is_still_skipped(tmp_path, capsys):
+    """results.json of a run made when conf/model named odm_sr.builders.backbone: skip_done compares it in
+    today's spelling (config.drop_retired_keys), so the sweep does not refuse a job that has not changed."""
+    import json
+
+    from odm_sr.train import train
+
+    tiny = ["model.kwargs.n_resblocks=1", "model.kwargs.n_feats=8", "model.scale=2", "data=sample",
+            "data.lr_patch=12", "data.batch_size=2", "trainer=cpu", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=csv",
+            "callbacks.model_checkpoint.every_n_train_steps=2", "test_after_fit=false", "skip_done=true"]
+    first = train(compose_config(tiny, tmp_path))
+    results = tmp_path / "results.json"
+    stored = json.loads(results.read_text())
+    assert stored["config"]["model"]["_target_"] == "odm_sr.models.build.backbone"
+    stored["config"]["model"]["_target_"] = "odm_sr.builders.backbone"
+    results.write_text(json.dumps(stored))
+    capsys.readouterr()
+    again = train(compose_config(tiny, tmp_path))
+    assert "skipping" in capsys.readouterr().out and again["config"]["model"] == {
+        **first["config"]["model"], "_target_": "odm_sr.builders.backbone"}

@@ -10,28 +10,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .config import instantiate
-from .models import build_model, load_pretrained
 from .quant import QuantMethod, build_method
 from .quant.base import frozen_copy
 from .wandb_mode import offline_fallback
-
-
-def backbone(name: str, scale: int, kwargs: dict | None = None, pretrained: str | None = None,
-             drop_path_rate: float | None = None) -> nn.Module:
-    """The ``_target_`` of ``conf/model/*.yaml``: backbone ``name`` at ``scale`` with constructor ``kwargs`` and
-    SwinIR/HAT stochastic depth ``drop_path_rate``, with the weights of ``pretrained`` when set (clear error if
-    the file is missing), else randomly initialised."""
-    extra = dict(kwargs or {})
-    if drop_path_rate is not None:  # SwinIR/HAT stochastic depth during (QA) training
-        extra["drop_path_rate"] = float(drop_path_rate)
-    net = build_model(str(name), int(scale), **extra)
-    if pretrained is None:
-        return net
-    path = Path(str(pretrained))
-    if not path.is_file():
-        raise FileNotFoundError(f"model.pretrained={path}: no such checkpoint file (train the FP model first, "
-                                f"or point model.pretrained at an official .pt/.pth)")
-    return load_pretrained(net, path)
 
 
 def build_backbone(model_cfg: DictConfig) -> nn.Module:

@@ -138,14 +138,18 @@ RETIRED_KEYS = ("method.placement.transformer_same_layers", "optim.name",
                 "method.stats_scope", "method.gate_pool", "method.skt.feature", "method.fq.quantize_outputs")
 # Keys renamed since: old dotted key -> its new name (in the same node)
 RENAMED_KEYS = {"method.target": "_target_"}
+# The model's builder moved from the builders layer into models/ (so that the config never climbs back up to it)
+MODEL_TARGET = "odm_sr.models.build.backbone"
+MOVED_MODEL_TARGETS = ("odm_sr.builders.backbone",)
 
 
 def drop_retired_keys(cfg: DictConfig) -> DictConfig:
     """``cfg`` without ``RETIRED_KEYS`` and with ``RENAMED_KEYS`` renamed (in place), with the model's
-    ``_target_`` an older config lacks, so that an older checkpoint's config still builds."""
-    if "_target_" not in cfg.model:
+    ``_target_`` an older config lacks or names at its old place, so that an older checkpoint's config still
+    builds."""
+    if cfg.model.get("_target_", MOVED_MODEL_TARGETS[0]) in MOVED_MODEL_TARGETS:
         with open_dict(cfg.model):
-            cfg.model._target_ = "odm_sr.builders.backbone"
+            cfg.model._target_ = MODEL_TARGET
     for dotted, new in [*RENAMED_KEYS.items(), *((key, None) for key in RETIRED_KEYS)]:  # None: dropped
         parent, _, key = dotted.rpartition(".")
         node = OmegaConf.select(cfg, parent)

@@ -26,7 +26,7 @@ from .builders import (
     selected_checkpoint,
 )
 from .checks import check_choice, check_choices, check_number, check_range
-from .config import register_resolvers, reject_unknown_keys
+from .config import drop_retired_keys, register_resolvers, reject_unknown_keys
 from .evaluation import (
     EVAL_PAD_MODES,
     bicubic_upscale,
@@ -56,12 +56,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     if cfg.get("skip_done", False) and (out_dir / "results.json").is_file():
         done = json.loads((out_dir / "results.json").read_text())
-        check_same_result_config(done.get("config", {}), plain, out_dir)
+        check_same_result_config(current_keys(done.get("config", {})), plain, out_dir)
         print(f"skipping {out_dir}: results.json exists with the same config (skip_done=true)")
         return done
     # one writer per run folder; SIGTERM exits 143 naming the last checkpoint (not 0 with no results.json)
     with run_folder_lock(out_dir), SigtermStop(out_dir / "checkpoints" / "last.ckpt") as sigterm:
         return _train(cfg, out_dir, sigterm, method, plain)
+
+
+def current_keys(stored: dict) -> dict:
+    """The config of an earlier run's results.json with retired keys dropped and moved ``_target_`` values renamed
+    (``config.drop_retired_keys``), so that ``skip_done`` compares it with today's spelling."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+        return stored
+    return OmegaConf.to_container(drop_retired_keys(OmegaConf.create(stored)))
 
 
 def _train(cfg: DictConfig, out_dir: Path, sigterm: SigtermStop, method: QuantMethod,

@@ -1,4 +1,5 @@
-"""`build_model`: backbone name + scale (+ constructor overrides) -> an `SRModel`.
+"""`build_model`: backbone name + scale (+ constructor overrides) -> an `SRModel`; `backbone`: the same with its
+FP weights, the `_target_` of `conf/model/*.yaml`.
 
 Configurations are METHODS.md section 2.1 (IMDN and PAN: the released ones, `../shared/models/README.md`;
 SRResNet: the DAQ release's defaults, 16 blocks of 64 features);
@@ -9,7 +10,10 @@ the SwinIR/HAT ones are the official test options
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from odm_sr.models.base import SRModel
 from odm_sr.models.edsr import EDSR
@@ -19,6 +23,7 @@ from odm_sr.models.pan import PAN
 from odm_sr.models.rdn import RDN
 from odm_sr.models.srresnet import SRResNet
 from odm_sr.models.swinir import SwinIR
+from odm_sr.models.weights import load_pretrained
 
 SUPPORTED_SCALES = (2, 3, 4)
 
@@ -61,3 +66,21 @@ def build_model(name: str, scale: int, **overrides: Any) -> SRModel:
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name}; allowed: {allowed}")
     return model_class(scale=scale, name=name, **{**defaults, **overrides})
+
+
+def backbone(name: str, scale: int, kwargs: dict | None = None, pretrained: str | None = None,
+             drop_path_rate: float | None = None) -> nn.Module:
+    """The ``_target_`` of ``conf/model/*.yaml``: backbone ``name`` at ``scale`` with constructor ``kwargs`` and
+    SwinIR/HAT stochastic depth ``drop_path_rate``, with the weights of ``pretrained`` when set (clear error if
+    the file is missing), else randomly initialised."""
+    extra = dict(kwargs or {})
+    if drop_path_rate is not None:  # SwinIR/HAT stochastic depth during (QA) training
+        extra["drop_path_rate"] = float(drop_path_rate)
+    net = build_model(str(name), int(scale), **extra)
+    if pretrained is None:
+        return net
+    path = Path(str(pretrained))
+    if not path.is_file():
+        raise FileNotFoundError(f"model.pretrained={path}: no such checkpoint file (train the FP model first, "
+                                f"or point model.pretrained at an official .pt/.pth)")
+    return load_pretrained(net, path)
