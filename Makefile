@@ -107,8 +107,8 @@ gpu-real-shared: ## shared/ in the checkout (git-ignored, hard links, ~50 MB) wi
 	cp $$(ls bench/gpu-wheels/*.whl 2>/dev/null || ls $(SHARED)/gpu-wheels/*.whl) shared/gpu-wheels/
 	@du -sh shared
 
-test: ## run the test suite (tests needing ../shared/data skip with a reason where it is absent)
-	WANDB_MODE=disabled $(PY) -m pytest -q $(ARGS)
+test: ## run the test suite on every core, one test file per worker (tests needing ../shared/data skip with a reason where it is absent)
+	WANDB_MODE=disabled $(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
 test-fast: ## the test suite without the slow trainings
 	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -1,11 +1,16 @@
 """Shared fixtures. Keep this file small: add a fixture here only when several test folders use it."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from odm_sr.data.registry import DATA_ENV_VAR, default_data_root
 from odm_sr.models.weights import MODELS_ENV_VAR, default_models_root
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, not one per core
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

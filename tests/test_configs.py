@@ -31,6 +31,7 @@ CHECKPOINTS = {
     ("edsr", 4): "edsr_x4-4f62e9ef.pt", ("rdn", 4): "rdn_baseline_x4.pt", ("rdn", 2): "rdn_baseline_x2.pt",
     ("swinir_light", 4): "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth",
     ("swinir_light", 2): "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth", ("hat_s", 4): "HAT-S_SRx4.pth",
+    ("srresnet", 4): "srresnet_x4.pt",  # the DAQ release's FP SRResNet (base/paper_srresnet_x4.yaml)
 }
 # (max_steps, milestones, batch) of each method's released schedule (METHODS.md §4, §5.6); 1 epoch = 1000 steps
 SCHEDULES = {
@@ -39,6 +40,8 @@ SCHEDULES = {
     # DDTB: the release's 60 epochs include its calibration epoch (no optimizer steps): 59000 optimizer steps
     "ddtb": (59000, [10000, 20000, 30000, 40000, 50000, 60000], 16),
     "odm": (60000, [15000, 30000, 45000], 8),
+    "lsq": (60000, [15000, 30000, 45000], 8),  # ODM's recipe (Table S7's variant)
+    "quantsr": (60000, [15000, 30000, 45000], 8),  # no released recipe: ODM's [decision]
 }
 
 
@@ -57,13 +60,15 @@ def _paper_name(model: str, scale: int, method: str) -> str:
 
 
 def test_the_paper_and_mini_experiments_exist():
+    released = ("pams", "daq", "ddtb", "odm")
     expected = {_paper_name(m, s, q) for m in ("edsr_baseline", "rdn", "swinir_light") for s in (4, 2)
-                for q in SCHEDULES}
-    expected |= {f"paper_edsr_baseline_x4_300k_{q}" for q in SCHEDULES}  # S2
+                for q in released}
+    expected |= {f"paper_edsr_baseline_x4_300k_{q}" for q in released}  # S2
     expected |= {"paper_edsr_x4_daq", "paper_edsr_x4_odm"}  # S3
     expected |= {f"paper_edsr_baseline_x{s}_{m}" for s in (4, 2) for m in ("fq_odm", "fqsr")}  # S4
-    expected |= {f"paper_hat_s_x4_{q}" for q in SCHEDULES}  # S5
-    expected |= {f"mini_edsr_x4_w{b}a{b}_{q}" for b in (2, 4) for q in SCHEDULES} | {"mini_edsr_x4_fp"}
+    expected |= {f"paper_hat_s_x4_{q}" for q in released}  # S5
+    expected |= {f"paper_srresnet_x4_{q}" for q in SCHEDULES}  # the main paper's SRResNet comparison
+    expected |= {f"mini_edsr_x4_w{b}a{b}_{q}" for b in (2, 4) for q in released} | {"mini_edsr_x4_fp"}
     assert expected <= set(EXPERIMENTS), sorted(expected - set(EXPERIMENTS))
 
 

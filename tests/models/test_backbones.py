@@ -19,6 +19,9 @@ PARAM_COUNTS = {
     "hat_s": (9_473_471, 9_658_111, 9_621_183),
     "imdn": (694_404, 703_059, 715_176),  # ../shared/models/README.md
     "pan": (261_403, 261_403, 272_419),
+    # the DAQ release's SRResNet: x4 by hand in tests/quant/test_srresnet_backbone.py; x2 one stage (64·256·9 + 1)
+    # less, x3 that stage as 64·576·9 + 1
+    "srresnet": (1_399_298, 1_583_618, 1_546_755),
 }
 SWINIR_LIGHT_WITHOUT_RPB = (877_752, 885_867, 897_228)
 RPB_ENTRIES = {"swinir_classical": 48_600, "hat_s": 262_332}
@@ -33,6 +36,7 @@ TINY = {
     "hat_s": dict(embed_dim=24, depths=(2,), num_heads=(2,), compress_ratio=6, squeeze_factor=6, img_size=32),
     "imdn": dict(nf=16, num_modules=2),
     "pan": dict(nf=8, unf=4, nb=2),
+    "srresnet": dict(n_resblocks=2, n_feats=16),
 }
 
 
@@ -138,7 +142,21 @@ def official_keys(name: str, scale: int) -> set[str]:
         "hat_s": lambda: official_hat_keys(scale),
         "imdn": lambda: official_imdn_keys(scale),
         "pan": lambda: official_pan_keys(scale),
+        "srresnet": lambda: official_srresnet_keys(scale),
     }[name]()
+
+
+def official_srresnet_keys(scale: int) -> set[str]:
+    """Cheeun/DAQ-pytorch src/model/srresnet.py (FP, 16 blocks): MeanShift pair, head conv + PReLU, blocks with
+    conv1/bn1/conv2/bn2 (no conv bias), body conv + BN, upsampler [conv, PS, PReLU] per stage, last conv."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = wb("sub_mean") | wb("add_mean") | {"head.0.weight", "head.1.weight", "body.16.weight", "tail.1.weight"}
+    keys |= {f"body.{i}.{c}.weight" for i in range(16) for c in ("conv1", "conv2")}
+    keys |= {f"body.{i}.{b}.{k}" for i in range(16) for b in ("bn1", "bn2") for k in bn}
+    keys |= {f"body.17.{k}" for k in bn}
+    stages = 2 if scale == 4 else 1
+    keys |= {f"tail.0.{3 * s + j}.weight" for s in range(stages) for j in (0, 2)}
+    return keys
 
 
 # Names quoted in METHODS.md 2.2 and the brief, checked explicitly on top of the full key sets.
@@ -161,7 +179,8 @@ SPOT_KEYS = {
 }
 SPOT_KEYS |= {"imdn": ["IMDB1.c1.weight", "IMDB6.cca.conv_du.2.bias", "c.0.weight", "upsampler.0.weight"],
               "pan": ["SCPA_trunk.15.PAConv.k2.bias", "SCPA_trunk.0.k1.0.weight", "att1.conv.weight"]}
-X4_SPOT_KEYS = {"edsr_baseline": ["tail.0.2.weight"], "rdn": ["UPNet.4.weight"],
+SPOT_KEYS |= {"srresnet": ["head.1.weight", "body.15.conv2.weight", "body.0.bn1.running_var", "body.17.bias"]}
+X4_SPOT_KEYS = {"srresnet": ["tail.0.5.weight"], "edsr_baseline": ["tail.0.2.weight"], "rdn": ["UPNet.4.weight"],
                 "hat_s": ["upsample.2.weight"], "pan": ["upconv2.weight", "att2.conv.bias"]}
 
 
@@ -175,7 +194,7 @@ def test_param_count_and_official_keys(name: str, scale: int) -> None:
     spot = SPOT_KEYS[name] + (X4_SPOT_KEYS.get(name, []) if scale == 4 else [])
     assert [k for k in spot if k not in state] == []
     assert (model.name, model.scale) == (name, scale)
-    assert model.pixel_range == (255.0 if name in ("edsr_baseline", "edsr", "rdn") else 1.0)
+    assert model.pixel_range == (255.0 if name in ("edsr_baseline", "edsr", "rdn", "srresnet") else 1.0)
     if name == "swinir_light":
         assert count_params(model, with_rpb=False) == SWINIR_LIGHT_WITHOUT_RPB[SCALES.index(scale)]
     if name in RPB_ENTRIES:

@@ -17,13 +17,14 @@ TINY = {"edsr_baseline": {"n_resblocks": 1, "n_feats": 8}, "edsr": {"n_resblocks
         "swinir_classical": {"embed_dim": 12, "depths": [1], "num_heads": [2], "window_size": 4, "img_size": 8},
         "hat_s": {"embed_dim": 12, "depths": [1], "num_heads": [2], "window_size": 4, "img_size": 8,
                   "compress_ratio": 3, "squeeze_factor": 3},
-        "imdn": {"nf": 16, "num_modules": 1}, "pan": {"nf": 8, "unf": 4, "nb": 1}}
+        "imdn": {"nf": 16, "num_modules": 1}, "pan": {"nf": 8, "unf": 4, "nb": 1},
+        "srresnet": {"n_resblocks": 1, "n_feats": 8}}
 # name -> (pixel_range, pad_mode, official_eval_pad_mode, eval_pad_mode(official)), METHODS.md §1.1, §1.3.2
 DECLARED = {"edsr_baseline": (255.0, None, None, None), "edsr": (255.0, None, None, None),
             "rdn": (255.0, None, None, None), "swinir_light": (1.0, "reflect", "mirror", "mirror"),
             "swinir_classical": (1.0, "reflect", "mirror", "mirror"),
             "hat_s": (1.0, "reflect", "reflect", "reflect"), "imdn": (1.0, None, None, None),
-            "pan": (1.0, None, None, None)}
+            "pan": (1.0, None, None, None), "srresnet": (255.0, None, None, None)}
 # how the script behind the published numbers compares a gray truth (eval.gray_mode=official, METHODS.md §1.3)
 GRAY = {"imdn": "rgb", "pan": "rgb"}
 

@@ -5,6 +5,7 @@ Each entry is keyed by (model, scale, method, bits) with our config names: ``mod
 from ``bits``. Values are {set: (PSNR, SSIM or None)}; a "–" in METHODS.md is left out, a PSNR-only cell has
 SSIM None. Model attribution: the DDTB README, S1 and S2 "EDSR" rows use EDSR-baseline (their FP rows equal
 EDSR-baseline's 32.10 at ×4); S3 is EDSR (full); S1's SwinIR is SwinIR-light (FP ×2 Set5 38.14); S5 is HAT-S.
+The DAQ README's SRResNet ×4 rows are ``srresnet`` (the paper's QuantSR comparison gives a margin, no cells).
 
 Conditions. ``when`` holds config values (dotted keys) an entry requires: the EDSR-baseline ×4 2-bit ODM rows
 are the supplement defaults (λ_M, β⁰, j, weight clipping correction, cooperative ½(cos + 1) weighting), and the
@@ -114,6 +115,11 @@ PAPER: list[PaperEntry] = [
         ("daq", "w4a4", "31.91/0.889 28.38/0.775 27.38/0.733 25.81/0.779"),
         ("daq", "w3a3", "31.57/0.883 28.18/0.771 27.27/0.728 25.47/0.765"),
         ("daq", "w2a2", "30.71/0.866 27.61/0.755 26.93/0.715 24.71/0.731")]),
+    *_table("DAQ README", "srresnet", 4, [  # SRResNet (model=srresnet); ODM's +0.51 dB over QuantSR has no cells
+        (*_FP, "32.07/0.893 28.50/0.780 27.52/0.735 25.86/0.779"),
+        ("daq", "w4a4", "31.85/0.889 28.41/0.777 27.45/0.732 25.70/0.772"),
+        ("daq", "w3a3", "31.81/0.889 28.35/0.776 27.40/0.733 25.63/0.772"),
+        ("daq", "w2a2", "31.57/0.886 28.19/0.773 27.30/0.729 25.39/0.765")]),
     # Table S1, ×2, 2-bit [paper]
     *_table("S1", "edsr_baseline", 2, [(*_FP, _EDSR_X2_FP),
                                         ("pams", "w2a2", "35.30/0.946 31.63/0.899 30.66/0.879 28.11/0.875"),

@@ -26,9 +26,9 @@ from odm_sr.files import write_json
 RESULTS_FILE = "results.json"
 MODEL_LABELS = {"edsr": "EDSR", "edsr_baseline": "EDSR-baseline", "rdn": "RDN", "swinir_light": "SwinIR-light",
                 "swinir_classical": "SwinIR", "hat_s": "HAT-S", "imdn": "IMDN", "pan": "PAN"}
-METHOD_ORDER = ("fp", "pams", "daq", "ddtb", "lsq", "odm", "fqsr", "odm_fq")
+METHOD_ORDER = ("fp", "pams", "daq", "ddtb", "lsq", "quantsr", "odm", "fqsr", "odm_fq")
 METHOD_LABELS = {"fp": "FP", "pams": "PAMS", "daq": "DAQ", "ddtb": "DDTB", "lsq": "LSQ", "odm": "ODM",
-                 "odm_fq": "ODM-FQ", "fqsr": "FQSR"}
+                 "odm_fq": "ODM-FQ", "fqsr": "FQSR", "quantsr": "QuantSR"}
 PRETRAINED_ROW = "FP (model.pretrained)"
 # Config keys that differ between runs without being an experimental choice
 IGNORED_KEYS = ("paths", "logger", "callbacks", "hydra", "run_name", "task_name", "tags", "resume",

@@ -33,6 +33,7 @@ from odm_sr.quant.functional import grad_scale
 from odm_sr.quant.lsq import LsqWeightQuantizer
 from odm_sr.quant.odm import OdmActQuantizer, WeightClipQuantizer
 from odm_sr.quant.pams import PamsActQuantizer, PamsWeightQuantizer
+from odm_sr.quant.quantizer import Quantizer
 
 ACT_QUANTIZERS = (OdmActQuantizer, PamsActQuantizer)
 
@@ -138,7 +139,8 @@ class WeightCodes:
 
 
 def check_static(model: nn.Module) -> None:
-    """Refuse models with a module that computes its quantization range per image at test time."""
+    """Refuse models with a module that computes its quantization range per image at test time, or a quantizer
+    that declares an ``export_refusal`` (QuantSR)."""
     modules = list(model.named_modules())
     for name, module in modules:
         if isinstance(module, DaqActQuantizer):
@@ -154,6 +156,8 @@ def check_static(model: nn.Module) -> None:
                           f"(METHODS.md §4.5); the integer graph maps one layer's int32 sum to the next layer's "
                           f"input codes with zero padding, so only ODM, ODM-FQ, LSQ and PAMS export")
     for name, module in modules:
+        if isinstance(module, Quantizer) and module.export_refusal:
+            raise ExportError(f"{name} ({type(module).__name__}): {module.export_refusal}")
         if isinstance(module, (DaqWeightQuantizer, DdtbWeightQuantizer)):
             raise ExportError(f"{name} ({type(module).__name__}): DAQ/DDTB are not static-range methods")
 

@@ -1,7 +1,8 @@
 """`build_model`: backbone name + scale (+ constructor overrides) -> an `SRModel`; `backbone`: the same with its
 FP weights, the `_target_` of `conf/model/*.yaml`.
 
-Configurations are METHODS.md section 2.1 (IMDN and PAN: the released ones, `../shared/models/README.md`);
+Configurations are METHODS.md section 2.1 (IMDN and PAN: the released ones, `../shared/models/README.md`;
+SRResNet: the DAQ release's defaults, 16 blocks of 64 features);
 the SwinIR/HAT ones are the official test options
 (`img_size` 64 for SwinIR-light and HAT-S, 48 for SwinIR-classical, which sizes the stored `attn_mask`).
 """
@@ -20,6 +21,7 @@ from odm_sr.models.hat import HAT
 from odm_sr.models.imdn import IMDN
 from odm_sr.models.pan import PAN
 from odm_sr.models.rdn import RDN
+from odm_sr.models.srresnet import SRResNet
 from odm_sr.models.swinir import SwinIR
 from odm_sr.models.weights import load_pretrained
 
@@ -38,6 +40,7 @@ MODEL_CONFIGS: dict[str, tuple[type[SRModel], dict[str, Any]]] = {
                         mlp_ratio=2.0)),
     "imdn": (IMDN, dict(nf=64, num_modules=6)),
     "pan": (PAN, dict(nf=40, unf=24, nb=16)),
+    "srresnet": (SRResNet, dict(n_resblocks=16, n_feats=64)),
 }
 MODEL_NAMES = tuple(MODEL_CONFIGS)
 ALIASES = {"edsr_full": "edsr"}  # conf/model/edsr.yaml spells the full EDSR this way
@@ -50,7 +53,7 @@ def build_model(name: str, scale: int, **overrides: Any) -> SRModel:
     `build_model("edsr", 2, n_resblocks=4, n_feats=32, res_scale=1.0)`;
     `build_model("swinir_light", 2, pad_mode="mirror", drop_path_rate=0.0)`.
     The model has `name` (the canonical one: `edsr_full` builds `edsr`), `scale` and `pixel_range`
-    (255.0 for EDSR/RDN, 1.0 for SwinIR/HAT/IMDN/PAN).
+    (255.0 for EDSR/RDN/SRResNet, 1.0 for SwinIR/HAT/IMDN/PAN).
     """
     name = ALIASES.get(name, name)
     if name not in MODEL_CONFIGS:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from odm_sr.models.edsr import ResBlock
 from odm_sr.models.hat import OCAB
+from odm_sr.models.srresnet import ResBlock as SRResNetBlock
 from odm_sr.models.windows import WindowAttention
 
 from .blocks import ActFactory, ImageCount, WeightFactory, edsr_pams_style, rdn_pams_style, swap_with_sites
@@ -33,6 +34,9 @@ _HAT_LAYERS = (*_SWIN_LINEARS, r"layers\.\d+\.residual_group\.overlap_attn\.(qkv
 _HAT_CAB = (r"layers\.\d+\.residual_group\.blocks\.\d+\.conv_block\.cab\.[02]",)
 # IMDN: c1..c4 and the 1x1 fusion c5 of every IMD block (30 layers); the CCA gate convs stay FP
 _IMDN_BLOCK_CONVS = (r"IMDB\d+\.c[1-5]",)
+# SRResNet (the DAQ release's): both convs of every ResBlock (32 layers), as EDSR; head, body-final conv and
+# upsampler FP
+_SRRESNET_BLOCK_CONVS = (r"body\.\d+\.conv[12]",)
 # PAN: the six convs of every SCPA block (96 layers); the pixel-attention gate PAConv.k2 (+ sigmoid) stays FP
 _PAN_BLOCK_CONVS = (r"SCPA_trunk\.\d+\.(conv1_a|conv1_b|k1\.0|PAConv\.k3|PAConv\.k4|conv3)",)
 
@@ -62,6 +66,18 @@ def edsr_sigma_bits(model: nn.Module) -> int:
     return 4 if len(blocks) == 16 and model.head[0].out_channels == 64 else 8
 
 
+def srresnet_sigma_bits(model: nn.Module) -> int:
+    """DAQ's σ bits on SRResNet: the EDSR rule by size (4 at 16 blocks of 64 features, as EDSR-baseline; 8
+    otherwise); the release ships no SRResNet script to read ``qq`` from."""
+    blocks = residual_blocks_of(model, SRResNetBlock)
+    return 4 if len(blocks) == 16 and model.head[0].out_channels == 64 else 8
+
+
+def residual_blocks_of(model: nn.Module, block_type: type) -> list[str]:
+    """Names of ``model.body``'s children of ``block_type`` (blocks computing x + f(x))."""
+    return [f"body.{name}" for name, m in model.body.named_children() if isinstance(m, block_type)]
+
+
 def swin_feature(model: nn.Module) -> nn.Module:
     """SwinIR/HAT: the input of ``conv_before_upsample`` (pixelshuffle) or of ``upsample`` (pixelshuffledirect)."""
     return model.upsample if model.upsampler == "pixelshuffledirect" else model.conv_before_upsample
@@ -89,6 +105,8 @@ class Backbone:
     dynamic_size: bool = True  # the exported graph runs at any input size (False: transformers, traced size)
     attention_macs: dict[type, Callable[[nn.Module, Tensor], int]] = field(default_factory=dict)
     per_layer_scale_storage: bool = False  # Table S8 (paper_like rule): one scale per layer, bounds only
+    # names of the blocks that compute x + f(x) (QuantSR's learnable shortcut scales their x); None: not declared
+    residual_blocks: Callable[[nn.Module], list[str]] | None = None
 
     def rule(self, placement: dict, wrappers: bool = True) -> str:
         """The placement rule for this family; ValueError for one it does not have (``pams_style`` counts
@@ -179,7 +197,7 @@ def _pan_feature(model: nn.Module) -> nn.Module:
 register_backbone(Backbone(
     family="edsr", rules={"block_convs": _EDSR_BLOCK_CONVS, "pams_style": _EDSR_BLOCK_CONVS}, rule_key="edsr",
     pams_style=edsr_pams_style, skt_feature=_edsr_feature, daq_sigma_bits=edsr_sigma_bits, daq_finetune_steps=True,
-    fully_quantized=True, exact_fp_convs=("head.0",)))
+    fully_quantized=True, exact_fp_convs=("head.0",), residual_blocks=lambda m: residual_blocks_of(m, ResBlock)))
 register_backbone(Backbone(
     family="rdn", rules={"rdb_lff_gff": (*_RDN_CONV, r"RDBs\.\d+\.LFF", r"GFF\.[01]"),
                          "rdb_lff": (*_RDN_CONV, r"RDBs\.\d+\.LFF"), "rdb_conv": _RDN_CONV},
@@ -197,5 +215,10 @@ register_backbone(Backbone(
 # settings of their releases (no release quantizes these networks)
 register_backbone(Backbone(family="imdn", rules={"block_convs": _IMDN_BLOCK_CONVS}, skt_feature=_imdn_feature,
                            exact_fp_convs=("fea_conv",)))
+# SRResNet: placement and DAQ/DDTB settings as EDSR-baseline (DAQ's release quantizes the same convs, and its
+# --finetune quirk reaches SRResNet's blocks too); no ODM-FQ (skip/BN quantization is defined for EDSR only)
+register_backbone(Backbone(family="srresnet", rules={"block_convs": _SRRESNET_BLOCK_CONVS}, skt_feature=_edsr_feature,
+                           daq_sigma_bits=srresnet_sigma_bits, daq_finetune_steps=True,
+                           residual_blocks=lambda m: residual_blocks_of(m, SRResNetBlock)))
 register_backbone(Backbone(family="pan", rules={"block_convs": _PAN_BLOCK_CONVS}, skt_feature=_pan_feature,
                            exact_fp_convs=("conv_first",)))

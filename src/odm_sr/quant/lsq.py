@@ -17,6 +17,21 @@ from .quantizer import Quantizer
 GRIDS = ("lsq_integer", "odm_symmetric")
 
 
+def lsq_levels(bits: int, signed: bool = True) -> tuple[int, int]:
+    """(Q_N, Q_P) of LSQ's integer grid clip(v, −Q_N, Q_P): signed 2^(b−1), 2^(b−1) − 1; unsigned 0, 2^b − 1."""
+    return (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
+def lsq_init_step(x: Tensor, q_p: int) -> Tensor:
+    """LSQ's step initialisation 2·mean|x|/√Q_P (Esser et al. 2020, §2.1), detached, as a 0-d tensor."""
+    return (2.0 * x.detach().abs().mean() / math.sqrt(q_p)).reshape(())
+
+
+def lsq_grad_factor(numel: int, q_p: int) -> float:
+    """LSQ's step-gradient scale g = 1/√(N·Q_P) (Esser et al. 2020, §2.2)."""
+    return 1.0 / math.sqrt(numel * q_p)
+
+
 class _LsqQuant(torch.autograd.Function):
     """W_q = s·Int(clip(W/s, −Q_N, Q_P)) with ∂W_q/∂W = 1[−Q_N < W/s < Q_P] and ∂W_q/∂s = factor·(Int(W/s) − W/s)
     inside, factor·(−Q_N) below and factor·Q_P above (Esser et al. 2020, eqs. 3–5; ``factor`` is the gradient
@@ -58,12 +73,11 @@ class LsqWeightQuantizer(Quantizer):
             raise ValueError(f"lsq.grid={grid!r}: expected one of {GRIDS}")
         self.bits = int(bits)
         self.grid = grid
-        self.q_n = 2 ** (self.bits - 1)
-        self.q_p = 2 ** (self.bits - 1) - 1
-        self.grad_factor = 1.0 / math.sqrt(weight.numel() * self.q_p) if use_grad_scale else 1.0
+        self.q_n, self.q_p = lsq_levels(self.bits)
+        self.grad_factor = lsq_grad_factor(weight.numel(), self.q_p) if use_grad_scale else 1.0
         w = weight.detach()
         if grid == "lsq_integer":
-            init = 2.0 * w.abs().mean() / math.sqrt(self.q_p)
+            init = lsq_init_step(w, self.q_p)
         else:
             init = percentile(w.abs(), 99.0)
         self.scale = nn.Parameter(init.to(w.dtype).clone().reshape(()))

@@ -33,12 +33,15 @@ class Quantizer(nn.Module):
     - :meth:`weight_clip_bound`: the clip bound u_w of a weight quantizer that has one (ODM WCC, LSQ).
     - ``calibrates_range`` / :meth:`set_range`: whether activation-range calibration (``quant.calibration``)
       sets this quantizer's (l, u), and the setter it calls (ODM).
+    - ``export_refusal``: why the integer export cannot reproduce this quantizer (one line, naming the reason);
+      empty where it can or where ``export.spec`` decides by type (DAQ, DDTB).
     """
 
     bits: int = 32
     is_dynamic: bool | None = None
     level_grid: ClassVar[str | None] = None
     calibrates_range: ClassVar[bool] = False
+    export_refusal: ClassVar[str] = ""
 
     def static_range(self) -> tuple[float, float] | None:
         """(l, u) of the static activation grid (see the class docstring); None by default."""
