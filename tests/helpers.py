@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
+
 from odm_sr.config import (
     compose_config,  # noqa: F401 - the tests import it from here
     merge_config,
@@ -17,6 +19,17 @@ TINY_TRAIN = [
     "trainer=cpu", "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false", "callbacks.model_checkpoint.every_n_train_steps=3", "logger=csv",
 ]
+
+
+class KillAt(L.Callback):
+    """Simulates a crash right after optimizer step ``step`` (add it to ``train.build_callbacks``)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt  # what Lightning sees on SIGINT; it shuts down without saving
 
 
 def method_config(name: str, options: dict | None = None) -> dict:

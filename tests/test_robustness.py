@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from helpers import TINY_TRAIN, compose_config
+from helpers import TINY_TRAIN, KillAt, compose_config
 
 from odm_sr.lit_module import NonFiniteLossError
 from odm_sr.resume import AtomicCheckpointIO
@@ -16,16 +15,6 @@ from odm_sr.train import train
 RESUMABLE = TINY_TRAIN + ["method=odm", "bits=w2a2", "method.init.num_batches=2", "trainer.max_steps=8",
                           "callbacks.model_checkpoint.every_n_train_steps=2", "eval.bicubic_row=false"]
 
-
-class _KillAt(L.Callback):
-    """Simulates a crash right after optimizer step ``step``."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt  # what Lightning sees on SIGINT; it shuts down without saving
 
 
 def _final_state(out_dir):
@@ -53,7 +42,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(uninterrupted, tmp_p
     import odm_sr.train as train_mod
 
     real_build_callbacks = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda cfg: real_build_callbacks(cfg) + [_KillAt(5)])
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda cfg: real_build_callbacks(cfg) + [KillAt(5)])
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):  # Lightning shuts down gracefully on the interrupt, then exits
         train(compose_config(RESUMABLE, killed))

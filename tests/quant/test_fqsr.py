@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_TRAIN, compose_config, make_method
+from helpers import TINY_TRAIN, KillAt, compose_config, make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
@@ -168,14 +167,6 @@ def test_loss_is_l1_plus_0_3_times_every_quantizer_l1_and_tracking_shares():
 
 
 # -- resume inside the tracking phase ---------------------------------------------------------------------
-class _KillAt(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
-
 
 def _state(out_dir):
     return torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -191,7 +182,7 @@ def test_resume_mid_tracking_restores_the_call_counts_and_trains_the_same(tmp_pa
     full = tmp_path / "full"
     train(compose_config(args, full))
     real = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda cfg: real(cfg) + [_KillAt(3)])
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda cfg: real(cfg) + [KillAt(3)])
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):
         train(compose_config(args, killed))

@@ -3,10 +3,9 @@ the same weights and metrics, the first-batch sign and step decisions included (
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from helpers import TINY_TRAIN, compose_config
+from helpers import TINY_TRAIN, KillAt, compose_config
 
 from odm_sr.eval import evaluate
 from odm_sr.train import train
@@ -14,14 +13,6 @@ from odm_sr.train import train
 RUN = TINY_TRAIN + ["method=quantsr", "bits=w2a2", "trainer.max_steps=8",
                     "callbacks.model_checkpoint.every_n_train_steps=2", "eval.bicubic_row=false"]
 
-
-class _KillAt(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def _state(out_dir):
@@ -37,7 +28,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("quantsr")
     results = train(compose_config(RUN, out / "full"))
     real = train_mod.build_callbacks
-    train_mod.build_callbacks = lambda cfg: real(cfg) + [_KillAt(5)]
+    train_mod.build_callbacks = lambda cfg: real(cfg) + [KillAt(5)]
     try:
         with pytest.raises(SystemExit):  # Lightning shuts down gracefully on the interrupt, then exits
             train(compose_config(RUN, out / "killed"))
