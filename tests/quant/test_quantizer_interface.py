@@ -29,6 +29,7 @@ from odm_sr.quant.lsq import LsqWeightQuantizer
 from odm_sr.quant.odm import OdmActQuantizer, WeightClipQuantizer
 from odm_sr.quant.pams import PamsActQuantizer, PamsWeightQuantizer
 from odm_sr.quant.quantizer import LEVEL_GRIDS, Quantizer, quantizers
+from odm_sr.quant.quantsr import RlqActQuantizer, RlqWeightQuantizer
 
 # class -> (level_grid, calibrates_range): a new quantizer class must be added here
 DECLARED = {
@@ -43,6 +44,8 @@ DECLARED = {
     DaqWeightQuantizer: (None, False),
     SkipQuantizer: (None, False),
     FqsrQuantizer: ("uniform", False),
+    RlqActQuantizer: (None, False),  # per-input-channel shift: no single static grid
+    RlqWeightQuantizer: (None, False),
 }
 
 
@@ -100,7 +103,8 @@ def test_every_package_quantizer_class_declares_the_interface():
     w = torch.linspace(-1.0, 1.0, 201).reshape(201, 1)
     made = [OdmActQuantizer(2), WeightClipQuantizer(2), LsqWeightQuantizer(2, w), PamsActQuantizer(2, site),
             PamsWeightQuantizer(2), DdtbActQuantizer(2, site), DdtbWeightQuantizer(2), DaqActQuantizer(2, site),
-            DaqWeightQuantizer(2), SkipQuantizer(OdmActQuantizer(2)), FqsrQuantizer(2, stable=0)]
+            DaqWeightQuantizer(2), SkipQuantizer(OdmActQuantizer(2)), FqsrQuantizer(2, stable=0),
+            RlqActQuantizer(2, 4), RlqWeightQuantizer(2, w)]
     assert {type(q) for q in made} == set(DECLARED)
     for q in made:
         assert isinstance(q.bits, int) and q.is_dynamic in (None, False)
@@ -220,3 +224,9 @@ def test_quant_layers_always_have_both_quantizer_slots():
     assert set(dict(conv.named_children())) == {"act_quant", "weight_quant"}
     host = SkipQuantizer(OdmActQuantizer(2))
     assert isinstance(host.act_quant, OdmActQuantizer) and host.weight_quant is None
+
+
+def test_rlq_weight_clip_bound_is_q_n_times_its_step():
+    w = torch.linspace(-1.0, 1.0, 201).reshape(201, 1)  # mean|W| = 101/201; 2 bits: Q_N = 2, Q_P = 1
+    q = RlqWeightQuantizer(2, w)
+    assert float(q.weight_clip_bound(w)) == pytest.approx(2 * 2 * (101 / 201) / 1.0, rel=1e-6)  # Q_N·2·mean|W|/√Q_P

@@ -134,6 +134,11 @@ class RlqWeightQuantizer(Quantizer):
     def forward(self, w: Tensor) -> Tensor:
         return rlq_quantize(w, self.step.to(w.dtype), self.q_n, self.q_p, self.grad_factor)
 
+    @torch.no_grad()
+    def weight_clip_bound(self, weight: Tensor) -> Tensor:
+        """The largest representable magnitude Q_N·α_w (learned, independent of ``weight``), as LSQ's."""
+        return self.step.abs() * self.q_n
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
