@@ -40,11 +40,15 @@ EXPECTED = {
     "real_methods": (None, 14),
     "real_odm_ablation": (None, 2),
     "real_odm_ablation_rho": (None, 2),
+    "real_methods_seed1": (None, 5),
+    "srresnet_methods": (None, 6),
 }
+# sweeps that write into another sweep's folder (a second seed beside the first)
+SWEEP_NAME = {"real_methods_seed1": "real_methods"}
 # sweeps whose jobs pick config-group options: every job is composed and validated
 SELECTS_GROUPS = {"coop_formulation", "ablation_components", "wcc_vs_lsq", "methods", "main_table", "mini_table",
                   "mr_norm", "mr_ablation", "mr_ablation_strong", "mr_methods", "real_methods", "real_odm_ablation",
-                  "real_odm_ablation_rho"}
+                  "real_odm_ablation_rho", "real_methods_seed1", "srresnet_methods"}
 
 
 def _overrides(name: str) -> list[str]:
@@ -71,8 +75,8 @@ def test_sweep_composes_and_expands(name, tmp_path):
     cfg, jobs = _jobs(name)
     assert len(jobs) == EXPECTED[name][1]
     assert len({tuple(sorted(job)) for job in jobs}) == len(jobs)
-    assert cfg.sweep_name == name and cfg.skip_done and cfg.auto_resume
-    assert cfg.hydra.sweep.dir == f"{cfg.paths.log_dir}/sweeps/{name}"
+    assert cfg.sweep_name == SWEEP_NAME.get(name, name) and cfg.skip_done and cfg.auto_resume
+    assert cfg.hydra.sweep.dir == f"{cfg.paths.log_dir}/sweeps/{SWEEP_NAME.get(name, name)}"
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
     for job in jobs if name in SELECTS_GROUPS else jobs[:1]:
         check_config(compose_config(job, tmp_path))
@@ -128,6 +132,15 @@ def test_real_sweep_values():
     rows = [_method(job).method for name in ("real_odm_ablation", "real_odm_ablation_rho") for job in _jobs(name)[1]]
     assert [(m.mr.mode, m.lambda_m) for m in rows] == [("off", 1e-5), ("naive", 1e-5), ("naive", 5e-7),
                                                        ("coop", 5e-7)]
+
+
+def test_the_second_seed_sweep_is_the_imdn_w2a2_rows_of_real_methods_at_seed_1():
+    def experiments(jobs: list[list[str]]) -> set[str]:
+        return {j for job in jobs for j in job if j.startswith("experiment=")}
+
+    second = _jobs("real_methods_seed1")[1]
+    assert all("seed=1" in job for job in second) and len(second) == 5
+    assert experiments(second) == {e for e in experiments(_jobs("real_methods")[1]) if "real_imdn_x4_w2a2_" in e}
 
 
 def test_command_line_overrides_reach_every_job():
