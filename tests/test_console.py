@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from odm_sr.cli.complexity import main as complexity_main
+from odm_sr.cli.export import main as export_main
 from odm_sr.cli.upscale import main as upscale_main
 from odm_sr.console import _NO_TIPS, _TIP_LOGGERS, one_line_errors, quiet_known_noise
 
@@ -78,6 +80,21 @@ def test_odm_sr_upscale_one_line_and_traceback_switch(tmp_path):
     assert str(stop.value.code).startswith("odm-sr-upscale: error: ") and "none.ckpt" in str(stop.value.code)
     with pytest.raises(FileNotFoundError):  # --traceback: the error itself, with its traceback
         upscale_main([*args, "--traceback"])
+
+
+def test_odm_sr_export_and_complexity_show_a_user_error_as_one_line(tmp_path):
+    missing = tmp_path / "none.ckpt"
+    with pytest.raises(SystemExit) as stop:
+        export_main([str(missing), str(tmp_path / "m.onnx")])
+    assert str(stop.value.code).startswith("odm-sr-export: error: ") and str(missing) in str(stop.value.code)
+    with pytest.raises(FileNotFoundError):
+        export_main([str(missing), str(tmp_path / "m.onnx"), "--traceback"])
+    refused = ["--model", "imdn", "--method", "odm_fq", "--bits", "4"]  # ODM-FQ is EDSR-only
+    with pytest.raises(SystemExit) as stop:
+        complexity_main(refused)
+    assert str(stop.value.code).startswith("odm-sr-complexity: error: ") and "\n" not in str(stop.value.code)
+    with pytest.raises(ValueError):
+        complexity_main([*refused, "--traceback"])
 
 
 def test_a_bug_keeps_its_traceback():

@@ -13,6 +13,7 @@ from typing import Any
 
 from odm_sr.analysis.complexity import RULES, complexity_table, summarize
 from odm_sr.config import CONFIG_DIR, compose_config
+from odm_sr.console import one_line_errors
 from odm_sr.models import MODEL_NAMES, SUPPORTED_SCALES, build_model
 from odm_sr.quant import VALID_BITS, build_method
 
@@ -31,6 +32,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr-hw", nargs=2, type=int, default=[64, 64], metavar=("H", "W"),
                         help="LR input size for BitOPs (analysis.bitops.lr_hw)")
     parser.add_argument("--rule", default="full", choices=RULES, help="analysis.storage.rule")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error (also: "
+                        "HYDRA_FULL_ERROR=1)")
     parser.add_argument("--no-ddtb-bn", action="store_true",
                         help="leave DDTB's gate BN affine out (analysis.storage.ddtb_count_bn=false)")
     parser.add_argument("--daq-ops-per-elem", type=float, default=4.0,
@@ -65,7 +68,8 @@ def complexity_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Print the markdown table (returns None: console scripts pass the return value to ``sys.exit``)."""
     args = parse_args(argv)
-    table = complexity_table(complexity_rows(args))
+    with one_line_errors("odm-sr-complexity", args.traceback):  # e.g. a method that refuses the backbone: one line
+        table = complexity_table(complexity_rows(args))
     print(f"LR input {args.lr_hw[0]}x{args.lr_hw[1]}; storage rule {args.rule}\n")
     print(table)
 

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from odm_sr.console import one_line_errors
 from odm_sr.evaluation import EVAL_PAD_MODES
 
 
@@ -32,14 +33,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="traced LR size (the only size of a SwinIR/HAT graph; EDSR/RDN graphs take any)")
     parser.add_argument("--pad-mode", default="official", choices=EVAL_PAD_MODES,
                         help="SwinIR/HAT window padding baked into the graph (official: as odm-sr-eval)")
+    parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error (also: "
+                        "HYDRA_FULL_ERROR=1)")
     args = parser.parse_args(argv)
     from odm_sr.export.runtime import export_checkpoint
     from odm_sr.export.spec import ExportError
 
-    try:
-        info = export_checkpoint(args.ckpt, args.output, tuple(args.lr_size), args.pad_mode)
-    except ExportError as err:
-        sys.exit(f"odm-sr-export: {args.ckpt}: {err}")
+    with one_line_errors("odm-sr-export", args.traceback):  # a missing or unreadable file: one line
+        try:
+            info = export_checkpoint(args.ckpt, args.output, tuple(args.lr_size), args.pad_mode)
+        except ExportError as err:  # what the integer graph cannot hold, named with the checkpoint
+            sys.exit(f"odm-sr-export: {args.ckpt}: {err}")
     info.update(size_report(Path(info["packed"]), info["storage_k"]))
     print(json.dumps(info, indent=2))
 
