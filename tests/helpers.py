@@ -32,6 +32,19 @@ class KillAt(L.Callback):
             raise KeyboardInterrupt  # what Lightning sees on SIGINT; it shuts down without saving
 
 
+def last_checkpoint(out_dir) -> dict:
+    """The run's ``checkpoints/last.ckpt``, loaded on the CPU (weights only)."""
+    import torch
+
+    return torch.load(Path(out_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def last_state(out_dir) -> tuple[dict, int]:
+    """(state_dict, global_step) of the run's ``checkpoints/last.ckpt``."""
+    ckpt = last_checkpoint(out_dir)
+    return ckpt["state_dict"], ckpt["global_step"]
+
+
 def method_config(name: str, options: dict | None = None) -> dict:
     """``method=<name>`` as a run composes it, ``options`` merged over it (an unknown key raises ValueError)."""
     return merge_config(method_defaults(name), options or {}, extra_keys=("calibration_batches",))
@@ -92,6 +105,34 @@ def run_on_ranks(fn, world: int, out_dir: Path) -> list:
     mp.start_processes(_gloo_rank, args=(world, port, fn, str(out_dir)), nprocs=world, join=True,
                        start_method=method)
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def quantize_and_train_one_step(method, make_net):
+    """``make_net()`` quantized by ``method`` (with an FP teacher of the same weights where it needs one),
+    calibrated on a random 8×8 → 16×16 batch in [0, 255] and trained one optimizer step (DDTB: after its calibration
+    step); asserts the loss is finite and some parameter moved. Returns the quantized network."""
+    import torch
+
+    torch.manual_seed(0)
+    net = make_net()
+    teacher = make_net().eval() if method.needs_teacher else None
+    if teacher is not None:
+        teacher.load_state_dict(net.state_dict())
+    net = method.quantize(net)
+    lr, hr = torch.rand(2, 3, 8, 8) * 255, torch.rand(2, 3, 16, 16) * 255
+    method.calibrate(net, [lr, lr], teacher=teacher)
+    opt = torch.optim.Adam(method.param_groups(net, 1e-3))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    net.train()
+    for step in range(2):  # DDTB's step 0 is its calibration epoch (no optimizer step)
+        out = method.training_losses(net, lr, hr, step, teacher=teacher)
+        if out is not None:
+            break
+    assert out.sr.shape == hr.shape and torch.isfinite(out.loss)
+    method.backward(out, net, lambda loss: loss.backward())
+    opt.step()
+    assert any(not torch.equal(before[n], p.detach()) for n, p in net.named_parameters())
+    return net
 
 
 def bare_step_module(net, method, **kwargs):

@@ -11,7 +11,7 @@ import socket
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_TRAIN, compose_config
+from helpers import TINY_TRAIN, compose_config, last_checkpoint
 from PIL import Image
 
 from odm_sr.lit_module import NonFiniteLossError
@@ -20,21 +20,17 @@ from odm_sr.train import train
 QUIET = TINY_TRAIN + ["eval.bicubic_row=false"]
 
 
-def _ckpt(out_dir) -> dict:
-    return torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-
-
 # -- 1. resume applies the current optim settings -----------------------------------------------------------------
 def test_resume_applies_the_new_lr_milestones_and_gamma(tmp_path):
     first = QUIET + ["trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2", "optim.lr=1e-3",
                      "optim.milestones=[3]", "optim.gamma=0.1"]
     train(compose_config(first, tmp_path))
-    assert _ckpt(tmp_path)["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert last_checkpoint(tmp_path)["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)
     resumed = train(compose_config(QUIET + [
         "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2", "optim.lr=2e-6",
         "optim.milestones=[5]", "optim.gamma=0.5", "optim.betas=[0.5,0.9]",
         f"resume={tmp_path / 'checkpoints' / 'last.ckpt'}"], tmp_path))
-    ckpt = _ckpt(tmp_path)
+    ckpt = last_checkpoint(tmp_path)
     group, sched = ckpt["optimizer_states"][0]["param_groups"][0], ckpt["lr_schedulers"][0]
     assert ckpt["global_step"] == 6
     assert group["lr"] == pytest.approx(1e-6)  # 2e-6, halved once at the new milestone 5 (step 6 > 5)
@@ -276,7 +272,7 @@ def test_resume_from_a_truncated_file_names_it(tmp_path, short_run):
 
 def test_resume_from_an_official_state_dict_points_to_model_pretrained(tmp_path, short_run):
     official = tmp_path / "official.pt"
-    torch.save({k[4:]: v for k, v in _ckpt(short_run.parent.parent)["state_dict"].items()
+    torch.save({k[4:]: v for k, v in last_checkpoint(short_run.parent.parent)["state_dict"].items()
                 if k.startswith("net.")}, official)
     message = _resume_error(tmp_path, official)
     assert f"resume {official}: not an odm-sr training checkpoint" in message and "model.pretrained" in message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_TRAIN, KillAt, compose_config
+from helpers import TINY_TRAIN, KillAt, compose_config, last_state
 
 from odm_sr.lit_module import NonFiniteLossError
 from odm_sr.resume import AtomicCheckpointIO
@@ -17,11 +17,6 @@ RESUMABLE = TINY_TRAIN + ["method=odm", "bits=w2a2", "method.init.num_batches=2"
 
 
 
-def _final_state(out_dir):
-    ckpt = torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return ckpt["state_dict"], ckpt["global_step"]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -32,8 +27,8 @@ def test_same_seed_gives_identical_metrics_and_weights(uninterrupted, tmp_path):
     out, results = uninterrupted
     again = train(compose_config(RESUMABLE, tmp_path))
     assert again["metrics"] == results["metrics"]
-    state_a, _ = _final_state(out)
-    state_b, _ = _final_state(tmp_path)
+    state_a, _ = last_state(out)
+    state_b, _ = last_state(tmp_path)
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
@@ -46,7 +41,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(uninterrupted, tmp_p
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):  # Lightning shuts down gracefully on the interrupt, then exits
         train(compose_config(RESUMABLE, killed))
-    state, step = _final_state(killed)
+    state, step = last_state(killed)
     assert step == 4  # the last checkpoint before the crash, mid-epoch (epochs of 3 steps)
     monkeypatch.setattr(train_mod, "build_callbacks", real_build_callbacks)
     last = killed / "checkpoints" / "last.ckpt"
@@ -61,8 +56,8 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(uninterrupted, tmp_p
     own = time.perf_counter() - started
     # the whole run's training time: the first part's (from the checkpoint) plus the resumed part's
     assert 1000.0 < resumed["train_seconds"] < 1000.0 + own and resumed["validation_seconds"] >= 50.0
-    final, step = _final_state(killed)
-    reference, ref_step = _final_state(out)
+    final, step = last_state(killed)
+    reference, ref_step = last_state(out)
     assert step == ref_step == 8 and resumed["steps"] == 8
     assert set(final) == set(reference)
     assert all(torch.equal(final[k], reference[k]) for k in reference), "resumed weights differ"
@@ -85,7 +80,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     overrides = TINY_TRAIN + ["callbacks.model_checkpoint.every_n_train_steps=2"]
     with pytest.raises(NonFiniteLossError, match="non-finite training loss at step 4"):
         train(compose_config(overrides, tmp_path))
-    state, step = _final_state(tmp_path)
+    state, step = last_state(tmp_path)
     assert step == 4 and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_TRAIN, KillAt, compose_config, make_method
+from helpers import TINY_TRAIN, KillAt, compose_config, last_checkpoint, make_method
 
 from odm_sr.models import build_model
 from odm_sr.quant.base import Bits
@@ -168,9 +168,6 @@ def test_loss_is_l1_plus_0_3_times_every_quantizer_l1_and_tracking_shares():
 
 # -- resume inside the tracking phase ---------------------------------------------------------------------
 
-def _state(out_dir):
-    return torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-
 
 def test_resume_mid_tracking_restores_the_call_counts_and_trains_the_same(tmp_path, monkeypatch):
     """stable=3 and a checkpoint at step 2: the convs' quantizers still track (2 calls), the adds' are done.
@@ -186,13 +183,13 @@ def test_resume_mid_tracking_restores_the_call_counts_and_trains_the_same(tmp_pa
     killed = tmp_path / "killed"
     with pytest.raises(SystemExit):
         train(compose_config(args, killed))
-    ckpt = _state(killed)
+    ckpt = last_checkpoint(killed)
     calls = {k: int(v) for k, v in ckpt["state_dict"].items() if k.endswith(".calls")}
     assert ckpt["global_step"] == 2 and calls["net.body.0.body.0.act_quant.calls"] == 2
     assert calls["net.body.0.res_quant.calls"] == 3  # its 3 tracking calls ran in steps 1-2: counting stopped
     monkeypatch.setattr(train_mod, "build_callbacks", real)
     train(compose_config(args + [f"resume={killed / 'checkpoints' / 'last.ckpt'}"], killed))
-    final, reference = _state(killed), _state(full)
+    final, reference = last_checkpoint(killed), last_checkpoint(full)
     assert final["global_step"] == reference["global_step"] == 6
     assert all(torch.equal(final["state_dict"][k], v) for k, v in reference["state_dict"].items())
     assert final["lr_schedulers"][0]["_last_lr"] == pytest.approx(reference["lr_schedulers"][0]["_last_lr"])

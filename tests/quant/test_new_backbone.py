@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compose_config, method_config
+from helpers import compose_config, method_config, quantize_and_train_one_step
 from torch import nn
 
 from odm_sr.analysis.complexity import summarize
@@ -69,27 +69,9 @@ def test_registered_backbone_trains_and_reports_complexity(vdsr_row, method_name
     cfg = compose_config([f"method={method_name}", f"bits={'fp32' if bits == 32 else 'w2a2'}",
                           "data.iters_per_epoch=1"], tmp_path)
     method = build_method(cfg.method, cfg.bits)
-    torch.manual_seed(0)
-    net = TinyVDSR()
-    teacher = TinyVDSR().eval() if method.needs_teacher else None
-    if teacher is not None:
-        teacher.load_state_dict(net.state_dict())
-    net = method.quantize(net)
+    net = quantize_and_train_one_step(method, TinyVDSR)
     quantized = [n for n, m in net.named_modules() if type(m).__name__.startswith("Quant")]
     assert quantized == ([] if bits == 32 else ["body.0.0", "body.1.0"])
-    lr, hr = torch.rand(2, 3, 8, 8) * 255, torch.rand(2, 3, 16, 16) * 255
-    method.calibrate(net, [lr, lr], teacher=teacher)
-    opt = torch.optim.Adam(method.param_groups(net, 1e-3))
-    before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    net.train()
-    for step in range(2):  # DDTB's step 0 is its calibration epoch (no optimizer step)
-        out = method.training_losses(net, lr, hr, step, teacher=teacher)
-        if out is not None:
-            break
-    assert out.sr.shape == hr.shape and torch.isfinite(out.loss)
-    method.backward(out, net, lambda loss: loss.backward())
-    opt.step()
-    assert any(not torch.equal(before[n], p.detach()) for n, p in net.named_parameters())
     counts = summarize(net, method_name, bits, (8, 8), dynamic_ratio=method.gate_ratio())
     assert counts["complexity/macs_g"] == pytest.approx(FP_MACS / 1e9, rel=1e-12)
     assert counts["complexity/storage_k"] == pytest.approx(params / 1000, rel=1e-12)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_TRAIN, KillAt, compose_config
+from helpers import TINY_TRAIN, KillAt, compose_config, last_state
 
 from odm_sr.eval import evaluate
 from odm_sr.train import train
@@ -13,11 +13,6 @@ from odm_sr.train import train
 RUN = TINY_TRAIN + ["method=quantsr", "bits=w2a2", "trainer.max_steps=8",
                     "callbacks.model_checkpoint.every_n_train_steps=2", "eval.bicubic_row=false"]
 
-
-
-def _state(out_dir):
-    ckpt = torch.load(out_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    return ckpt["state_dict"], ckpt["global_step"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +29,7 @@ def runs(tmp_path_factory):
             train(compose_config(RUN, out / "killed"))
     finally:
         train_mod.build_callbacks = real
-    killed_state = _state(out / "killed")
+    killed_state = last_state(out / "killed")
     resumed = train(compose_config(RUN + [f"resume={out / 'killed' / 'checkpoints' / 'last.ckpt'}"], out / "killed"))
     return out, results, killed_state, resumed
 
@@ -42,7 +37,7 @@ def runs(tmp_path_factory):
 def test_trains_reports_complexity_and_evaluates_from_its_checkpoint(runs, tmp_path):
     out, results, _, _ = runs
     out = out / "full"
-    state, step = _state(out)
+    state, step = last_state(out)
     assert step == 8 and results["steps"] == 8
     decided = {k: v for k, v in state.items() if k.endswith("act_quant.initialized")}
     assert len(decided) == 2 and all(bool(v) for v in decided.values())  # both convs of the one block
@@ -59,10 +54,10 @@ def test_trains_reports_complexity_and_evaluates_from_its_checkpoint(runs, tmp_p
 def test_killed_run_resumes_to_the_same_weights_and_metrics(runs):
     out, results, (state, step), resumed = runs
     assert step == 4  # the last checkpoint before the kill, mid-epoch (epochs of 3 steps)
-    reference, _ = _state(out / "full")
+    reference, _ = last_state(out / "full")
     signed = [k for k in reference if k.endswith("act_quant.signed")]
     assert signed and all(torch.equal(state[k], reference[k]) for k in signed)  # decided at step 0, kept
-    final, step = _state(out / "killed")
+    final, step = last_state(out / "killed")
     assert step == 8 and set(final) == set(reference)
     assert [k for k in reference if not torch.equal(final[k], reference[k])] == [], "resumed weights differ"
     assert resumed["metrics"] == results["metrics"]

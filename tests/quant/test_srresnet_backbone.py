@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import compose_config, make_method
+from helpers import compose_config, make_method, quantize_and_train_one_step
 
 from odm_sr.analysis.complexity import summarize
 from odm_sr.models import build_model
@@ -78,26 +78,8 @@ def test_every_method_trains_one_step_and_is_counted_by_hand(method_name, tmp_pa
     cfg = compose_config([f"method={method_name}", f"bits={'fp32' if bits == 32 else 'w2a2'}",
                           "data.iters_per_epoch=1"], tmp_path)
     method = build_method(cfg.method, cfg.bits)
-    torch.manual_seed(0)
-    net = build_model("srresnet", 2, n_resblocks=1, n_feats=8)
-    teacher = build_model("srresnet", 2, n_resblocks=1, n_feats=8).eval() if method.needs_teacher else None
-    if teacher is not None:
-        teacher.load_state_dict(net.state_dict())
-    net = method.quantize(net)
+    net = quantize_and_train_one_step(method, lambda: build_model("srresnet", 2, n_resblocks=1, n_feats=8))
     assert list(quantized_layers(net)) == ([] if bits == 32 else ["body.0.conv1", "body.0.conv2"])
-    lr, hr = torch.rand(2, 3, 8, 8) * 255, torch.rand(2, 3, 16, 16) * 255
-    method.calibrate(net, [lr, lr], teacher=teacher)
-    opt = torch.optim.Adam(method.param_groups(net, 1e-3))
-    before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    net.train()
-    for step in range(2):  # DDTB's step 0 is its calibration epoch (no optimizer step)
-        out = method.training_losses(net, lr, hr, step, teacher=teacher)
-        if out is not None:
-            break
-    assert out.sr.shape == hr.shape and torch.isfinite(out.loss)
-    method.backward(out, net, lambda loss: loss.backward())
-    opt.step()
-    assert any(not torch.equal(before[n], p.detach()) for n, p in net.named_parameters())
     counts = summarize(net, method_name, bits, (8, 8), dynamic_ratio=method.gate_ratio())
     assert counts["complexity/macs_g"] == pytest.approx(FP_MACS / 1e9, rel=1e-12)
     assert counts["complexity/storage_k"] == pytest.approx(params / 1000, rel=1e-12)
