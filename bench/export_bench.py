@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/export_bench.py --ckpt odm=<ckpt> pams=<ckpt> [--sets Set5 Set14 B100]
                                                [--runs 10] [--skip-speed] [--before-src <checkout>/src]
                                                [--exact-models NAME ...] [--out bench/results/export_bench.json]
+                                               [--fast [--calib-images 16]]
 
 - **Exactness**: every checkpoint given, and a small SwinIR-light x4 (ODM W2A2, random init, calibrated and
   ``--swin-steps`` QAT steps on synthetic pairs), on the test sets at x4: the uint8 output of the ONNX Runtime
@@ -18,6 +19,9 @@
   through ``to_onnx``) and PyTorch FP eager; median of ``--runs`` runs after 2 warm-ups, engines interleaved
   (order rotated each round); the 1-minute load average; ORT's profiler gives every graph's ms per op type.
 - ``--exact-models``: the exactness rows for speed models too (random weights: exactness, not quality).
+- ``--fast``: the opt-in inexact fast graph (``export.fast``, EDSR family) too: per set its uint8 output against
+  ``eval.exact=true`` (``*_fast_vs_exact``: equal pixels, max difference, ΔPSNR/ΔSSIM; ranges from
+  ``--calib-images`` sr291 LR images) and, in the speed rows, ``ort_int_fast`` (ranges from random images).
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from _common import RESULTS_DIR, compose_cfg, environment, write_json
 from odm_sr.builders import build_backbone, build_network
 from odm_sr.data import SRDataModule
 from odm_sr.evaluation import evaluate_sets, network_upscale
+from odm_sr.export.fast import calibration_images, fast_model
 from odm_sr.export.integer import extract_spec, integer_model
 from odm_sr.export.onnx_graph import to_onnx
 from odm_sr.export.packing import body_size, pack
 from odm_sr.export.runtime import OnnxEngine, onnx_upscale, session
 from odm_sr.metrics import to_uint8
+from odm_sr.quant.backbones import backbone_of
 
 SWIN_SMALL = ["model=swinir_light", "model.scale=4", "method=odm", "bits=w2a2", "method.init.num_batches=4",
               "+model.kwargs={embed_dim: 24, depths: [2, 2], num_heads: [3, 3], window_size: 8, img_size: 32}"]
@@ -97,15 +103,20 @@ def load_models(ckpts: dict[str, str], swin_steps: int, tmp: Path) -> dict:
     return models
 
 
-def exactness(net, sets: list[str], threads: int) -> dict:
+def exactness(net, sets: list[str], threads: int, calib: list[torch.Tensor] | None = None) -> dict:
     """Per set: the ORT integer graph against the float32 fake-quant forward (``odm-sr-eval``, default) and
-    against the exact PyTorch forward (``odm-sr-eval eval.exact=true``: the integer model in PyTorch)."""
+    against the exact PyTorch forward (``odm-sr-eval eval.exact=true``: the integer model in PyTorch); with
+    ``calib`` (EDSR), also the inexact fast graph (``export.fast``, ranges from ``calib``) against the latter."""
     spec = extract_spec(net)
     int_model = integer_model(net, spec)
     engine = OnnxEngine(int_model, threads)
     dm = SRDataModule(train=None, val=[], test=sets, scale=int(net.scale), lr_patch=48, batch_size=1)
     recs = {"torch": Recorder(network_upscale(net)), "torch_exact": Recorder(network_upscale(int_model)),
             "onnx": Recorder(onnx_upscale(engine))}
+    pairs = [("onnx", "torch", ""), ("onnx", "torch_exact", "_vs_exact")]
+    if calib is not None:
+        recs["onnx_fast"] = Recorder(onnx_upscale(OnnxEngine(fast_model(int_model, calib), threads)))
+        pairs.append(("onnx_fast", "torch_exact", "_fast_vs_exact"))
     with torch.no_grad():
         rows = {name: evaluate_sets(rec, dm) for name, rec in recs.items()}
     per_set, start = {}, 0
@@ -115,14 +126,12 @@ def exactness(net, sets: list[str], threads: int) -> dict:
         out = {k: torch.cat([t.flatten() for t in rec.outputs[start:start + count]]).to(torch.int16)
                for k, rec in recs.items()}
         start += count
-        cell = {"images": count, "torch": rows["torch"][name], "torch_exact": rows["torch_exact"][name],
-                "onnx": rows["onnx"][name]}
-        for ref in ("torch", "torch_exact"):
-            d = (out["onnx"] - out[ref]).abs()
-            suffix = "" if ref == "torch" else "_vs_exact"
+        cell = {"images": count, **{k: rows[k][name] for k in recs}}
+        for graph, ref, suffix in pairs:
+            d = (out[graph] - out[ref]).abs()
             cell.update({f"equal_pixels{suffix}": float((d == 0).double().mean()), f"max_diff{suffix}": int(d.max()),
-                         f"d_psnr{suffix}": rows["onnx"][name][0] - rows[ref][name][0],
-                         f"d_ssim{suffix}": rows["onnx"][name][1] - rows[ref][name][1]})
+                         f"d_psnr{suffix}": rows[graph][name][0] - rows[ref][name][0],
+                         f"d_ssim{suffix}": rows[graph][name][1] - rows[ref][name][1]})
         per_set[name] = cell
     return per_set
 
@@ -174,13 +183,19 @@ def export_graph(name: str, state: Path, out: Path) -> None:
     out.write_bytes(to_onnx(integer_model(net, extract_spec(net)), (side, side)))
 
 
-def speed(names: list[str], runs: int, threads_list: list[int], before_src: Path | None, tmp: Path) -> dict:
-    """Per model and thread count: median ms of the ORT integer graph (this checkout's; ``before_src``'s too),
-    the ORT FP graph and PyTorch FP eager, interleaved (order rotated each round), and ms per op type."""
+def speed(names: list[str], runs: int, threads_list: list[int], before_src: Path | None, tmp: Path,
+          fast: bool = False) -> dict:
+    """Per model and thread count: median ms of the ORT integer graph (this checkout's; ``before_src``'s too;
+    with ``fast``, the inexact fast graph of EDSR models), the ORT FP graph and PyTorch FP eager, interleaved
+    (order rotated each round), and ms per op type."""
     results = {}
     for name in names:
         fp, net, side = speed_model(name, tmp)
-        graphs = {"ort_int": to_onnx(integer_model(net, extract_spec(net)), (side, side))}
+        int_model = integer_model(net, extract_spec(net))
+        graphs = {"ort_int": to_onnx(int_model, (side, side))}
+        if fast and backbone_of(net).family == "edsr":  # ranges from random images: speed only
+            calib = [torch.rand(1, 3, 48, 48) * float(net.pixel_range) for _ in range(2)]
+            graphs["ort_int_fast"] = to_onnx(fast_model(int_model, calib), (side, side))
         if before_src is not None:
             graphs["ort_int_before"] = before_graph(before_src, name, net, side, tmp)
         graphs["ort_fp"] = to_onnx(fp, (side, side))
@@ -240,6 +255,9 @@ def main() -> None:
     parser.add_argument("--speed-models", nargs="+", default=list(SPEED_MODELS), choices=list(SPEED_MODELS))
     parser.add_argument("--exact-models", nargs="*", default=[], choices=list(SPEED_MODELS),
                         help="also the exactness of these (random-weight, calibrated) speed models")
+    parser.add_argument("--fast", action="store_true", help="also the opt-in inexact fast graph (export.fast; EDSR "
+                        "family): its exactness rows against eval.exact=true and its speed rows")
+    parser.add_argument("--calib-images", type=int, default=16, help="--fast: sr291 LR images for its ranges")
     parser.add_argument("--before-src", type=Path, help="another checkout's src/: its integer graph is timed too")
     parser.add_argument("--export-graph", nargs=3, metavar=("MODEL", "STATE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "export_bench.json")
@@ -253,12 +271,14 @@ def main() -> None:
     models = load_models(dict(item.split("=", 1) for item in args.ckpt), args.swin_steps, tmp)
     models.update({f"{name}_random": speed_model(name, tmp)[1:2] + (None,) for name in args.exact_models})
     for name, (net, cfg) in models.items():
-        payload["models"][name] = {"exactness": exactness(net, args.sets, args.threads)}
+        fast = args.fast and backbone_of(net).family == "edsr"
+        calib = calibration_images(int(net.scale), args.calib_images, float(net.pixel_range)) if fast else None
+        payload["models"][name] = {"exactness": exactness(net, args.sets, args.threads, calib)}
         if cfg is not None:
             payload["models"][name]["size"] = sizes(net, cfg)
         print(name, json.dumps(payload["models"][name], indent=1))
     if not args.skip_speed:
-        payload["speed"] = speed(args.speed_models, args.runs, args.speed_threads, args.before_src, tmp)
+        payload["speed"] = speed(args.speed_models, args.runs, args.speed_threads, args.before_src, tmp, args.fast)
     write_json(args.out, payload)
 
 

@@ -1,6 +1,7 @@
 """`odm-sr-export CKPT OUT.onnx`: the integer ONNX graph of a trained static-quantized checkpoint (ODM, ODM-LSQ,
 ODM-FQ, PAMS) and its packed b-bit weight file ``OUT.odmq``; prints the file sizes beside the storage figure of
-``odm-sr-complexity``. DAQ and DDTB are refused (their ranges are computed per image at test time)."""
+``odm-sr-complexity``. DAQ and DDTB are refused (their ranges are computed per image at test time).
+``--mode fast-inexact`` (opt-in, EDSR only): the inexact fast graph of ``export.fast``."""
 
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="traced LR size (the only size of a SwinIR/HAT graph; EDSR/RDN graphs take any)")
     parser.add_argument("--pad-mode", default="official", choices=EVAL_PAD_MODES,
                         help="SwinIR/HAT window padding baked into the graph (official: as odm-sr-eval)")
+    parser.add_argument("--mode", default="exact", help="exact (default: equals odm-sr-eval eval.exact=true) or "
+                        "fast-inexact (opt-in, EDSR only: 8-bit residual branches and tail on QLinearConv; "
+                        "PSNR cost in bench/README.md)")
+    parser.add_argument("--calib-images", type=int, default=16, metavar="N",
+                        help="fast-inexact: training LR images (sr291) that set its 8-bit ranges")
+    parser.add_argument("--data-root", default=None, help="fast-inexact: data root of sr291 (default: "
+                        "$ODM_SR_DATA or ../shared/data)")
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error (also: "
                         "HYDRA_FULL_ERROR=1)")
     args = parser.parse_args(argv)
@@ -41,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with one_line_errors("odm-sr-export", args.traceback):  # a missing or unreadable file: one line
         try:
-            info = export_checkpoint(args.ckpt, args.output, tuple(args.lr_size), args.pad_mode)
+            info = export_checkpoint(args.ckpt, args.output, tuple(args.lr_size), args.pad_mode, args.mode,
+                                     args.calib_images, args.data_root)
         except ExportError as err:  # what the integer graph cannot hold, named with the checkpoint
             sys.exit(f"odm-sr-export: {args.ckpt}: {err}")
     info.update(size_report(Path(info["packed"]), info["storage_k"]))

@@ -225,26 +225,44 @@ class RequantPair(nn.Module):
         return self.second.reference(_apply(self.act, self.first.reference(x)))
 
     def emit(self, g, x):
-        req = self.req
-
-        def scalar(value, dtype):
-            return _const(g, torch.tensor(value, dtype=dtype))
-
-        codes = self.first.emit_codes(g, x)
-        if req.const_values:
-            shape = g.op("Shape", codes)
-            size = g.op("Concat", g.op("Slice", shape, _const(g, torch.tensor([0])), _const(g, torch.tensor([1]))),
-                        _const(g, torch.tensor([len(req.const_values)])),
-                        g.op("Slice", shape, _const(g, torch.tensor([2])), _const(g, torch.tensor([4]))), axis_i=0)
-            values = torch.tensor(req.const_values, dtype=torch.uint8).reshape(1, -1, 1, 1)
-            codes = g.op("Concat", codes, g.op("Expand", _const(g, values), size), axis_i=1)
-        n_out = req.weight.shape[0]
-        q = g.op("QLinearConv", codes, scalar(1.0, torch.float32), scalar(req.zero_point, torch.uint8),
-                 _const(g, req.weight.to(torch.int8)), _const(g, req.multiplier),
-                 _const(g, torch.zeros(n_out, dtype=torch.int8)), scalar(1.0, torch.float32),
-                 scalar(0, torch.uint8), _const(g, req.bias), **self.first._attrs())
-        q = g.op("Clip", q, scalar(req.low, torch.uint8), scalar(req.high, torch.uint8))
+        q = emit_qlinear(g, self.first.emit_codes(g, x), self.req, self.first._attrs())
         return self.second.emit_from_codes(g, q, q)
+
+
+def emit_qlinear(g, codes, req: Requant, attrs: dict, clip: bool = True):
+    """ONNX: uint8 ``codes`` [+ the constant channels] → ``QLinearConv`` (x and y scales 1, the multiplier as
+    per-channel w scale, y zero point 0) [→ ``Clip`` to ``req.low`` … ``req.high``]."""
+
+    def scalar(value, dtype):
+        return _const(g, torch.tensor(value, dtype=dtype))
+
+    if req.const_values:
+        shape = g.op("Shape", codes)
+        size = g.op("Concat", g.op("Slice", shape, _const(g, torch.tensor([0])), _const(g, torch.tensor([1]))),
+                    _const(g, torch.tensor([len(req.const_values)])),
+                    g.op("Slice", shape, _const(g, torch.tensor([2])), _const(g, torch.tensor([4]))), axis_i=0)
+        values = torch.tensor(req.const_values, dtype=torch.uint8).reshape(1, -1, 1, 1)
+        codes = g.op("Concat", codes, g.op("Expand", _const(g, values), size), axis_i=1)
+    n_out = req.weight.shape[0]
+    q = g.op("QLinearConv", codes, scalar(1.0, torch.float32), scalar(req.zero_point, torch.uint8),
+             _const(g, req.weight.to(torch.int8)), _const(g, req.multiplier),
+             _const(g, torch.zeros(n_out, dtype=torch.int8)), scalar(1.0, torch.float32),
+             scalar(0, torch.uint8), _const(g, req.bias), **attrs)
+    return g.op("Clip", q, scalar(req.low, torch.uint8), scalar(req.high, torch.uint8)) if clip else q
+
+
+def simulate(req: Requant, codes: Tensor, attrs: dict) -> Tensor:
+    """``emit_qlinear`` in PyTorch: the exact int32 sums (float64), ``round(float32(A)·M)`` (half to even, as ORT),
+    the clip to ``req.low`` … ``req.high``; float32 codes."""
+    x = codes.double()
+    x = x - req.zero_point if req.zero_point else x  # ORT pads with z: zero padding of x − z (no x − 0: the
+    # tracer's peephole pass drops it and fails)
+    if req.const_values:
+        const = torch.tensor(req.const_values, dtype=torch.float64) - req.zero_point
+        x = torch.cat([x, const.reshape(1, -1, 1, 1).expand(x.shape[0], -1, *x.shape[2:])], dim=1)
+    ph, pw = attrs["pads_i"][:2]
+    a = F.conv2d(x, req.weight.double(), req.bias.double(), attrs["strides_i"], (ph, pw), attrs["dilations_i"])
+    return torch.round(a.float() * req.multiplier.reshape(1, -1, 1, 1)).clamp(req.low, req.high)
 
 
 def _apply(act: nn.Module, y: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from odm_sr.files import atomic_write_all
 
+from .fast import EXACT, FAST, calibration_images, check_mode, fast_model
 from .integer import IntegerSpec, extract_spec, integer_model
 from .onnx_graph import INPUT, graph_metadata, has_dynamic_size, tag_graph, to_onnx
 from .packing import pack, read_header, unpack
@@ -154,20 +155,27 @@ def check_pair(onnx_path: Path, graph: bytes, packed_path: Path, expected: dict)
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, lr_hw: tuple[int, int] = (64, 64),
-                      pad_mode: str = "official") -> dict:
+                      pad_mode: str = "official", mode: str = EXACT, calib_images: int = 16,
+                      data_root: str | Path | None = None) -> dict:
     """Write ``out`` (.onnx) and the packed file beside it, both or neither (``files.atomic_write_all``); returns
-    their paths and sizes."""
+    their paths and sizes. ``mode``: ``exact`` (default) or the opt-in inexact ``fast-inexact`` (``export.fast``:
+    8-bit ranges from ``calib_images`` training LR images under ``data_root``; the graph's metadata says so)."""
     out = Path(out)
+    check_mode(mode)
     packed = out.with_suffix(PACKED_SUFFIX)
     if packed == out:
         raise ExportError(f"{out}: give the path of the .onnx graph; its packed file is written beside it")
     net, spec, int_model, cfg = trained_integer(ckpt)
+    tags = {}
+    if mode == FAST:
+        calib = calibration_images(int(net.scale), calib_images, float(net.pixel_range), data_root)
+        int_model, tags = fast_model(int_model, calib), {"mode": mode, "calib_images": len(calib)}
     export_id = uuid.uuid4().hex
-    graph = tag_graph(to_onnx(int_model, lr_hw, pad_mode), {"export_id": export_id, **_identity(cfg)})
+    graph = tag_graph(to_onnx(int_model, lr_hw, pad_mode), {"export_id": export_id, **_identity(cfg), **tags})
     data = pack(net, spec, cfg, {"export_id": export_id, "sha256": hashlib.sha256(graph).hexdigest()})
     atomic_write_all({out: lambda f: f.write(graph), packed: lambda f: f.write(data)})
     from odm_sr.analysis.complexity import storage
 
     return {"storage_k": storage(net)["total_k"], "onnx": str(out), "onnx_bytes": len(graph),
             "packed": str(packed), "packed_bytes": len(data), "dynamic_size": has_dynamic_size(int_model),
-            "traced_lr_hw": list(lr_hw)}
+            "traced_lr_hw": list(lr_hw), "mode": mode}
