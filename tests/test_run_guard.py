@@ -178,3 +178,20 @@ def test_a_checkpoint_write_on_a_full_disk_names_the_file_and_keeps_the_previous
     assert last.read_bytes() == before  # the step-3 checkpoint, intact
     assert not list(last.parent.glob(".*.tmp"))  # no partial file left beside it
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+def test_auto_resume_refuses_a_checkpoint_of_another_run_config_and_keeps_optim_changes(tmp_path):
+    # the single-run folder of an experiment is the same with and without +ablation=...: a run whose model,
+    # method, bits, data or seed differ must not continue the other run's checkpoint (it would end with its numbers)
+    steps = QUIET + ["test_after_fit=false", "callbacks.model_checkpoint.every_n_train_steps=2"]
+    train(compose_config(steps + ["trainer.max_steps=2"], tmp_path))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError) as err:
+        train(compose_config(steps + ["trainer.max_steps=4", "auto_resume=true", "data.lr_patch=12"], tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"resume: {last} was trained with data.lr_patch=16, the new config has "
+                              f"data.lr_patch=12;")
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2  # untouched
+    # what may change on resume: the length of the run and the optimizer's settings
+    resumed = train(compose_config(steps + ["trainer.max_steps=4", "auto_resume=true", "optim.lr=1e-5"], tmp_path))
+    assert resumed["steps"] == 4

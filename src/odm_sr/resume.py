@@ -20,9 +20,10 @@ from .models.weights import mismatch_report
 from .trained import read_checkpoint
 
 
-def check_resume_checkpoint(path: str | Path, module: nn.Module) -> None:
+def check_resume_checkpoint(path: str | Path, module: nn.Module) -> dict:
     """Before any work: ``resume=path`` must be a full odm-sr training checkpoint (weights, optimizer and
-    schedule) of the network the current config builds; clear errors naming the file otherwise."""
+    schedule) of the network the current config builds; clear errors naming the file otherwise. Returns the
+    config stored in it (``{}`` where it has none)."""
     ckpt = read_checkpoint(path, what="resume")
     missing = [k for k in ("optimizer_states", "lr_schedulers", "loops") if k not in ckpt]
     if missing:
@@ -33,6 +34,8 @@ def check_resume_checkpoint(path: str | Path, module: nn.Module) -> None:
     if problems:
         raise ValueError(f"resume={path}: does not match the network of the current config "
                          f"(model/method/bits must be those of the run being resumed):\n  " + "\n  ".join(problems))
+    stored = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    return stored if isinstance(stored, dict) else {}
 
 
 class CurrentOptimSettingsOnResume(L.Callback):

@@ -39,19 +39,46 @@ def _changes_result(key: str) -> bool:
     return not any(key == k or key.startswith(f"{k}.") for k in NOT_RESULT_KEYS)
 
 
+def _first_difference(stored: dict, new: dict, within: tuple[str, ...] | None = None) -> str | None:
+    """``key=<stored value>, ... key=<new value>`` for the first result-changing key (under one of ``within``
+    where given) on which two resolved configs differ, None where none does. Keys that only one of them has
+    (added or retired since) are not compared."""
+    old, now = _leaves(stored), _leaves(new)
+    differ = [k for k in old if k in now and _changes_result(k) and old[k] != now[k]
+              and (within is None or any(k == p or k.startswith(f"{p}.") for p in within))]
+    if not differ:
+        return None
+    key = differ[0]
+    more = f" (and {differ[1:4]})" if len(differ) > 1 else ""
+    return f"{key}={old[key]!r}, the new config has {key}={now[key]!r}{more}"
+
+
 def check_same_result_config(stored: dict, new: dict, out_dir: str | Path) -> None:
     """Before ``skip_done`` reuses the finished run in ``out_dir``: ValueError naming the first key that changes
     the result and differs between the config of its results.json (``stored``) and the new one (both resolved
-    containers). Keys that only one of them has (added or retired since) are not compared."""
-    old, now = _leaves(stored), _leaves(new)
-    differ = [k for k in old if k in now and _changes_result(k) and old[k] != now[k]]
+    containers)."""
+    differ = _first_difference(stored, new)
     if differ:
-        key = differ[0]
-        more = f" (and {differ[1:4]})" if len(differ) > 1 else ""
         raise ValueError(
-            f"skip_done: {out_dir}/results.json was made with {key}={old[key]!r}, the new config has "
-            f"{key}={now[key]!r}{more}; its numbers would be kept for a run that differs. Use another sweep "
-            f"folder (paths.log_dir=<new> or hydra.sweep.dir=<new>), or delete {out_dir} to run the job again")
+            f"skip_done: {out_dir}/results.json was made with {differ}; its numbers would be kept for a run that "
+            f"differs. Use another sweep folder (paths.log_dir=<new> or hydra.sweep.dir=<new>), or delete "
+            f"{out_dir} to run the job again")
+
+
+# What a resumed checkpoint must share with the current config: the network, the method, the bits, the data and
+# the seed. optim.* and trainer.* may change on resume (a longer run, another lr: ``CurrentOptimSettingsOnResume``).
+SAME_RUN_KEYS = ("model", "method", "bits", "data", "seed")
+
+
+def check_same_run(stored: dict, new: dict, checkpoint: str | Path) -> None:
+    """Before resuming ``checkpoint``: ValueError naming the first key of ``SAME_RUN_KEYS`` (less the
+    ``NOT_RESULT_KEYS``) on which its stored config and the new one differ, e.g. a single run with
+    ``+ablation=c`` that would otherwise continue the plain experiment's checkpoint in the same folder."""
+    differ = _first_difference(stored, new, SAME_RUN_KEYS)
+    if differ:
+        raise ValueError(
+            f"resume: {checkpoint} was trained with {differ}; continuing it would mix two runs. Start the new run "
+            f"in another folder (hydra.run.dir=<new folder>), or resume with the checkpoint's own settings")
 
 
 class RunFolderBusyError(RuntimeError, UserError):

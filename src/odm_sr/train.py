@@ -42,7 +42,7 @@ from .lit_module import SRLitModule
 from .precision import apply_precision
 from .quant import QuantMethod, build_method
 from .resume import AtomicCheckpointIO, CurrentOptimSettingsOnResume, check_resume_checkpoint
-from .run_guard import SigtermStop, check_same_result_config, run_folder_lock
+from .run_guard import SigtermStop, check_same_result_config, check_same_run, run_folder_lock
 
 register_resolvers()
 
@@ -82,7 +82,7 @@ def _train(cfg: DictConfig, out_dir: Path, sigterm: SigtermStop, method: QuantMe
     lit, datamodule = build_module(cfg, method, plain)
     net = lit.net
     if resume is not None:
-        check_resume_checkpoint(resume, lit)
+        check_same_run(current_keys(check_resume_checkpoint(resume, lit)), plain, resume)
     out_dir.mkdir(parents=True, exist_ok=True)
     callbacks = [*build_callbacks(cfg), CurrentOptimSettingsOnResume()]
     trainer: L.Trainer = hydra.utils.instantiate(lightning_trainer_config(plain["trainer"]),
