@@ -43,10 +43,8 @@ from _common import RESULTS_DIR, compose_cfg, environment, write_json
 from odm_sr.builders import build_backbone, build_network
 from odm_sr.data import SRDataModule
 from odm_sr.evaluation import evaluate_sets, network_upscale
-from odm_sr.export.fast import calibration_images, fast_model
 from odm_sr.export.integer import extract_spec, integer_model
 from odm_sr.export.onnx_graph import to_onnx
-from odm_sr.export.packing import body_size, pack
 from odm_sr.export.runtime import OnnxEngine, onnx_upscale, session
 from odm_sr.metrics import to_uint8
 from odm_sr.quant.backbones import backbone_of
@@ -115,6 +113,8 @@ def exactness(net, sets: list[str], threads: int, calib: list[torch.Tensor] | No
             "onnx": Recorder(onnx_upscale(engine))}
     pairs = [("onnx", "torch", ""), ("onnx", "torch_exact", "_vs_exact")]
     if calib is not None:
+        from odm_sr.export.fast import fast_model  # here: --before-src's subprocess imports this file with older src
+
         recs["onnx_fast"] = Recorder(onnx_upscale(OnnxEngine(fast_model(int_model, calib), threads)))
         pairs.append(("onnx_fast", "torch_exact", "_fast_vs_exact"))
     with torch.no_grad():
@@ -138,6 +138,7 @@ def exactness(net, sets: list[str], threads: int, calib: list[torch.Tensor] | No
 
 def sizes(net, cfg) -> dict:
     from odm_sr.analysis.complexity import storage
+    from odm_sr.export.packing import body_size, pack  # here: see export_graph
 
     data = pack(net, extract_spec(net), cfg)
     body, expected = body_size(data), storage(net)["total_k"] * 4000
@@ -177,7 +178,7 @@ def before_graph(src: Path, name: str, net, side: int, tmp: Path) -> bytes:
 
 def export_graph(name: str, state: Path, out: Path) -> None:
     """``--export-graph``: build ``name``'s network, load ``state``, write its integer graph (this process's
-    odm_sr)."""
+    odm_sr: another checkout's, so this file imports at its top only what that code has too)."""
     _, net, side = speed_model(name, out.parent)
     net.load_state_dict(torch.load(state))
     out.write_bytes(to_onnx(integer_model(net, extract_spec(net)), (side, side)))
@@ -195,6 +196,8 @@ def speed(names: list[str], runs: int, threads_list: list[int], before_src: Path
         graphs = {"ort_int": to_onnx(int_model, (side, side))}
         if fast and backbone_of(net).family == "edsr":  # ranges from random images: speed only
             calib = [torch.rand(1, 3, 48, 48) * float(net.pixel_range) for _ in range(2)]
+            from odm_sr.export.fast import fast_model
+
             graphs["ort_int_fast"] = to_onnx(fast_model(int_model, calib), (side, side))
         if before_src is not None:
             graphs["ort_int_before"] = before_graph(before_src, name, net, side, tmp)
@@ -272,6 +275,8 @@ def main() -> None:
     models.update({f"{name}_random": speed_model(name, tmp)[1:2] + (None,) for name in args.exact_models})
     for name, (net, cfg) in models.items():
         fast = args.fast and backbone_of(net).family == "edsr"
+        from odm_sr.export.fast import calibration_images
+
         calib = calibration_images(int(net.scale), args.calib_images, float(net.pixel_range)) if fast else None
         payload["models"][name] = {"exactness": exactness(net, args.sets, args.threads, calib)}
         if cfg is not None:
