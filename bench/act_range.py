@@ -13,14 +13,13 @@ tracking epoch sees at WBAB, less the activation quantization).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import REPO_ROOT, RESULTS_DIR
-from init_psnr import quantized, set5
+from _common import RESULTS_DIR
+from init_psnr import network_parser, quantized, set5
 
 from odm_sr.quant.quantizer import Quantizer
 
@@ -49,14 +48,8 @@ def activations(args) -> dict[str, list[np.ndarray]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="imdn")
-    parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--pretrained", default=str(REPO_ROOT.parent / "shared" / "models" / "imdn" / "IMDN_x4.pth"))
-    parser.add_argument("--method", default="pams")
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser = network_parser(__doc__, "pams")
     parser.add_argument("--weight-bits", type=int, default=None, help="quantize the weights at this width")
-    parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(RESULTS_DIR / "act_range.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)

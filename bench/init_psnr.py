@@ -66,15 +66,21 @@ def quantized(args, w: int, a: int, only: list[str] | None = None) -> torch.nn.M
     return net
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def network_parser(doc: str, method: str) -> argparse.ArgumentParser:
+    """The options this script and ``act_range.py`` share: network, weights, method, bit-widths, data root."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--model", default="imdn")
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--pretrained", default=str(REPO_ROOT.parent / "shared" / "models" / "imdn" / "IMDN_x4.pth"))
-    parser.add_argument("--method", default="daq")
+    parser.add_argument("--method", default=method)
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--groups", nargs="*", default=[], help="weight-only rows per layer-name group, e.g. c1 c2,c3")
     parser.add_argument("--data-root", default=str(REPO_ROOT.parent / "shared" / "data"))
+    return parser
+
+
+def main() -> None:
+    parser = network_parser(__doc__, "daq")
+    parser.add_argument("--groups", nargs="*", default=[], help="weight-only rows per layer-name group, e.g. c1 c2,c3")
     parser.add_argument("--out", default=str(RESULTS_DIR / "init_psnr.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
