@@ -15,7 +15,9 @@ Parts, in order (the JSON is rewritten after each one, so a run killed by its ti
 5. ``compiled``: FP and ODM with ``torch.compile`` of the student (compile time, step time, graph breaks); last,
    as the compilation is the least predictable part; skipped when less than ``--compile-min`` seconds are left.
 
-``--dry-run`` uses the small EDSR (4 blocks x 32) instead of EDSR-baseline, tiny batches and one step per part.
+``--dry-run`` uses the small EDSR (4 blocks x 32) instead of EDSR-baseline, tiny batches and one step per part, and
+compiles with the ``aot_eager`` backend (dynamo's tracing, AOTAutograd and graph breaks as on the GPU, no kernel
+generation: the CPU's C++ kernels would be another code path than the GPU's Triton and take a minute to build).
 
 Each part gets a share of what is left of ``--budget`` (seconds, imports included) and shortens its own timed
 window to fit; a part that fails records its error and the next part runs.
@@ -58,6 +60,7 @@ class Check:
         self.device = torch.device("cpu" if self.dry else "cuda")
         self.out = Path(args.out)
         self.model = "small" if self.dry else "baseline"
+        self.compile_backend = getattr(args, "compile_backend", None) or ("aot_eager" if self.dry else "inductor")
         self.results: dict = {"dry_run": self.dry, "budget_s": args.budget, "parts": {}}
 
     def left(self) -> float:
@@ -155,11 +158,11 @@ def part_compiled(check: Check) -> dict:
         runner = StepRunner.build(name, check.model, check.device)
         runner.prepare(batches[:2])
         breaks = graph_breaks(runner, batches[0][0]) if name != "fp" else {}
-        compile_runner(runner, recompile_limit=256)
+        compile_runner(runner, recompile_limit=256, backend=check.compile_backend)
         t0 = time.perf_counter()
         runner.step(*batches[0], record=False)
         sync(check.device)
-        rows[name] = {"compile_s": time.perf_counter() - t0, "graph_breaks": breaks,
+        rows[name] = {"compile_s": time.perf_counter() - t0, "backend": check.compile_backend, "graph_breaks": breaks,
                       **_timed(check, runner, batches, 0.3 / (2 - i))}
         print(f"{name} compiled: {rows[name]['step_ms']:.2f} ms/step (compile {rows[name]['compile_s']:.0f} s)",
               flush=True)
@@ -224,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fp-steps", type=int, default=300)
     p.add_argument("--qat-steps", type=int, default=300)
     p.add_argument("--compile-min", type=float, default=90.0, help="skip the compiled part with less time left")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend of the compiled part (default "
+                   "inductor; aot_eager with --dry-run: the same tracing and graph breaks without generating kernels)")
     p.add_argument("--parts", nargs="+", default=[n for n, _ in PARTS], choices=[n for n, _ in PARTS])
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)

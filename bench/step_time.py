@@ -49,9 +49,10 @@ LABELS = {"fp": "FP", "pams": "PAMS", "daq": "DAQ", "ddtb": "DDTB (gates used)",
           "teacher": "(PAMS/DDTB teacher forward to F alone)"}
 
 
-def compile_runner(runner: StepRunner, recompile_limit: int | None = None) -> None:
+def compile_runner(runner: StepRunner, recompile_limit: int | None = None, backend: str = "inductor") -> None:
     """torch.compile the student in place (``nn.Module.compile``): the method code keeps calling the same
-    module object, so hooks (SKT capture) and ``modules()`` walks keep working.
+    module object, so hooks (SKT capture) and ``modules()`` walks keep working. ``backend``: torch.compile's
+    (``aot_eager`` traces the same graphs, breaks included, without generating kernels).
 
     The quantizers' Python-side branches (ODM's mismatch registry, DAQ's post-ReLU test, DDTB's gates) break
     the graph, and each quantizer instance then compiles its own frame; past dynamo's recompile limit (8) the
@@ -64,9 +65,9 @@ def compile_runner(runner: StepRunner, recompile_limit: int | None = None) -> No
         for key in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, key):
                 setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), recompile_limit))
-    runner.net.compile()
+    runner.net.compile(backend=backend)
     if runner.teacher is not None:
-        runner.teacher.compile()
+        runner.teacher.compile(backend=backend)
 
 
 def build_runners(model: str, variants: list[str], device: torch.device, compiled: bool,

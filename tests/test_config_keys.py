@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_config
+from helpers import compose_config, composed_experiment
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
@@ -48,7 +47,7 @@ def leaves(node, prefix: str = "") -> set[str]:
 
 @functools.cache
 def experiment(name: str) -> dict:
-    cfg = compose_config([f"experiment={name}"], Path("unused"))
+    cfg = composed_experiment(name)
     return {group: OmegaConf.to_container(cfg[group], resolve=False) for group in GROUPS}
 
 

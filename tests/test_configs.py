@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
+import copy
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import check_config, compose_config, method_config
+from helpers import check_config, compose_config, composed_experiment, method_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -49,10 +49,9 @@ def _compose(name: str, tmp_path: Path, *extra: str):
     return compose_config([f"experiment={name}", *extra], tmp_path)
 
 
-@functools.cache
 def _composed(name: str):
-    """Each experiment composed once per session (a compose takes ~0.3 s here); callers must not modify it."""
-    return compose_config([f"experiment={name}"], Path("/nonexistent/output_dir"))
+    """Each experiment composed once per test process; callers must not modify it."""
+    return composed_experiment(name)
 
 
 def _paper_name(model: str, scale: int, method: str) -> str:
@@ -79,8 +78,7 @@ def test_experiment_composes_and_instantiates(name):
     (the official files of paper_*/real_*, or the run of the FP stage) need not be here; their strict loading is
     tested in tests/models."""
     # the base/paper* fragments set bits=w2a2 and no method: alone they would be an FP run labelled w2a2 (refused)
-    cfg = compose_config([f"experiment={name}", *(["method=odm"] if name.startswith("base/paper") else [])],
-                         Path("/nonexistent/output_dir"))
+    cfg = copy.deepcopy(composed_experiment(name, *(["method=odm"] if name.startswith("base/paper") else [])))
     method = check_config(cfg)
     OmegaConf.to_container(cfg.optim, resolve=True)
     cfg.model.pretrained = None

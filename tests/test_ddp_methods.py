@@ -4,7 +4,8 @@ epoch (gates unused) and the final one (gates used); ODM/LSQ's calibration then 
 
 A method that leaves a parameter out of a step's graph (PAMS's detached α while tracking, the gates of DDTB's
 non-dynamic quantizers) stopped DDP with "parameters that were not used". Epochs are 2 steps here.
-Each run is a subprocess, so that forking never meets an OpenMP pool the test session already started.
+The runs share one subprocess (one import of torch and Lightning instead of eight), so that forking never meets an
+OpenMP pool the test session already started; a run that fails records its traceback and the next one runs.
 """
 
 from __future__ import annotations
@@ -25,23 +26,29 @@ pytestmark = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_meth
                                 reason="ddp_fork needs the fork start method (Linux/macOS)")
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, sys, traceback
     from pathlib import Path
     sys.path.insert(0, sys.argv[2])
     from helpers import TINY_TRAIN, compose_config
     from odm_sr.train import train
-
-    out = Path(sys.argv[1])
-    overrides = json.loads(sys.argv[3])
-    cfg = compose_config(TINY_TRAIN + ["+trainer.strategy=ddp_fork", "trainer.devices=2", "data.iters_per_epoch=2",
-                                       "test_after_fit=false", "trainer.val_check_interval=100",
-                                       "callbacks.model_checkpoint.every_n_train_steps=1"] + overrides,
-                         out / "run")
-    train(cfg)
     import torch
-    ckpt = torch.load(out / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    (out / "summary.json").write_text(json.dumps({"iterations": ckpt["odm_sr_step_count"],
-                                                  "steps": ckpt["global_step"]}))
+
+    for name, overrides in json.loads(sys.argv[3]).items():
+        out = Path(sys.argv[1]) / name
+        print(f"=== run {name}", flush=True)
+        print(f"=== run {name}", file=sys.stderr, flush=True)
+        try:
+            cfg = compose_config(TINY_TRAIN + ["+trainer.strategy=ddp_fork", "trainer.devices=2",
+                                               "data.iters_per_epoch=2", "test_after_fit=false",
+                                               "trainer.val_check_interval=100",
+                                               "callbacks.model_checkpoint.every_n_train_steps=1"] + overrides,
+                                 out / "run")
+            train(cfg)
+            ckpt = torch.load(out / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+            summary = {"iterations": ckpt["odm_sr_step_count"], "steps": ckpt["global_step"]}
+        except BaseException:
+            summary = {"error": traceback.format_exc()}
+        (out / "summary.json").write_text(json.dumps(summary))
 """)
 
 # method overrides, optimizer steps; each schedule fits in them with 2-step epochs
@@ -65,18 +72,32 @@ def _logged(run_dir: Path, key: str) -> list[float]:
     return rows
 
 
-@pytest.mark.parametrize("name", list(RUNS))
-def test_each_method_trains_under_ddp_through_its_schedule(tmp_path, name):
-    overrides, steps = RUNS[name]
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """All runs, one after the other, in one subprocess (its imports are paid once); each run's log by name."""
+    out = tmp_path_factory.mktemp("ddp_runs")
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(Path(__file__).parent),
-                           json.dumps([*overrides, f"trainer.max_steps={steps}"])],
-                          env=env, capture_output=True, text=True, timeout=600)
+    runs = {name: [*overrides, f"trainer.max_steps={steps}"] for name, (overrides, steps) in RUNS.items()}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(Path(__file__).parent), json.dumps(runs)],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    logs: dict[str, str] = {}
+    for stream in (proc.stdout, proc.stderr):
+        for part in stream.split("=== run ")[1:]:
+            name, _, text = part.partition("\n")
+            logs[name] = logs.get(name, "") + text
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "Starting with 2 processes" in proc.stderr + proc.stdout
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    return out, logs
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_each_method_trains_under_ddp_through_its_schedule(ddp_runs, name):
+    out, logs = ddp_runs
+    overrides, steps = RUNS[name]
+    summary = json.loads((out / name / "summary.json").read_text())
+    assert "error" not in summary, summary.get("error", "")[-4000:] + logs[name][-3000:]
+    assert "Starting with 2 processes" in logs[name]
     assert summary["steps"] == steps
-    run = tmp_path / "run"
+    run = out / name / "run"
     if name.startswith("pams"):
         assert set(_logged(run, "train/alpha_tracking")) == {0.0, 1.0}
     elif name == "ddtb":

@@ -166,11 +166,14 @@ def drop_retired_keys(cfg: DictConfig) -> DictConfig:
 CHECKED_GROUPS = ("model", "data", "optim", "bits", "paths", "eval")
 
 
-def known_keys(group: str) -> set[str]:
-    """Every key that some ``conf/<group>/*.yaml`` (for ``eval``: ``conf/{train,eval}.yaml``) defines."""
+@functools.cache
+def known_keys(group: str) -> frozenset[str]:
+    """Every key that some ``conf/<group>/*.yaml`` (for ``eval``: ``conf/{train,eval}.yaml``) defines (read once
+    per process: the package's own config files)."""
     if group == "eval":
-        return {k for name in ("train", "eval") for k in OmegaConf.load(CONFIG_DIR / f"{name}.yaml").eval}
-    return {k for path in (CONFIG_DIR / group).glob("*.yaml") for k in OmegaConf.load(path) if k != "defaults"}
+        return frozenset(k for name in ("train", "eval") for k in OmegaConf.load(CONFIG_DIR / f"{name}.yaml").eval)
+    return frozenset(k for path in (CONFIG_DIR / group).glob("*.yaml") for k in OmegaConf.load(path)
+                     if k != "defaults")
 
 
 def reject_unknown_keys(cfg: DictConfig) -> None:
