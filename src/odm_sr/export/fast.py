@@ -11,11 +11,15 @@ This mode runs those on ``QLinearConv`` too, **at a measured PSNR cost** (bench/
   δ = l_a + z·s_a, |δ| ≤ s_a/2), the second to **8-bit codes of the branch output** on a uint8 grid whose range
   is the min/max of that output over the calibration images (values outside saturate), then
   ``DequantizeLinear``; the skip and the residual add stay float32.
-- The float convs after the body (EDSR's body-end conv, the upsampler convs and the last conv) run on 8-bit
-  activations (uint8 grids from the calibration min/max, zero included: zero padding stays exact) and 7-bit
-  symmetric per-channel weights (±63: u8 × s8 pairs stay below AVX2's 16-bit saturation); the upsampler's
-  pixel shuffles move uint8 codes (``DepthToSpace``); the output mean (``add_mean``) is folded into the last
-  conv, whose uint8 output is the grey level itself (round, clip to 0…255: what evaluation does anyway).
+- The float convs after the body (EDSR's body-end conv and the upsampler convs) run on 8-bit activations (uint8
+  grids from the calibration min/max, zero included: zero padding stays exact) and 7-bit symmetric per-channel
+  weights (±63: u8 × s8 pairs stay below AVX2's 16-bit saturation); the upsampler's pixel shuffles move uint8
+  codes (``DepthToSpace``).
+- The last conv (F → 3) stays a float32 ``Conv``, on the dequantized codes of the last pixel shuffle, with the
+  output mean (``add_mean``) folded in; its output is rounded and clipped to the grey levels (what evaluation does
+  anyway). On ``QLinearConv`` it was the graph's slowest node (188 of ~800 ms for EDSR-baseline x4 at 128²: ORT's
+  quantized kernel gains nothing with 3 output channels at the largest resolution, and its input needed a
+  channels-last transpose), float32 here takes a fraction of that.
 - The head conv is a plain float32 ``Conv`` (the exact graph's float64 im2col is dropped).
 - Every ``QLinearConv`` is ``round(float32(A)·M)`` of an int32 ``A`` (weights scaled by the largest integer K
   that keeps them in int8 and the u8 × s8 pairs below 2^15), y zero point 0; ``simulate`` is its PyTorch
@@ -241,7 +245,22 @@ def _fold_mean(conv: nn.Conv2d, shift: nn.Conv2d) -> nn.Conv2d:
     return out
 
 
-def _tail(model: nn.Module, ranges: dict[str, tuple]) -> FastChain:
+class GreyLevels(nn.Module):
+    """The last conv (``add_mean`` folded in) in float32 on the dequantized codes, its output rounded and clipped
+    to the grey levels 0…255 of the pixel range (what evaluation does to any output)."""
+
+    def __init__(self, conv: nn.Conv2d, pixel_range: float) -> None:
+        super().__init__()
+        self.conv, self.levels = conv, 255.0 / float(pixel_range)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        if self.levels == 1.0:  # EDSR's 0…255 (no x·1: see Uint8Grid.quantize)
+            return torch.round(y).clamp(0.0, 255.0)
+        return torch.round(y * self.levels).clamp(0.0, 255.0) / self.levels
+
+
+def _tail(model: nn.Module, ranges: dict[str, tuple]) -> nn.Sequential:
     layers = [m for m in model.tail.modules() if isinstance(m, (nn.Conv2d, nn.PixelShuffle))]
     convs = [m for m in layers if isinstance(m, nn.Conv2d)]
     start = grid = Uint8Grid.of_range(*ranges["tail.0"][:2])
@@ -249,13 +268,12 @@ def _tail(model: nn.Module, ranges: dict[str, tuple]) -> FastChain:
     for j, m in enumerate(layers):
         if isinstance(m, nn.PixelShuffle):
             stages[-1].shuffle = m.upscale_factor
-            continue
-        last = m is convs[-1]
-        out = Uint8Grid(model.pixel_range / 255.0, 0) if last else Uint8Grid.of_range(*ranges[f"tail.{j}"][2:])
-        conv = _fold_mean(m, model.add_mean) if last else m
-        stages.append(Stage(float_requant(conv, grid, -out.zero * out.scale, out.scale), conv_attrs(m)))
-        grid = out
-    return FastChain(stages, grid, start=start)
+        elif m is not convs[-1]:
+            out = Uint8Grid.of_range(*ranges[f"tail.{j}"][2:])
+            stages.append(Stage(float_requant(m, grid, -out.zero * out.scale, out.scale), conv_attrs(m)))
+            grid = out
+    last = GreyLevels(_fold_mean(convs[-1], model.add_mean), model.pixel_range)
+    return nn.Sequential(FastChain(stages, grid, start=start), last)
 
 
 def fast_model(int_model: nn.Module, calib: list[Tensor]) -> nn.Module:
