@@ -91,6 +91,8 @@ def test_dry_run_on_a_simulated_gpu_machine(tmp_path):
     assert set(eager) == {"fp", "pams", "daq", "ddtb", "odm", "seconds"} and eager["odm"]["steps"] == 1
     assert result["parts"]["counts"]["odm"]["ops"] > result["parts"]["counts"]["fp"]["ops"] > 0
     assert result["parts"]["rho"]["odm"]["rho_mean"] > 0 and result["parts"]["rho"]["odm_mr_off"]["rho_mean"] is None
+    compiled = result["parts"]["compiled"]  # the dry run traces with aot_eager (no CPU kernels built)
+    assert {compiled[n]["backend"] for n in ("fp", "odm")} == {"aot_eager"} and compiled["odm"]["step_ms"] > 0
     provided = set().union(*(_top_levels(w) for w in wheels.glob("*.whl")))
     imported = set(result["env"]["third_party_modules"])
     assert {"hydra", "omegaconf"} <= imported  # the bench path needs them: they came from the wheels
