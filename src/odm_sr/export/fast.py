@@ -19,7 +19,8 @@ This mode runs those on ``QLinearConv`` too, **at a measured PSNR cost** (bench/
   output mean (``add_mean``) folded in; its output is rounded and clipped to the grey levels (what evaluation does
   anyway). On ``QLinearConv`` it was the graph's slowest node (188 of ~800 ms for EDSR-baseline x4 at 128²: ORT's
   quantized kernel gains nothing with 3 output channels at the largest resolution, and its input needed a
-  channels-last transpose), float32 here takes a fraction of that.
+  channels-last transpose: 210 ms in all); float32 here takes 130 ms, its layout reorder and dequantization
+  included.
 - The head conv is a plain float32 ``Conv`` (the exact graph's float64 im2col is dropped).
 - Every ``QLinearConv`` is ``round(float32(A)·M)`` of an int32 ``A`` (weights scaled by the largest integer K
   that keeps them in int8 and the u8 × s8 pairs below 2^15), y zero point 0; ``simulate`` is its PyTorch
