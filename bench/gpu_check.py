@@ -60,7 +60,6 @@ class Check:
         self.device = torch.device("cpu" if self.dry else "cuda")
         self.out = Path(args.out)
         self.model = "small" if self.dry else "baseline"
-        self.compile_backend = getattr(args, "compile_backend", None) or ("aot_eager" if self.dry else "inductor")
         self.results: dict = {"dry_run": self.dry, "budget_s": args.budget, "parts": {}}
 
     def left(self) -> float:
@@ -153,16 +152,17 @@ def part_compiled(check: Check) -> dict:
     if not check.dry and check.left() < check.args.compile_min:
         return {"skipped": f"{check.left():.0f} s left, under --compile-min {check.args.compile_min:.0f} s"}
     batches, rows = check.batches(), {}
+    backend = check.args.compile_backend or ("aot_eager" if check.dry else "inductor")
     for i, name in enumerate(("fp", "odm")):
         _fresh(check)
         runner = StepRunner.build(name, check.model, check.device)
         runner.prepare(batches[:2])
         breaks = graph_breaks(runner, batches[0][0]) if name != "fp" else {}
-        compile_runner(runner, recompile_limit=256, backend=check.compile_backend)
+        compile_runner(runner, recompile_limit=256, backend=backend)
         t0 = time.perf_counter()
         runner.step(*batches[0], record=False)
         sync(check.device)
-        rows[name] = {"compile_s": time.perf_counter() - t0, "backend": check.compile_backend, "graph_breaks": breaks,
+        rows[name] = {"compile_s": time.perf_counter() - t0, "backend": backend, "graph_breaks": breaks,
                       **_timed(check, runner, batches, 0.3 / (2 - i))}
         print(f"{name} compiled: {rows[name]['step_ms']:.2f} ms/step (compile {rows[name]['compile_s']:.0f} s)",
               flush=True)

@@ -49,9 +49,7 @@ def _compose(name: str, tmp_path: Path, *extra: str):
     return compose_config([f"experiment={name}", *extra], tmp_path)
 
 
-def _composed(name: str):
-    """Each experiment composed once per test process; callers must not modify it."""
-    return composed_experiment(name)
+_composed = composed_experiment  # each experiment composed once per test process; callers must not modify it
 
 
 def _paper_name(model: str, scale: int, method: str) -> str:

@@ -63,8 +63,7 @@ def test_fast_graph_ops_and_output(method, bits, tmp_path):
     shuffles, the last conv float32 with its output rounded to grey levels, no ConvInteger and no float64 op; ORT's
     output equals the fast model's PyTorch forward (the ``simulate`` twin) (bit for bit here; up to 1 grey level on
     1 % of the pixels allowed, for float32 head and last-conv sums that another CPU rounds differently at a code or
-    grey-level boundary) and lies within 2 grey levels of the exact graph, 1 on
-    average at most."""
+    grey-level boundary) and lies within 2 grey levels of the exact graph, 1 on average at most."""
     exact, fast = fast_pair(method, bits, tmp_path)
     graph = to_onnx(fast, (13, 11))
     model = onnx.load_from_string(graph)
