@@ -9,6 +9,7 @@ size).
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -19,6 +20,7 @@ from odm_sr.evaluation import eval_pad_mode, window_padding
 from odm_sr.quant.backbones import backbone_of
 
 from .spec import ExportError
+from .tail import compose_tail, tail_modules
 
 OPSET = 17
 INPUT, OUTPUT = "lr", "sr"
@@ -29,12 +31,16 @@ def has_dynamic_size(model: nn.Module) -> bool:
     return backbone_of(model).dynamic_size
 
 
-def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: str = "official") -> bytes:
+def to_onnx(int_model: nn.Module, lr_hw: tuple[int, int] = (32, 32), pad_mode: str = "official",
+            compose: bool = True) -> bytes:
     """The ONNX model (bytes) of ``int_model`` on (N, 3, H, W) inputs in the backbone's pixel range.
 
     ``lr_hw`` is the traced size (the only size for transformers). ``pad_mode``: SwinIR/HAT window padding as
-    ``odm-sr-eval`` does it (``evaluation.eval_pad_mode``).
+    ``odm-sr-eval`` does it (``evaluation.eval_pad_mode``). ``compose``: the float tail as one conv where the
+    backbone has an affine one (``tail.compose_tail``; the model itself is left as it is).
     """
+    if compose and tail_modules(int_model):
+        int_model = compose_tail(copy.deepcopy(int_model))
     dynamic = has_dynamic_size(int_model)
     x = torch.rand(1, 3, *lr_hw) * float(int_model.pixel_range)
     axes = {INPUT: {0: "batch", 2: "height", 3: "width"}, OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}}

@@ -20,6 +20,7 @@ from .onnx_graph import INPUT, graph_metadata, has_dynamic_size, tag_graph, to_o
 from .packing import pack, read_header, unpack
 from .requant import MIN_SIZE, RequantPair
 from .spec import ExportError
+from .tail import TAIL_MIN_SIDE, tail_modules
 
 PACKED_SUFFIX = ".odmq"
 
@@ -52,6 +53,7 @@ class OnnxEngine:
         self.scale = int(int_model.scale)
         self.pixel_range = float(int_model.pixel_range)
         self.dynamic = has_dynamic_size(int_model)
+        self._composed_tail = bool(tail_modules(int_model))  # to_onnx composes it (export.tail)
         self._sessions: dict[tuple[int, int] | None, object] = {}
         if graph is not None:
             self._sessions[None] = session(graph, threads)
@@ -69,6 +71,9 @@ class OnnxEngine:
         if min(x.shape[-2:]) < MIN_SIZE and any(isinstance(m, RequantPair) for m in self.model.modules()):
             raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} pixels: the requantized integer graph is exact "
                              f"for inputs of at least {MIN_SIZE}x{MIN_SIZE} (export.requant)")
+        if min(x.shape[-2:]) < TAIL_MIN_SIDE and self._composed_tail:
+            raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} pixels: the graph's composed tail takes inputs of "
+                             f"at least {TAIL_MIN_SIDE}x{TAIL_MIN_SIDE} (export.tail)")
         return self._session(tuple(x.shape[-2:])).run(None, {INPUT: np.ascontiguousarray(x, np.float32)})[0]
 
 

@@ -107,6 +107,9 @@ class Backbone:
     per_layer_scale_storage: bool = False  # Table S8 (paper_like rule): one scale per layer, bounds only
     # names of the blocks that compute x + f(x) (QuantSR's learnable shortcut scales their x); None: not declared
     residual_blocks: Callable[[nn.Module], list[str]] | None = None
+    # the modules that end the forward with only float convs and pixel shuffles in them, in order (the exported
+    # graph runs them as one conv: export/tail.py)
+    affine_tail: tuple[str, ...] = ()
 
     def rule(self, placement: dict, wrappers: bool = True) -> str:
         """The placement rule for this family; ValueError for one it does not have (``pams_style`` counts
@@ -197,12 +200,13 @@ def _pan_feature(model: nn.Module) -> nn.Module:
 register_backbone(Backbone(
     family="edsr", rules={"block_convs": _EDSR_BLOCK_CONVS, "pams_style": _EDSR_BLOCK_CONVS}, rule_key="edsr",
     pams_style=edsr_pams_style, skt_feature=_edsr_feature, daq_sigma_bits=edsr_sigma_bits, daq_finetune_steps=True,
-    fully_quantized=True, exact_fp_convs=("head.0",), residual_blocks=lambda m: residual_blocks_of(m, ResBlock)))
+    fully_quantized=True, exact_fp_convs=("head.0",), residual_blocks=lambda m: residual_blocks_of(m, ResBlock),
+    affine_tail=("tail", "add_mean")))
 register_backbone(Backbone(
     family="rdn", rules={"rdb_lff_gff": (*_RDN_CONV, r"RDBs\.\d+\.LFF", r"GFF\.[01]"),
                          "rdb_lff": (*_RDN_CONV, r"RDBs\.\d+\.LFF"), "rdb_conv": _RDN_CONV},
     rule_key="rdn", pams_style=rdn_pams_style, skt_feature=_rdn_feature, ddtb_auto=dict(DDTB_AUTO_RDN),
-    ddtb_calib_quantized_weights=True, exact_fp_convs=("SFENet1", "SFENet2")))
+    ddtb_calib_quantized_weights=True, exact_fp_convs=("SFENet1", "SFENet2"), affine_tail=("UPNet",)))
 register_backbone(Backbone(
     family="swinir", rules={"same_layers": _SWIN_LINEARS}, skt_feature=swin_feature,
     attention_macs={WindowAttention: window_attention_macs}, per_layer_scale_storage=True, dynamic_size=False,
