@@ -43,10 +43,21 @@ def graph_ops(graph: bytes) -> dict:
     return dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
 
 
+# what the composed tail (export.tail) changes in the tiny EDSR x2's graph: the 3 tail convs (upsampler, last,
+# add_mean) and the pixel shuffle become the composed conv + shuffle and the sequential tail on 4 border strips;
+# the strips and the assembly are Slice/Concat
+COMPOSED_TAIL = {"Conv": 1 + 4 * 3 - 3, "DepthToSpace": 1 + 4 - 1, "Slice": 4 + 4 + 2 * 2, "Concat": 2}
+
+
 @pytest.mark.parametrize(("method", "bits"), list(DEFAULT_GRAPHS))
 def test_default_graph_is_unchanged(method, bits, tmp_path):
+    """The integer part of the default graph is as recorded; the composed tail changes only the tail's ops."""
     net, _ = tiny_network("edsr", method, bits, tmp_path)
-    assert graph_ops(to_onnx(integer_model(net, extract_spec(net)), (13, 11))) == DEFAULT_GRAPHS[method, bits]
+    model = integer_model(net, extract_spec(net))
+    assert graph_ops(to_onnx(model, (13, 11), compose=False)) == DEFAULT_GRAPHS[method, bits]
+    composed, want = graph_ops(to_onnx(model, (13, 11))), collections.Counter(DEFAULT_GRAPHS[method, bits])
+    want.update(COMPOSED_TAIL)
+    assert {k: v for k, v in composed.items() if k != "Constant"} == {k: v for k, v in want.items() if k != "Constant"}
 
 
 def fast_pair(method: str, bits: int, tmp_path):
@@ -59,29 +70,28 @@ def fast_pair(method: str, bits: int, tmp_path):
 
 @pytest.mark.parametrize(("method", "bits"), [("odm", 2), ("odm", 4), ("pams", 2)])
 def test_fast_graph_ops_and_output(method, bits, tmp_path):
-    """Every conv but the head and the last on QLinearConv (2 per block, body end, 2 upsampler convs), uint8 pixel
-    shuffles, the last conv float32 with its output rounded to grey levels, no ConvInteger and no float64 op; ORT's
-    output equals the fast model's PyTorch forward (the ``simulate`` twin) (bit for bit here; up to 1 grey level on
-    1 % of the pixels allowed, for float32 head and last-conv sums that another CPU rounds differently at a code or
-    grey-level boundary) and lies within 2 grey levels of the exact graph, 1 on average at most."""
+    """Every body conv on QLinearConv (2 per block, body end), the float32 tail composed as in the default graph,
+    no ConvInteger and no float64 op; ORT's output equals the fast model's PyTorch forward (the ``simulate`` twin,
+    its tail sequential) to float32 round-off but where a float32 head sum lands on the other side of a code
+    boundary on another CPU (at most 1 % of the pixels beyond 1e-3 grey levels allowed), and lies within 2 grey
+    levels of the exact graph, 1 on average at most."""
     exact, fast = fast_pair(method, bits, tmp_path)
     graph = to_onnx(fast, (13, 11))
     model = onnx.load_from_string(graph)
     onnx.checker.check_model(model, full_check=True)
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    assert ops["QLinearConv"] == 2 * 2 + 1 + 2 and ops["ConvInteger"] == 0 and ops["MatMul"] == 0
-    assert ops["DepthToSpace"] == 2 and ops["DequantizeLinear"] == 2 + 1 + 1
-    assert ops["Conv"] == 3  # sub_mean, head, last (its output rounded and clipped to grey levels: below)
-    assert [n.op_type for n in model.graph.node if n.op_type != "Constant"][-3:] == ["Conv", "Round", "Clip"]
+    assert ops["QLinearConv"] == 2 * 2 + 1 and ops["ConvInteger"] == 0 and ops["MatMul"] == 0
+    assert ops["DequantizeLinear"] == 2 + 1
+    # sub_mean, head, the composed tail (1 + 4 strips of upsampler conv x2, last conv, add_mean)
+    assert ops["Conv"] == 2 + 1 + 4 * 4 and ops["DepthToSpace"] == 1 + 4 * 2
     assert not any(a.name == "to" and a.i == onnx.TensorProto.DOUBLE for n in model.graph.node for a in n.attribute)
     x = torch.rand(1, 3, 13, 11, generator=torch.Generator().manual_seed(2)) * 255
     y = session(graph, threads=1).run(None, {"lr": x.numpy()})[0]
     y_exact = session(to_onnx(exact, (13, 11)), threads=1).run(None, {"lr": x.numpy()})[0]
     with torch.no_grad():
         twin = np.abs(y - fast(x).numpy())
-    assert twin.max() <= 1 and np.mean(twin > 0) <= 0.01
-    assert np.array_equal(y, np.round(y)) and y.min() >= 0 and y.max() <= 255  # grey levels
-    diff = np.abs(y - np.clip(np.round(y_exact), 0, 255))
+    assert np.mean(twin > 1e-3) <= 0.01
+    diff = np.abs(np.clip(np.round(y), 0, 255) - np.clip(np.round(y_exact), 0, 255))
     assert diff.max() <= 2 and diff.mean() <= 1.0
 
 
@@ -134,7 +144,7 @@ def test_cli_fast_mode_end_to_end(tmp_path, capsys):
     meta = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert meta["odm_sr.mode"] == "fast-inexact" and meta["odm_sr.calib_images"] == "3"
     y = load_engine(out, threads=1)(np.random.rand(1, 3, 9, 8).astype(np.float32) * 255)
-    assert y.shape == (1, 3, 18, 16) and np.array_equal(y, np.round(y))
+    assert y.shape == (1, 3, 18, 16) and np.isfinite(y).all()
     for args, message in [(["--mode", "fast"], "export mode 'fast'"), (["--mode", "fast-inexact", "--calib-images",
                                                                         "0", "--data-root", str(root)],
                                                                        "--calib-images 0")]:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pad-mode", default="official", choices=EVAL_PAD_MODES,
                         help="SwinIR/HAT window padding baked into the graph (official: as odm-sr-eval)")
     parser.add_argument("--mode", default="exact", help="exact (default: equals odm-sr-eval eval.exact=true) or "
-                        "fast-inexact (opt-in, EDSR only: 8-bit residual branches and tail on QLinearConv; "
+                        "fast-inexact (opt-in, EDSR only: 8-bit residual branches and body-end conv on QLinearConv; "
                         "PSNR cost in bench/README.md)")
     parser.add_argument("--calib-images", type=int, default=16, metavar="N",
                         help="fast-inexact: training LR images (sr291) that set its 8-bit ranges")

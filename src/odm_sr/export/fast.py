@@ -1,9 +1,9 @@
 """The opt-in inexact fast mode of the integer graph (``odm-sr-export --mode fast-inexact``; EDSR family only).
 
-The default graph (``--mode exact``) is exact (README "Deploy"); its speed is bounded by what must stay exact:
-the float32 head/tail (EDSR's x4 upsampler and last conv: about half of the FP graph's time) and the second conv
-of each residual block, whose real-valued output feeds the residual add (``ConvInteger`` + the float64 rescale).
-This mode runs those on ``QLinearConv`` too, **at a measured PSNR cost** (bench/README.md "Speed"). **The rule**:
+The default graph (``--mode exact``) is exact (README "Deploy"); its speed is bounded by what must stay exact,
+above all the second conv of each residual block, whose real-valued output feeds the residual add
+(``ConvInteger`` + the float64 rescale: ~2x a ``QLinearConv``). This mode runs those on ``QLinearConv`` too,
+**at a measured PSNR cost** (bench/README.md "Speed"). **The rule**:
 
 - Each residual block's ``conv → ReLU → conv`` is one chain of two ``QLinearConv``: the first to the second's
   codes (the exact requantization of ``requant.fit`` where it holds, else the affine one below: a code can then
@@ -11,16 +11,12 @@ This mode runs those on ``QLinearConv`` too, **at a measured PSNR cost** (bench/
   δ = l_a + z·s_a, |δ| ≤ s_a/2), the second to **8-bit codes of the branch output** on a uint8 grid whose range
   is the min/max of that output over the calibration images (values outside saturate), then
   ``DequantizeLinear``; the skip and the residual add stay float32.
-- The float convs after the body (EDSR's body-end conv and the upsampler convs) run on 8-bit activations (uint8
-  grids from the calibration min/max, zero included: zero padding stays exact) and 7-bit symmetric per-channel
-  weights (±63: u8 × s8 pairs stay below AVX2's 16-bit saturation); the upsampler's pixel shuffles move uint8
-  codes (``DepthToSpace``).
-- The last conv (F → 3) stays a float32 ``Conv``, on the dequantized codes of the last pixel shuffle, with the
-  output mean (``add_mean``) folded in; its output is rounded and clipped to the grey levels (what evaluation does
-  anyway). On ``QLinearConv`` it was the graph's slowest node (188 of ~800 ms for EDSR-baseline x4 at 128²: ORT's
-  quantized kernel gains nothing with 3 output channels at the largest resolution, and its input needed a
-  channels-last transpose: 210 ms in all); float32 here takes 130 ms, its layout reorder and dequantization
-  included.
+- The body-end conv (float in the network) runs on 8-bit activations (a uint8 grid from the calibration
+  min/max, zero included: zero padding stays exact) and 7-bit symmetric per-channel weights (±63: u8 × s8 pairs
+  stay below AVX2's 16-bit saturation).
+- The tail (upsampler, last conv, ``add_mean``) is the float32 tail of the default graph, one composed conv
+  (``tail.py``). Until it was composed, this mode ran the upsampler convs on 8-bit codes and the last conv on
+  their dequantized codes: the composed float tail is both faster (10x fewer MACs) and exact.
 - The head conv is a plain float32 ``Conv`` (the exact graph's float64 im2col is dropped).
 - Every ``QLinearConv`` is ``round(float32(A)·M)`` of an int32 ``A`` (weights scaled by the largest integer K
   that keeps them in int8 and the u8 × s8 pairs below 2^15), y zero point 0; ``simulate`` is its PyTorch
@@ -36,7 +32,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from odm_sr.quant.backbones import backbone_of
@@ -110,11 +105,10 @@ def conv_attrs(conv: nn.Module) -> dict:
 
 @dataclass
 class Stage:
-    """One ``QLinearConv``; ``shuffle`` > 1: a pixel shuffle (``DepthToSpace``) of its uint8 output after it."""
+    """One ``QLinearConv``."""
 
     req: Requant
     attrs: dict
-    shuffle: int = 1
 
 
 class FastChain(nn.Module):
@@ -133,7 +127,6 @@ class FastChain(nn.Module):
         q = self.source.grid.codes(x) if self.source is not None else self.start.quantize(x)
         for st in self.stages:
             q = simulate(st.req, q, st.attrs)
-            q = F.pixel_shuffle(q, st.shuffle) if st.shuffle > 1 else q
         return self.out.dequantize(q)
 
     def emit(self, g, x):
@@ -144,8 +137,6 @@ class FastChain(nn.Module):
                      _const(g, torch.tensor(self.start.zero, dtype=torch.uint8)))
         for st in self.stages:
             q = emit_qlinear(g, q, st.req, st.attrs, clip=(st.req.low, st.req.high) != (0, 255))
-            if st.shuffle > 1:
-                q = g.op("DepthToSpace", q, blocksize_i=st.shuffle, mode_s="CRD")
         return g.op("DequantizeLinear", q, _const(g, torch.tensor(self.out.scale)),
                     _const(g, torch.tensor(self.out.zero, dtype=torch.uint8)))
 
@@ -236,47 +227,6 @@ def _check(model: nn.Module) -> None:
                           f"e.g. ODM-FQ, has integer ones); export it with --mode {EXACT}")
 
 
-def _fold_mean(conv: nn.Conv2d, shift: nn.Conv2d) -> nn.Conv2d:
-    """``shift``(``conv``(x)) as one conv (``shift``: EDSR's 1x1 ``add_mean``)."""
-    a = shift.weight.detach()[:, :, 0, 0]
-    out = copy.deepcopy(conv)
-    with torch.no_grad():
-        out.weight.copy_(torch.einsum("oc,cikl->oikl", a, conv.weight))
-        out.bias.copy_(a @ conv.bias + shift.bias)
-    return out
-
-
-class GreyLevels(nn.Module):
-    """The last conv (``add_mean`` folded in) in float32 on the dequantized codes, its output rounded and clipped
-    to the grey levels 0…255 of the pixel range (what evaluation does to any output)."""
-
-    def __init__(self, conv: nn.Conv2d, pixel_range: float) -> None:
-        super().__init__()
-        self.conv, self.levels = conv, 255.0 / float(pixel_range)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.conv(x)
-        if self.levels == 1.0:  # EDSR's 0…255 (no x·1: see Uint8Grid.quantize)
-            return torch.round(y).clamp(0.0, 255.0)
-        return torch.round(y * self.levels).clamp(0.0, 255.0) / self.levels
-
-
-def _tail(model: nn.Module, ranges: dict[str, tuple]) -> nn.Sequential:
-    layers = [m for m in model.tail.modules() if isinstance(m, (nn.Conv2d, nn.PixelShuffle))]
-    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
-    start = grid = Uint8Grid.of_range(*ranges["tail.0"][:2])
-    stages: list[Stage] = []
-    for j, m in enumerate(layers):
-        if isinstance(m, nn.PixelShuffle):
-            stages[-1].shuffle = m.upscale_factor
-        elif m is not convs[-1]:
-            out = Uint8Grid.of_range(*ranges[f"tail.{j}"][2:])
-            stages.append(Stage(float_requant(m, grid, -out.zero * out.scale, out.scale), conv_attrs(m)))
-            grid = out
-    last = GreyLevels(_fold_mean(convs[-1], model.add_mean), model.pixel_range)
-    return nn.Sequential(FastChain(stages, grid, start=start), last)
-
-
 def fast_model(int_model: nn.Module, calib: list[Tensor]) -> nn.Module:
     """A copy of the exact integer model (``integer.integer_model``) in the fast mode (module docstring); the
     8-bit ranges from ``calib`` (LR images in the pixel range) through the exact model."""
@@ -285,9 +235,8 @@ def fast_model(int_model: nn.Module, calib: list[Tensor]) -> nn.Module:
     _check(int_model)
     out = copy.deepcopy(int_model)
     runs = _block_runs(out)
-    tail = [m for m in out.tail.modules() if isinstance(m, (nn.Conv2d, nn.PixelShuffle))]
     watch = {f"run.{j}": seq[i] if isinstance(seq[i], RequantPair) else seq[i + 2] for j, (seq, i) in enumerate(runs)}
-    watch.update({"body_end": out.body[-1], **{f"tail.{j}": m for j, m in enumerate(tail)}})
+    watch["body_end"] = out.body[-1]
     ranges = _ranges(out, watch, calib)
     for j, (seq, i) in enumerate(runs):
         if isinstance(seq[i], RequantPair):
@@ -304,7 +253,6 @@ def fast_model(int_model: nn.Module, calib: list[Tensor]) -> nn.Module:
     start, res = Uint8Grid.of_range(lo, hi), Uint8Grid.of_range(y_lo, y_hi)
     out.body[-1] = FastChain([Stage(float_requant(end, start, -res.zero * res.scale, res.scale), conv_attrs(end))],
                              res, start=start)
-    out.tail, out.add_mean = _tail(out, ranges), nn.Identity()
     if isinstance(out.head[0], ExactConv2d):  # a plain float32 conv
         out.head[0] = _plain_conv(out.head[0])
     return out
