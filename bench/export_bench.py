@@ -188,7 +188,8 @@ def speed(names: list[str], runs: int, threads_list: list[int], before_src: Path
           fast: bool = False) -> dict:
     """Per model and thread count: median ms of the ORT integer graph (this checkout's; ``before_src``'s too;
     with ``fast``, the inexact fast graph of EDSR models), the ORT FP graph and PyTorch FP eager, interleaved
-    (order rotated each round), and ms per op type."""
+    (order rotated each round), and ms per op type. Where the backbone's tail composes (``export.tail``): the
+    ORT FP graph with the same composed tail and the integer graph with the sequential one too."""
     results = {}
     for name in names:
         fp, net, side = speed_model(name, tmp)
@@ -201,7 +202,12 @@ def speed(names: list[str], runs: int, threads_list: list[int], before_src: Path
             graphs["ort_int_fast"] = to_onnx(fast_model(int_model, calib), (side, side))
         if before_src is not None:
             graphs["ort_int_before"] = before_graph(before_src, name, net, side, tmp)
-        graphs["ort_fp"] = to_onnx(fp, (side, side))
+        graphs["ort_fp"] = to_onnx(fp, (side, side), compose=False)
+        from odm_sr.export.tail import tail_modules  # here: see exactness
+
+        if tail_modules(fp):  # the same tail composition in the FP graph, and the integer graph without it
+            graphs["ort_fp_composed"] = to_onnx(fp, (side, side))
+            graphs["ort_int_sequential_tail"] = to_onnx(int_model, (side, side), compose=False)
         x = (torch.rand(1, 3, side, side) * float(net.pixel_range)).numpy()
         results[name] = {str(t): speed_row(graphs, fp, x, runs, t, tmp) for t in threads_list}
         print(name, json.dumps(results[name], indent=1), flush=True)
@@ -225,6 +231,9 @@ def speed_row(graphs: dict[str, bytes], fp, x: np.ndarray, runs: int, threads: i
     med = {name: 1000 * statistics.median(v) for name, v in times.items()}
     row = {f"{k}_ms": round(v, 1) for k, v in med.items()}
     row.update({f"{k}_over_ort_fp": round(med[k] / med["ort_fp"], 3) for k in graphs if k != "ort_fp"})
+    if "ort_fp_composed" in med:
+        row.update({f"{k}_over_ort_fp_composed": round(med[k] / med["ort_fp_composed"], 3) for k in graphs
+                    if k.startswith("ort_int")})
     row["ort_fp_over_torch_fp"] = round(med["ort_fp"] / med["torch_fp"], 3)
     row["load_avg_1min"] = os.getloadavg()[0]
     row["op_ms"] = {k: profile(g, x, threads, tmp) for k, g in graphs.items()}
