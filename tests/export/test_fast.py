@@ -73,8 +73,8 @@ def test_fast_graph_ops_and_output(method, bits, tmp_path):
     """Every body conv on QLinearConv (2 per block, body end), the float32 tail composed as in the default graph,
     no ConvInteger and no float64 op; ORT's output equals the fast model's PyTorch forward (the ``simulate`` twin,
     its tail sequential) to float32 round-off but where a float32 head sum lands on the other side of a code
-    boundary on another CPU (at most 1 % of the pixels beyond 1e-3 grey levels allowed), and lies within 2 grey
-    levels of the exact graph, 1 on average at most."""
+    boundary on another CPU (at most 1 % of the pixels beyond 1e-3 grey levels, none beyond 2, allowed), and lies
+    within 2 grey levels of the exact graph, 1 on average at most."""
     exact, fast = fast_pair(method, bits, tmp_path)
     graph = to_onnx(fast, (13, 11))
     model = onnx.load_from_string(graph)
@@ -90,7 +90,7 @@ def test_fast_graph_ops_and_output(method, bits, tmp_path):
     y_exact = session(to_onnx(exact, (13, 11)), threads=1).run(None, {"lr": x.numpy()})[0]
     with torch.no_grad():
         twin = np.abs(y - fast(x).numpy())
-    assert np.mean(twin > 1e-3) <= 0.01
+    assert np.mean(twin > 1e-3) <= 0.01 and twin.max() <= 2  # here: 3e-5 at most
     diff = np.abs(np.clip(np.round(y), 0, 255) - np.clip(np.round(y_exact), 0, 255))
     assert diff.max() <= 2 and diff.mean() <= 1.0
 
