@@ -190,6 +190,8 @@ def speed(names: list[str], runs: int, threads_list: list[int], before_src: Path
     with ``fast``, the inexact fast graph of EDSR models), the ORT FP graph and PyTorch FP eager, interleaved
     (order rotated each round), and ms per op type. Where the backbone's tail composes (``export.tail``): the
     ORT FP graph with the same composed tail and the integer graph with the sequential one too."""
+    from odm_sr.export.tail import tail_modules  # here: see exactness
+
     results = {}
     for name in names:
         fp, net, side = speed_model(name, tmp)
@@ -203,8 +205,6 @@ def speed(names: list[str], runs: int, threads_list: list[int], before_src: Path
         if before_src is not None:
             graphs["ort_int_before"] = before_graph(before_src, name, net, side, tmp)
         graphs["ort_fp"] = to_onnx(fp, (side, side), compose=False)
-        from odm_sr.export.tail import tail_modules  # here: see exactness
-
         if tail_modules(fp):  # the same tail composition in the FP graph, and the integer graph without it
             graphs["ort_fp_composed"] = to_onnx(fp, (side, side))
             graphs["ort_int_sequential_tail"] = to_onnx(int_model, (side, side), compose=False)

@@ -49,9 +49,6 @@ def _compose(name: str, tmp_path: Path, *extra: str):
     return compose_config([f"experiment={name}", *extra], tmp_path)
 
 
-_composed = composed_experiment  # each experiment composed once per test process; callers must not modify it
-
-
 def _paper_name(model: str, scale: int, method: str) -> str:
     return f"paper_{model}_x{scale}_{method}"
 
@@ -91,7 +88,7 @@ def test_experiment_composes_and_instantiates(name):
 
 @pytest.mark.parametrize("name", [e for e in PAPER if not e.endswith("_fp")])
 def test_paper_experiment_recipe(name):
-    cfg = _composed(name)
+    cfg = composed_experiment(name)
     model, scale, method = str(cfg.model.name), int(cfg.model.scale), str(cfg.method.name)
     assert cfg.data.train == "div2k" and list(cfg.data.test) == ["Set5", "Set14", "B100", "Urban100"]
     assert cfg.trainer.accelerator == "gpu" and cfg.data.iters_per_epoch == 1000
@@ -136,18 +133,18 @@ def test_paper_experiment_recipe(name):
 def test_ddtb_epochs_include_the_calibration_epoch(name, iterations):
     """zysxmu/DDTB runs `--epochs 60` with epoch 0 as the calibration epoch: calibration iterations plus optimizer
     steps make 60 epochs (300K iterations for the S2 variant), not 60 epochs after calibration."""
-    cfg = _composed(name)
+    cfg = composed_experiment(name)
     calibration = int(cfg.method.stages.calib_epochs) * int(cfg.method.iters_per_epoch)
     assert calibration == 1000 and cfg.trainer.max_steps + calibration == iterations
 
 
 def test_odm_paper_recipe_values():
-    cfg = _composed("paper_edsr_baseline_x4_odm")
+    cfg = composed_experiment("paper_edsr_baseline_x4_odm")
     assert list(cfg.optim.milestones) == [15000, 30000, 45000]
     assert cfg.trainer.max_steps == 60000 and cfg.data.batch_size == 8 and cfg.optim.lr == 1e-4
-    assert _composed("paper_edsr_baseline_x4_pams").trainer.max_steps == 30000
-    assert _composed("paper_rdn_x4_odm").method.lambda_m == 1e-6
-    assert _composed("paper_edsr_baseline_x4_fq_odm").bits.sc == 8
+    assert composed_experiment("paper_edsr_baseline_x4_pams").trainer.max_steps == 30000
+    assert composed_experiment("paper_rdn_x4_odm").method.lambda_m == 1e-6
+    assert composed_experiment("paper_edsr_baseline_x4_fq_odm").bits.sc == 8
 
 
 def test_user_picks_the_bit_width(tmp_path):
@@ -157,7 +154,7 @@ def test_user_picks_the_bit_width(tmp_path):
 
 @pytest.mark.parametrize("scale", [4, 2])
 def test_rdn_fp_experiment_trains_ddtbs_baseline(scale):
-    cfg = _composed(f"paper_rdn_x{scale}_fp")
+    cfg = composed_experiment(f"paper_rdn_x{scale}_fp")
     assert cfg.method.name == "fp" and cfg.model.pretrained is None and cfg.bits.w == 32
     assert (cfg.trainer.max_steps, list(cfg.optim.milestones), cfg.data.batch_size) == (300000, [200000], 16)
     assert cfg.data.lr_patch == {4: 48, 2: 32}[scale]
@@ -165,7 +162,7 @@ def test_rdn_fp_experiment_trains_ddtbs_baseline(scale):
 
 @pytest.mark.parametrize("name", MINI_QAT)
 def test_mini_experiment_is_cpu_sized(name):
-    cfg = _composed(name)
+    cfg = composed_experiment(name)
     bits = int(name.split("_w")[1][0])
     assert (cfg.bits.w, cfg.bits.a) == (bits, bits) and cfg.method.name == name.split(f"_w{bits}a{bits}_")[1]
     assert cfg.model.name == "edsr" and cfg.model.kwargs.n_resblocks == 4 and cfg.model.scale == 4
@@ -186,7 +183,7 @@ def test_mini_experiment_is_cpu_sized(name):
 
 @pytest.mark.parametrize("name", MINI_LONG)
 def test_mini_long_experiment_is_the_mini_setup_ten_times_longer(name):
-    cfg, mini = _composed(name), _composed(name.replace("mini_long_", "mini_"))
+    cfg, mini = composed_experiment(name), composed_experiment(name.replace("mini_long_", "mini_"))
     assert cfg.method.name == mini.method.name and (cfg.bits.w, cfg.bits.a) == (2, 2)
     assert cfg.model == mini.model and (cfg.data.lr_patch, cfg.data.batch_size) == (16, 8)
     assert (cfg.trainer.max_steps, cfg.data.iters_per_epoch) == (3000, 300)
@@ -209,7 +206,7 @@ def test_mini_fp_writes_where_the_mini_experiments_look():
 
 @pytest.mark.parametrize("name", [e for e in PAPER if not e.endswith("_fp")])
 def test_missing_checkpoint_is_named(name, tmp_path):
-    cfg = _composed(name).copy()
+    cfg = composed_experiment(name).copy()
     cfg.paths.ckpt_dir = str(tmp_path / "empty")  # model.pretrained interpolates it
     with pytest.raises(FileNotFoundError, match=Path(cfg.model.pretrained).name.replace(".", r"\.")):
         pretrained_network(cfg.model)

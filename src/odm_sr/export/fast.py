@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from odm_sr.quant.backbones import backbone_of
 
-from .graph_ops import ExactConv2d, _const, _IntegerOp
+from .graph_ops import ExactConv2d, _const, _IntegerOp, onnx_conv_attrs
 from .requant import Requant, RequantPair, _monotone, emit_qlinear, simulate
 from .spec import ActGrid, ExportError
 
@@ -96,13 +96,6 @@ def int7_weights(conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
     return torch.round(w / scale.reshape(-1, 1, 1, 1)).to(torch.int32), scale
 
 
-def conv_attrs(conv: nn.Module) -> dict:
-    kh, kw = conv.weight.shape[-2:] if hasattr(conv, "weight") else conv.codes.codes.shape[-2:]
-    ph, pw = conv.padding
-    return {"kernel_shape_i": [kh, kw], "pads_i": [ph, pw, ph, pw], "strides_i": list(conv.stride),
-            "dilations_i": list(conv.dilation)}
-
-
 @dataclass
 class Stage:
     """One ``QLinearConv``."""
@@ -160,11 +153,11 @@ def code_requant(layer: nn.Module, lo: float, step: float, low: int, high: int) 
     return affine_requant(codes, torch.full_like(sums, r), const, zero, max(top, zero), lo, step, low, high)
 
 
-def float_requant(conv: nn.Conv2d, start: Uint8Grid, lo: float, step: float, low: int = 0,
-                  high: int = 255) -> Requant:
+def float_requant(conv: nn.Conv2d, start: Uint8Grid, lo: float, step: float) -> Requant:
+    """The affine ``QLinearConv`` of a float conv on 8-bit codes (grid ``start``) to the uint8 grid (lo, step)."""
     codes, scale = int7_weights(conv)
     bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(codes.shape[0], dtype=torch.float64)
-    return affine_requant(codes, start.scale * scale, bias, start.zero, 255, lo, step, low, high)
+    return affine_requant(codes, start.scale * scale, bias, start.zero, 255, lo, step)
 
 
 def calibration_images(scale: int, count: int, pixel_range: float, data_root=None) -> list[Tensor]:
@@ -251,8 +244,9 @@ def fast_model(int_model: nn.Module, calib: list[Tensor]) -> nn.Module:
         seq[i], seq[i + 1], seq[i + 2] = FastChain(stages, res, source=first), nn.Identity(), nn.Identity()
     end, (lo, hi, y_lo, y_hi) = out.body[-1], ranges["body_end"]
     start, res = Uint8Grid.of_range(lo, hi), Uint8Grid.of_range(y_lo, y_hi)
-    out.body[-1] = FastChain([Stage(float_requant(end, start, -res.zero * res.scale, res.scale), conv_attrs(end))],
-                             res, start=start)
+    attrs = onnx_conv_attrs(end.weight.shape[-2:], end.padding, end.stride, end.dilation)
+    out.body[-1] = FastChain([Stage(float_requant(end, start, -res.zero * res.scale, res.scale), attrs)], res,
+                             start=start)
     if isinstance(out.head[0], ExactConv2d):  # a plain float32 conv
         out.head[0] = _plain_conv(out.head[0])
     return out

@@ -32,6 +32,13 @@ def _const(g, value: Tensor):
     return g.op("Constant", value_t=value)
 
 
+def onnx_conv_attrs(kernel_hw, padding, stride, dilation) -> dict:
+    """ONNX ``Conv``-family attributes (symmetric padding) of a 2-d conv's geometry."""
+    ph, pw = padding
+    return {"kernel_shape_i": list(kernel_hw), "pads_i": [ph, pw, ph, pw], "strides_i": list(stride),
+            "dilations_i": list(dilation)}
+
+
 def conv_geometry(conv: nn.Conv2d) -> tuple[tuple, tuple, tuple, int]:
     """(stride, padding, dilation, groups) of a conv with explicit zero padding (else ExportError)."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):

@@ -63,7 +63,7 @@ from odm_sr.quant.layers import QuantConv2d, QuantLinear, QuantMixin
 from odm_sr.quant.placement import replace_module
 
 from .exact import EXACT_FP_OPS
-from .graph_ops import ExactConv2d, _const, _IntegerOp, conv_geometry, emit_exact_conv, exact_conv
+from .graph_ops import ExactConv2d, _const, _IntegerOp, conv_geometry, emit_exact_conv, exact_conv, onnx_conv_attrs
 from .spec import ACT_QUANTIZERS, ActGrid, ExportError, WeightCodes, act_grid, check_static, weight_codes
 
 
@@ -275,10 +275,7 @@ class IntegerConv2d(_IntegerLayer):
         return (y + bias).float()
 
     def _attrs(self) -> dict:
-        kh, kw = self.codes.codes.shape[-2:]
-        ph, pw = self.padding
-        return {"kernel_shape_i": [kh, kw], "pads_i": [ph, pw, ph, pw], "strides_i": list(self.stride),
-                "dilations_i": list(self.dilation)}
+        return onnx_conv_attrs(self.codes.codes.shape[-2:], self.padding, self.stride, self.dilation)
 
     def emit(self, g, x):
         attrs = self._attrs()

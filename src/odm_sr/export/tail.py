@@ -37,7 +37,7 @@ def _composable(modules: list[nn.Module]) -> bool:
     """Only float convs (stride 1, no dilation or groups, 'same' padding) and pixel shuffles."""
     leaves = [m for top in modules for m in top.modules() if not isinstance(m, nn.Sequential)]
     for m in leaves:
-        if isinstance(m, nn.PixelShuffle) or isinstance(m, nn.Identity):
+        if isinstance(m, (nn.PixelShuffle, nn.Identity)):
             continue
         if not isinstance(m, nn.Conv2d) or type(m).forward is not nn.Conv2d.forward:
             return False
